@@ -1,0 +1,3 @@
+"""The default leukocyte classes, in label-index order."""
+
+DEFAULT_CLASSES = ("neutrophil", "eosinophil", "lymphocyte", "monocyte")

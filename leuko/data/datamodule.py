@@ -1,0 +1,185 @@
+"""LeukoDataModule: one fold of a prepared cohort, with augmentation batched on the device."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+
+from leuko.data.augment import BatchAugment
+from leuko.data.folds import fold_masks, make_splits, read_splits
+from leuko.data.prepare import load_prepared
+
+
+@dataclass
+class Augmentation:
+    """Strengths of the training-time augmentation; 0 turns an operation off."""
+
+    elastic: float = 0.0  # max displacement, voxels
+    elastic_grid: int = 4
+    noise: float = 0.0  # Gaussian noise std, in normalised units
+    crop: float = 0.0  # max fraction of each side cropped away, then resized back
+    flip: float = 0.0  # probability per axis
+    rot90: float = 0.0  # probability
+    gain: float = 0.0  # max relative intensity change
+
+
+class MemmapVolumes(Dataset):
+    """Cells as rows of the prepared memmap; a worker only slices it."""
+
+    def __init__(self, volumes_path: Path, rows: np.ndarray, labels: np.ndarray, cell_ids: list[str]):
+        self.volumes_path = volumes_path
+        self.rows = rows
+        self.labels = labels
+        self.cell_ids = cell_ids
+        self._volumes: np.ndarray | None = None  # opened lazily, once per worker process
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        if self._volumes is None:
+            self._volumes = np.load(self.volumes_path, mmap_mode="r")
+        volume = torch.from_numpy(np.array(self._volumes[self.rows[i]]))  # (C, D, H, W)
+        return {"volume": volume, "label": int(self.labels[i]), "cell_id": self.cell_ids[i]}
+
+
+class LeukoDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        prepared_dir: str = "prepared",
+        splits: str | None = None,
+        fold: int = 0,
+        k: int = 5,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        batch_size: int = 16,
+        num_workers: int = 2,
+        balanced_sampling: bool = False,
+        predict_split: Literal["all", "train", "val", "test"] = "all",
+        augment: Augmentation = Augmentation(),
+        pin_memory: bool = True,
+    ):
+        """
+        Args:
+            prepared_dir: output of `leuko prepare`.
+            splits: a CSV from `leuko folds`; when None, folds are made from the prepared index with k,
+                test_fraction and seed (the same split `leuko folds` would write).
+            fold: which fold validates; the others (never the test patients) train.
+            balanced_sampling: draw training cells with probability inversely proportional to class size.
+            predict_split: which cells `predict` runs on.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.prepared_dir = Path(prepared_dir)
+        _, self.index, self.meta = load_prepared(self.prepared_dir)
+        self.volumes_path = self.prepared_dir / "volumes.npy"
+        self.classes: list[str] = list(self.meta["classes"])
+        self.augment = BatchAugment(**asdict(augment)) if isinstance(augment, Augmentation) else BatchAugment(**augment)
+        self.splits = self._load_splits()
+        self.masks = fold_masks(self.splits, fold)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.meta["channels"])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.meta["shape"])
+
+    def _load_splits(self) -> pd.DataFrame:
+        hp = self.hparams
+        if hp.splits is None:
+            splits = make_splits(self.index, k=hp.k, test_fraction=hp.test_fraction, seed=hp.seed)
+        else:
+            splits = read_splits(hp.splits)
+        by_id = splits.set_index("cell_id")["fold"]
+        unknown = sorted(set(self.index["cell_id"]) - set(by_id.index))
+        if unknown:
+            raise ValueError(
+                f"splits {hp.splits} do not cover {len(unknown)} prepared cell(s) (e.g. {unknown[:3]}); "
+                f"remake them from the same manifest with `leuko folds`"
+            )
+        # Re-order the splits to the prepared index so masks line up with memmap rows.
+        return pd.DataFrame({"cell_id": self.index["cell_id"], "fold": by_id.loc[self.index["cell_id"]].to_numpy()})
+
+    def subset(self, name: str) -> pd.DataFrame:
+        """The prepared-index rows of one subset: train, val, test or all."""
+        if name == "all":
+            return self.index
+        return self.index[self.masks[name]]
+
+    def _dataset(self, name: str) -> MemmapVolumes:
+        rows = self.subset(name)
+        if len(rows) == 0:
+            raise ValueError(
+                f"fold {self.hparams.fold} has no {name} cells in {self.prepared_dir}; "
+                f"check the splits (`leuko folds` prints cells per fold) or choose another fold"
+            )
+        return MemmapVolumes(
+            self.volumes_path,
+            rows["row"].to_numpy(),
+            rows["label_index"].to_numpy(),
+            rows["cell_id"].astype(str).tolist(),
+        )
+
+    def setup(self, stage: str) -> None:
+        if stage in ("fit", "validate"):
+            self.train_set = self._dataset("train") if stage == "fit" else None
+            self.val_set = self._dataset("val")
+        elif stage == "test":
+            self.test_set = self._dataset("test")
+        elif stage == "predict":
+            self.predict_set = self._dataset(self.hparams.predict_split)
+
+    def _loader(self, dataset: MemmapVolumes, *, shuffle: bool = False, sampler=None) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle and sampler is None,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
+            persistent_workers=workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = None
+        if self.hparams.balanced_sampling:
+            labels = torch.as_tensor(self.train_set.labels)
+            counts = torch.bincount(labels, minlength=self.num_classes).clamp(min=1)
+            weights = (1.0 / counts.double())[labels]
+            generator = torch.Generator().manual_seed(self.hparams.seed)
+            sampler = WeightedRandomSampler(weights, num_samples=len(labels), replacement=True, generator=generator)
+        return self._loader(self.train_set, shuffle=True, sampler=sampler)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_set)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # Augment on whatever device the batch now lives on, and only while training.
+        if self.trainer is not None and self.trainer.training:
+            batch["volume"] = self.augment(batch["volume"])
+        return batch
+
+    def class_counts(self, name: str = "train") -> np.ndarray:
+        labels = self.subset(name)["label_index"].to_numpy()
+        return np.bincount(labels, minlength=self.num_classes)
