@@ -1,0 +1,352 @@
+"""Read and write single-cell volumes as (C, D, H, W) float32 arrays.
+
+One reader and one writer per format, chosen from the file suffix. Writers produce
+deterministic bytes (no timestamps), so DVC sees an unchanged file as unchanged.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+SUPPORTED_SUFFIXES = (".npy", ".npz", ".tif", ".tiff", ".nii", ".nii.gz", ".h5", ".hdf5")
+DEFAULT_KEY = "volume"  # npz array name and h5 dataset path written by write_volume
+
+# The fixed date that zip (npz) entries carry instead of the wall clock; 1980-01-01 is
+# the earliest date the zip format can store.
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+
+
+class VolumeError(ValueError):
+    """A volume file that cannot be used; the message names the file, the problem and the fix."""
+
+    def __init__(self, path: str | Path, problem: str, fix: str = "") -> None:
+        self.path = Path(path)
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{path}: {problem}" + (f"; {fix}" if fix else ""))
+
+
+def volume_suffix(path: str | Path) -> str:
+    """The format suffix of path, lower case; ".nii.gz" counts as one suffix."""
+    name = Path(path).name.lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return Path(name).suffix
+
+
+def read_volume(
+    path: str | Path, *, key: str | None = None, dataset: str | None = None, check: bool = True
+) -> np.ndarray:
+    """Read one cell volume as a (C, D, H, W) float32 array; a 3D array becomes C=1.
+
+    key: the array inside an .npz (default "volume", or the only array).
+    dataset: the dataset path inside an .h5 (default "volume", or the only dataset).
+    check: also reject NaN/Inf voxels and constant (empty) volumes.
+    """
+    path = Path(path)
+    suffix = volume_suffix(path)
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise VolumeError(
+            path,
+            f"unsupported file type {suffix or '(no suffix)'!r}",
+            f"convert it to one of {', '.join(SUPPORTED_SUFFIXES)}",
+        )
+    if not path.is_file():
+        raise VolumeError(
+            path, "file not found", "check the path (manifest paths are relative to the manifest's folder)"
+        )
+    reader = _READERS[suffix]
+    try:
+        if suffix == ".npz":
+            array, axes = reader(path, key)
+        elif suffix in (".h5", ".hdf5"):
+            array, axes = reader(path, dataset)
+        else:
+            array, axes = reader(path)
+    except (VolumeError, MemoryError):
+        raise
+    except Exception as exc:  # every library raises its own types for a damaged file
+        reason = " ".join(str(exc).split())  # one line, whatever the library wrote
+        raise VolumeError(
+            path,
+            f"cannot be read as {suffix} (corrupt or truncated file?): {type(exc).__name__}: {reason}",
+            "re-export or re-copy the file",
+        ) from exc
+    volume = _to_cdhw(path, np.asarray(array), axes)
+    if check:
+        check_volume(path, volume)
+    return volume
+
+
+def check_volume(path: str | Path, volume: np.ndarray) -> None:
+    """Raise VolumeError for NaN/Inf voxels or a constant (empty) volume."""
+    finite = np.isfinite(volume)
+    if not finite.all():
+        n_nan = int(np.isnan(volume).sum())
+        n_inf = int(volume.size - finite.sum()) - n_nan
+        first = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise VolumeError(
+            path,
+            f"has {n_nan} NaN and {n_inf} Inf voxels (first at (C, D, H, W) index {first})",
+            "fill them (e.g. with the medium or background value) or leave the cell out",
+        )
+    lo, hi = float(volume.min()), float(volume.max())
+    if lo == hi:
+        raise VolumeError(
+            path,
+            f"is empty: every voxel is {lo:g}",
+            "check that the file holds the cell and not a blank frame, or leave the cell out",
+        )
+
+
+def write_volume(
+    path: str | Path, volume: np.ndarray, *, voxel_size: Sequence[float] | None = None
+) -> Path:
+    """Write a (C, D, H, W) or (D, H, W) volume as float32; the format follows the suffix.
+
+    voxel_size: (z, y, x) in micrometres, stored where the format has a place for it
+    (npz array "voxel_size", tif ImageJ spacing/resolution, nii zooms, h5 attribute).
+    """
+    path = Path(path)
+    suffix = volume_suffix(path)
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise VolumeError(
+            path, f"cannot write file type {suffix or '(no suffix)'!r}", f"use one of {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    volume = np.asarray(volume)
+    if volume.ndim == 3:
+        volume = volume[None]
+    if volume.ndim != 4:
+        raise ValueError(f"write_volume({path}): expected (C, D, H, W) or (D, H, W), got shape {volume.shape}")
+    volume = np.ascontiguousarray(volume, dtype=np.float32)
+    if voxel_size is not None:
+        voxel_size = tuple(float(v) for v in voxel_size)
+        if len(voxel_size) != 3 or not all(v > 0 for v in voxel_size):
+            raise ValueError(
+                f"write_volume({path}): voxel_size must be three positive (z, y, x) values, got {voxel_size}"
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _WRITERS[suffix](path, volume, voxel_size)
+    return path
+
+
+# ---------------------------------------------------------------- axes
+
+
+def _to_cdhw(path: Path, array: np.ndarray, axes: str | None) -> np.ndarray:
+    if array.dtype.kind not in "biuf":
+        raise VolumeError(path, f"holds {array.dtype} values, not real numbers", "store the volume as real numbers")
+    if axes is not None:
+        array = _reorder_axes(path, array, axes.upper())
+    elif array.ndim == 3:
+        array = array[None]
+    if array.ndim != 4:
+        raise VolumeError(
+            path,
+            f"has shape {array.shape} ({array.ndim} dimensions)",
+            "leuko expects a 3D volume (D, H, W) or a channel-first 4D volume (C, D, H, W)",
+        )
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def _reorder_axes(path: Path, array: np.ndarray, axes: str) -> np.ndarray:
+    """Map labelled axes (tifffile series axes such as "ZCYX", "TZCYX", "QYX") to (C, D, H, W).
+
+    Z, C, Y, X are taken at their word; S (samples) counts as channels when there is no C.
+    Other axes (T, Q, I, ...) of size 1 are dropped; if Z or C is missing, the remaining
+    unlabelled axes fill them, the last one as Z, so a plain multi-page stack reads as Z.
+    No C axis means one channel; no Z axis means a 2D image, which is an error.
+    """
+    if len(axes) != array.ndim:
+        raise VolumeError(path, f"axes {axes!r} do not match shape {array.shape}", "re-export the file")
+    labels = list(axes)
+    if "C" not in labels and "S" in labels:
+        labels[labels.index("S")] = "C"
+    keep = [i for i, a in enumerate(labels) if a in "ZCYX" or array.shape[i] > 1]
+    array = array.reshape([array.shape[i] for i in keep])
+    labels = [labels[i] for i in keep]
+    unlabelled = [i for i, a in enumerate(labels) if a not in "ZCYX"]
+    for name in "ZC":
+        if name not in labels and unlabelled:
+            labels[unlabelled.pop()] = name
+    if unlabelled or "Y" not in labels or "X" not in labels or len(set(labels)) != len(labels):
+        raise VolumeError(
+            path,
+            f"has axes {axes!r} with shape {array.shape}, which do not map to (C, Z, Y, X)",
+            "save a 3D stack (ZYX) or a channel hyperstack (ZCYX)",
+        )
+    if "Z" not in labels:
+        raise VolumeError(
+            path,
+            f"is a 2D image (axes {axes!r}, shape {array.shape}), not a 3D volume",
+            "save the z-stack as a multi-page or ImageJ hyperstack file",
+        )
+    if "C" not in labels:
+        array = array[None]
+        labels.insert(0, "C")
+    return np.transpose(array, [labels.index(a) for a in "CZYX"])
+
+
+# ---------------------------------------------------------------- readers
+
+
+def _read_npy(path: Path):
+    return np.load(path, allow_pickle=False), None
+
+
+def _read_npz(path: Path, key: str | None):
+    with np.load(path, allow_pickle=False) as archive:
+        names = list(archive.files)
+        if key is None:
+            key = DEFAULT_KEY if DEFAULT_KEY in names or len(names) != 1 else names[0]
+        if key not in names:
+            raise VolumeError(
+                path,
+                f"has no array {key!r}; it holds {', '.join(map(repr, names)) or 'no arrays'}",
+                "pick one with the npz key option (read_volume(..., key=NAME))",
+            )
+        return archive[key], None
+
+
+def _read_tif(path: Path):
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        if not tif.series:
+            raise VolumeError(path, "holds no image series", "re-export the stack")
+        series = tif.series[0]
+        return series.asarray(), series.axes
+
+
+def _read_nii(path: Path):
+    import nibabel
+
+    image = nibabel.load(path)
+    # NIfTI stores (X, Y, Z[, C]); reversing gives ([C,] Z, Y, X), what write_volume put in.
+    array = np.asanyarray(image.dataobj)
+    if array.ndim == 5 and array.shape[3] == 1:  # (X, Y, Z, T=1, C): drop the time axis
+        array = array[:, :, :, 0]
+    return np.transpose(array), None
+
+
+def _read_h5(path: Path, dataset: str | None):
+    import h5py
+
+    with h5py.File(path, "r") as h5:
+        names: list[str] = []
+        h5.visititems(lambda name, obj: names.append(name) if isinstance(obj, h5py.Dataset) else None)
+        if dataset is None:
+            dataset = DEFAULT_KEY if DEFAULT_KEY in names or len(names) != 1 else names[0]
+        if dataset.strip("/") not in names:
+            raise VolumeError(
+                path,
+                f"has no dataset {dataset!r}; it holds {', '.join(map(repr, names)) or 'no datasets'}",
+                "pick one with the h5 dataset option (read_volume(..., dataset=PATH))",
+            )
+        data = h5[dataset]
+        axes = data.attrs.get("axes")
+        if isinstance(axes, bytes):
+            axes = axes.decode()
+        return data[()], axes if isinstance(axes, str) else None
+
+
+_READERS = {
+    ".npy": _read_npy,
+    ".npz": _read_npz,
+    ".tif": _read_tif,
+    ".tiff": _read_tif,
+    ".nii": _read_nii,
+    ".nii.gz": _read_nii,
+    ".h5": _read_h5,
+    ".hdf5": _read_h5,
+}
+
+
+# ---------------------------------------------------------------- writers
+
+
+def _write_npy(path: Path, volume: np.ndarray, voxel_size) -> None:
+    np.save(path, volume, allow_pickle=False)
+
+
+def _write_npz(path: Path, volume: np.ndarray, voxel_size) -> None:
+    # np.savez stamps each zip entry with the current time; write the entries ourselves.
+    arrays = {DEFAULT_KEY: volume}
+    if voxel_size is not None:
+        arrays["voxel_size"] = np.asarray(voxel_size, dtype=np.float64)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, array, allow_pickle=False)
+            archive.writestr(info, buffer.getvalue())
+
+
+def _write_tif(path: Path, volume: np.ndarray, voxel_size) -> None:
+    import tifffile
+
+    # ImageJ hyperstack order is TZCYXS, so (C, D, H, W) goes in as ZCYX.
+    metadata: dict = {"axes": "ZCYX"}
+    resolution = None
+    if voxel_size is not None:
+        metadata.update(spacing=voxel_size[0], unit="um")
+        resolution = (1.0 / voxel_size[2], 1.0 / voxel_size[1])
+    tifffile.imwrite(
+        path,
+        np.transpose(volume, (1, 0, 2, 3)),
+        imagej=True,
+        metadata=metadata,
+        resolution=resolution,
+        software=False,  # no version string that changes with the tifffile release
+        datetime=None,
+    )
+
+
+def _nifti_bytes(volume: np.ndarray, voxel_size) -> bytes:
+    import nibabel
+
+    z, y, x = voxel_size if voxel_size is not None else (1.0, 1.0, 1.0)
+    # (C, D, H, W) -> (X, Y, Z, C): NIfTI's first axis is x; a single channel stays 3D.
+    data = np.transpose(volume[0] if volume.shape[0] == 1 else volume)
+    image = nibabel.Nifti1Image(data, affine=np.diag([x, y, z, 1.0]))
+    image.header.set_xyzt_units(xyz="micron")
+    return image.to_bytes()
+
+
+def _write_nii(path: Path, volume: np.ndarray, voxel_size) -> None:
+    path.write_bytes(_nifti_bytes(volume, voxel_size))
+
+
+def _write_nii_gz(path: Path, volume: np.ndarray, voxel_size) -> None:
+    # mtime=0 and no file name in the gzip header keep the bytes identical between writes.
+    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
+        gz.write(_nifti_bytes(volume, voxel_size))
+
+
+def _write_h5(path: Path, volume: np.ndarray, voxel_size) -> None:
+    import h5py
+
+    with h5py.File(path, "w") as h5:
+        data = h5.create_dataset(DEFAULT_KEY, data=volume, compression="gzip", track_times=False)
+        data.attrs["axes"] = "CZYX"
+        if voxel_size is not None:
+            data.attrs["voxel_size"] = np.asarray(voxel_size, dtype=np.float64)
+
+
+_WRITERS = {
+    ".npy": _write_npy,
+    ".npz": _write_npz,
+    ".tif": _write_tif,
+    ".tiff": _write_tif,
+    ".nii": _write_nii,
+    ".nii.gz": _write_nii_gz,
+    ".h5": _write_h5,
+    ".hdf5": _write_h5,
+}
