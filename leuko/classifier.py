@@ -18,6 +18,7 @@ from torchmetrics.classification import (
 )
 
 from leuko.nets import build_net
+from leuko.nets import net_kwargs as accepted_kwargs
 
 
 def _metrics(num_classes: int) -> MetricCollection:
@@ -40,6 +41,7 @@ class VolumeClassifier(L.LightningModule):
         in_channels: int = 1,
         num_classes: int = 4,
         class_names: list[str] | None = None,
+        input_shape: tuple[int, int, int] | None = None,
         optimizer: Literal["adamw", "adam"] = "adamw",
         lr: float = 1e-3,
         weight_decay: float = 0.05,
@@ -53,7 +55,8 @@ class VolumeClassifier(L.LightningModule):
         """
         Args:
             net: a name from leuko.nets.NETS; net_kwargs go to its constructor.
-            in_channels, num_classes, class_names: taken from the prepared data by the CLI.
+            in_channels, num_classes, class_names, input_shape: taken from the prepared data by the CLI;
+                input_shape sets a ViT's img_size unless net_kwargs gives one.
             optimizer: AdamW, or Adam as the RI study used (weight decay then is L2, not decoupled).
             warmup_epochs: linear warm-up (fractions allowed), then cosine decay to lr * min_lr_ratio.
             class_weights: "balanced" weighs the loss by inverse training-class frequency.
@@ -65,7 +68,10 @@ class VolumeClassifier(L.LightningModule):
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         if len(self.class_names) != num_classes:
             raise ValueError(f"class_names has {len(self.class_names)} names but num_classes is {num_classes}")
-        self.net = build_net(net, in_channels=in_channels, num_classes=num_classes, **(net_kwargs or {}))
+        kwargs = dict(net_kwargs or {})
+        if input_shape is not None and "img_size" in accepted_kwargs(net) and "img_size" not in kwargs:
+            kwargs["img_size"] = tuple(input_shape)
+        self.net = build_net(net, in_channels=in_channels, num_classes=num_classes, **kwargs)
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last_3d)
         self.forward_net = torch.compile(self.net) if compile else self.net

@@ -37,7 +37,11 @@ class MLflowSaveConfig(SaveConfigCallback):
         if logger is not None and hasattr(logger, "run_id"):
             logger.experiment.log_text(logger.run_id, text, "config.yaml")
             config = self.config.as_dict() if hasattr(self.config, "as_dict") else dict(self.config)
-            params = {k: v for k, v in flatten(config).items() if not k.startswith(("config", "trainer.callbacks"))}
+            # Top-level scalars (seed_everything, ckpt_path) go under "cli." so they cannot clash with the
+            # model's hyperparameters that Lightning logs under their bare names.
+            nested = {k: v for k, v in config.items() if isinstance(v, dict)}
+            nested["cli"] = {k: v for k, v in config.items() if not isinstance(v, dict) and k != "config"}
+            params = flatten(nested)
             logger.log_hyperparams(params)
 
 
@@ -74,8 +78,10 @@ class LeukoCLI(LightningCLI):
         self.parent_run_id = parent_run_id
         self.extra_tags = extra_tags or {}
         kwargs.setdefault("save_config_callback", MLflowSaveConfig)
-        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True, "save_to_log_dir": False})
         kwargs.setdefault("parser_kwargs", {"default_env": False})
+        # VolumeClassifier.configure_optimizers owns the optimizer and schedule (sweepable as model.* keys).
+        kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(VolumeClassifier, LeukoDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -83,6 +89,7 @@ class LeukoCLI(LightningCLI):
         parser.link_arguments("data.in_channels", "model.in_channels", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.classes", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.shape", "model.input_shape", apply_on="instantiate")
         parser.add_argument("--tracking.uri", type=str | None, default=None, help="MLflow tracking URI (MLFLOW_TRACKING_URI wins)")
         parser.add_argument("--tracking.experiment", type=str, default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
         parser.add_argument("--tracking.run_name", type=str | None, default=None, help="MLflow run name")

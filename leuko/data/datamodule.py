@@ -158,7 +158,7 @@ class LeukoDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         sampler = None
         if self.hparams.balanced_sampling:
-            labels = torch.as_tensor(self.train_set.labels)
+            labels = torch.tensor(self.train_set.labels, dtype=torch.long)
             counts = torch.bincount(labels, minlength=self.num_classes).clamp(min=1)
             weights = (1.0 / counts.double())[labels]
             generator = torch.Generator().manual_seed(self.hparams.seed)

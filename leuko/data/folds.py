@@ -129,7 +129,7 @@ def fold_names(splits: pd.DataFrame) -> list[str]:
 
 def summarize(splits: pd.DataFrame) -> pd.DataFrame:
     """Patients and cells per class for each fold, one row per fold."""
-    table = pd.crosstab(splits["fold"], splits["label"])
+    table = pd.crosstab(splits["fold"], splits["label"]).rename_axis(index="fold", columns=None)
     table.insert(0, "cells", table.sum(axis=1))
     table.insert(0, "patients", splits.groupby("fold")["patient_id"].nunique())
     order = [f for f in fold_names(splits)] + [f for f in (TRAIN_ONLY, TEST) if f in table.index]

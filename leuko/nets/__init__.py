@@ -1,0 +1,55 @@
+"""Networks for single-cell volumes: name -> constructor, and the one builder that takes a name.
+
+Every net maps (B, C, D, H, W) to logits (B, num_classes), has `num_features` and
+`forward_features(x) -> (B, num_features)`, and takes `drop_rate` (dropout before the head).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from leuko.nets.fishnet3d import FishNet3D, fishnet3d, fishnet3d_tiny
+from leuko.nets.resnet3d import ResNet3D, resnet3d_50, resnet3d_50_tiny
+from leuko.nets.vit3d import ViT3D, vit3d, vit3d_tiny
+
+NETS: dict[str, Callable[..., nn.Module]] = {
+    "resnet3d_50": resnet3d_50,
+    "resnet3d_50_tiny": resnet3d_50_tiny,
+    "vit3d": vit3d,
+    "vit3d_tiny": vit3d_tiny,
+    "fishnet3d": fishnet3d,
+    "fishnet3d_tiny": fishnet3d_tiny,
+}
+
+
+def net_kwargs(name: str) -> list[str]:
+    """Names of the keyword arguments the net `name` accepts."""
+    # variants are `def variant(**kwargs) -> ModelClass`: the model class holds the real signature
+    model_cls = inspect.signature(_lookup(name), eval_str=True).return_annotation
+    return list(inspect.signature(model_cls).parameters)
+
+
+def build_net(name: str, *, in_channels: int, num_classes: int, **kwargs: Any) -> nn.Module:
+    ctor = _lookup(name)
+    if not (isinstance(in_channels, int) and in_channels >= 1):
+        raise ValueError(f"net {name!r}: in_channels={in_channels!r} must be a positive int (1 for RI, 2 for HHG)")
+    if not (isinstance(num_classes, int) and num_classes >= 1):
+        raise ValueError(f"net {name!r}: num_classes={num_classes!r} must be a positive int")
+    valid = net_kwargs(name)
+    unknown = sorted(set(kwargs) - set(valid))
+    if unknown:
+        raise TypeError(f"net {name!r} got unknown argument(s) {unknown}; it accepts: {', '.join(valid)}")
+    return ctor(in_channels=in_channels, num_classes=num_classes, **kwargs)
+
+
+def _lookup(name: str) -> Callable[..., nn.Module]:
+    if name not in NETS:
+        raise ValueError(f"unknown net {name!r}; choose one of: {', '.join(NETS)}")
+    return NETS[name]
+
+
+__all__ = ["NETS", "FishNet3D", "ResNet3D", "ViT3D", "build_net", "net_kwargs"]
