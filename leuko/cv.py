@@ -36,8 +36,14 @@ def cross_validate(
     name: str | None = None,
     out: str | Path = "runs",
     trial_callbacks: list | None = None,
+    parent_run_id: str | None = None,
+    extra_tags: dict[str, str] | None = None,
 ) -> dict:
-    """Train every requested fold; return {"metrics": per-fold frame, "summary": {metric: (mean, std)}, ...}."""
+    """Train every requested fold; return {"metrics": per-fold frame, "summary": {metric: (mean, std)}, ...}.
+
+    The CV gets its own MLflow run (a child of `parent_run_id` when given, e.g. a sweep), and each fold
+    a child run under it. `trial_callbacks` are added to every fold's Trainer (e.g. Optuna pruning).
+    """
     import mlflow
 
     from leuko.tracking import DEFAULT_EXPERIMENT, lineage_tags, resolve_tracking_uri
@@ -60,8 +66,12 @@ def cross_validate(
         exp = client.get_experiment_by_name(experiment)
         exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
         tags = {**lineage_tags(cfg["data"]["prepared_dir"]), "leuko.command": "cv", "mlflow.runName": name}
+        tags.update(extra_tags or {})
+        if parent_run_id:
+            tags["mlflow.parentRunId"] = parent_run_id
         parent_id = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
         client.log_text(parent_id, probe.parser.dump(cfg, skip_none=False), "config.yaml")
+        _log_params(client, parent_id, cfg)
     del probe
 
     rows, oof = [], []
@@ -96,6 +106,16 @@ def cross_validate(
         if client is not None and parent_id is not None:
             _log_parent(client, parent_id, result, out_dir, status)
     return result
+
+
+def _log_params(client, run_id: str, cfg) -> None:
+    from mlflow.entities import Param
+
+    from leuko.tracking import config_params
+
+    params = [Param(k, v) for k, v in config_params(cfg.as_dict()).items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i : i + 100])
 
 
 def _fold_predictions(preds, datamodule, class_names: list[str], fold: int) -> pd.DataFrame:

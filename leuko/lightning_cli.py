@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from leuko.classifier import VolumeClassifier
 from leuko.data.datamodule import LeukoDataModule
-from leuko.tracking import DEFAULT_EXPERIMENT, TrackingCallback, flatten, lineage_tags, make_logger
+from leuko.tracking import DEFAULT_EXPERIMENT, TrackingCallback, config_params, lineage_tags, make_logger
 
 MONITOR = "val/balanced_accuracy"
 
@@ -37,12 +37,7 @@ class MLflowSaveConfig(SaveConfigCallback):
         if logger is not None and hasattr(logger, "run_id"):
             logger.experiment.log_text(logger.run_id, text, "config.yaml")
             config = self.config.as_dict() if hasattr(self.config, "as_dict") else dict(self.config)
-            # Top-level scalars (seed_everything, ckpt_path) go under "cli." so they cannot clash with the
-            # model's hyperparameters that Lightning logs under their bare names.
-            nested = {k: v for k, v in config.items() if isinstance(v, dict)}
-            nested["cli"] = {k: v for k, v in config.items() if not isinstance(v, dict) and k != "config"}
-            params = flatten(nested)
-            logger.log_hyperparams(params)
+            logger.log_hyperparams(config_params(config))
 
 
 class CSVPredictionWriter(BasePredictionWriter):
@@ -107,9 +102,13 @@ class LeukoCLI(LightningCLI):
         callbacks = list(kwargs.pop("callbacks", []) or [])
         has_checkpoint = any(isinstance(c, ModelCheckpoint) for c in (config["trainer"].get("callbacks") or []))
         if not has_checkpoint:
-            callbacks.append(
-                ModelCheckpoint(dirpath=root / "checkpoints", filename="best", monitor=MONITOR, mode="max", save_last=True)
-            )
+            if config["data"].get("fold") is None:  # no validation set: keep the last weights only
+                checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", filename="last", save_top_k=0, save_last=True)
+            else:
+                checkpoint = ModelCheckpoint(
+                    dirpath=root / "checkpoints", filename="best", monitor=MONITOR, mode="max", save_last=True
+                )
+            callbacks.append(checkpoint)
         callbacks.append(TrackingCallback())
         if self.subcommand == "predict":
             callbacks.append(CSVPredictionWriter(config.get("predictions") or root / "predictions.csv"))

@@ -121,6 +121,17 @@ def flatten(config: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def config_params(config: dict) -> dict[str, str]:
+    """A resolved LightningCLI config as flat MLflow params.
+
+    Top-level scalars (seed_everything, ckpt_path) go under "cli." so they cannot clash with the
+    model's hyperparameters that Lightning logs under their bare names.
+    """
+    nested = {k: v for k, v in config.items() if isinstance(v, dict)}
+    nested["cli"] = {k: v for k, v in config.items() if not isinstance(v, dict) and k != "config"}
+    return flatten(nested)
+
+
 class TrackingCallback(L.Callback):
     """Logs the confusion matrix after fit and test, and the best checkpoint, to the run of an MLFlowLogger."""
 

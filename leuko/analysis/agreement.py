@@ -8,6 +8,7 @@ limits of agreement = bias +- 1.96 sd (Bland & Altman 1986).
 
 from __future__ import annotations
 
+import re
 import tempfile
 import time
 from collections.abc import Sequence
@@ -163,7 +164,9 @@ def bland_altman_table(diffs: pd.DataFrame, classes: Sequence[str], *, by: str |
     return pd.DataFrame(rows, columns=([] if by is None else [by]) + list(BA_COLUMNS))
 
 
-def bland_altman_plot(diffs: pd.DataFrame, classes: Sequence[str], path: str | Path, *, title: str | None = None) -> Path:
+def bland_altman_plot(
+    diffs: pd.DataFrame, classes: Sequence[str], path: str | Path, *, title: str | None = None
+) -> Path:
     """One panel per class: difference (predicted - reference, %) against the mean of the two (%), with the
     bias and both limits of agreement drawn and labelled. Points are coloured by sample_type when present."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
@@ -173,7 +176,7 @@ def bland_altman_plot(diffs: pd.DataFrame, classes: Sequence[str], path: str | P
     ncols = min(len(classes), 4)
     nrows = -(-len(classes) // ncols)
     fig = Figure(figsize=(4.0 * ncols, 3.6 * nrows), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     groups = sorted(diffs["sample_type"].astype(str).unique()) if "sample_type" in diffs.columns else [None]
     for ax, c in zip(axes, classes):
         ax.set_title(c)
@@ -217,6 +220,8 @@ def log_agreement(
     ba/<class>/<bias|sd|loa_low|loa_high> (ba/<group>/<class>/... for a grouped table) to an MLflow run.
 
     client: an mlflow.MlflowClient (passed in so callers choose the tracking URI)."""
+    from mlflow.entities import Metric
+
     group_col = table.columns[0] if table.columns[0] != "class" else None
     with tempfile.TemporaryDirectory() as tmp:
         for name, frame in (("differentials.csv", diffs), ("bland_altman.csv", table)):
@@ -224,15 +229,19 @@ def log_agreement(
             client.log_artifact(run_id, str(Path(tmp) / name), artifact_path)
     if plot is not None:
         client.log_artifact(run_id, str(plot), artifact_path)
-    from mlflow.entities import Metric
-
     now = int(time.time() * 1000)
     metrics = []
     for row in table.to_dict("records"):
-        prefix = "ba/" + (f"{row[group_col]}/" if group_col else "") + str(row["class"])
-        metrics += [Metric(f"{prefix}/{stat}", float(row[stat]), now, 0) for stat in ("bias", "sd", "loa_low", "loa_high")
-                    if np.isfinite(row[stat])]
+        prefix = "ba/" + (f"{_metric_part(row[group_col])}/" if group_col else "") + _metric_part(row["class"])
+        for stat in ("bias", "sd", "loa_low", "loa_high"):
+            if np.isfinite(row[stat]):  # a group with one sample has no sd
+                metrics.append(Metric(f"{prefix}/{stat}", float(row[stat]), now, 0))
     client.log_batch(run_id, metrics=metrics)
+
+
+def _metric_part(name) -> str:
+    """MLflow metric names allow letters, digits, _ - . space and /; other characters become _."""
+    return re.sub(r"[^\w\-. ]", "_", str(name))
 
 
 def _percentages(labels: pd.Series, keys: pd.DataFrame, classes: list[str], prefix: str) -> pd.DataFrame:

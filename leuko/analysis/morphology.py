@@ -9,7 +9,9 @@ Units: 1 um^3 = 1 fL = 1e-12 mL, so C [g/mL] * V [um^3] = C * V * 1e-12 g = C * 
 
 HHG volumes (THG, SHG) carry no refractive index: their cell mask comes from a threshold on the THG
 channel (0), and dry mass, protein density and mean RI are NaN. THG lights up interfaces (membrane,
-nuclear envelope), so the thresholded THG is a shell; it is closed by one voxel and its inside filled.
+nuclear envelope), so the thresholded THG is a shell: the largest one is closed by one voxel and its
+inside filled, in 3D and plane by plane. The HHG cell volume is therefore the volume inside the outer
+edge of the membrane signal, which the optical blur makes larger than the RI-threshold volume.
 """
 
 from __future__ import annotations
@@ -26,13 +28,16 @@ from skimage import measure
 N_MEDIUM = 1.337  # culture medium / PBS (Ryu et al. 2021)
 CELL_THRESHOLD_RI = 1.35  # voxels above this RI are the cell (Ryu et al. 2021)
 RI_INCREMENT_ML_PER_G = 0.2  # refractive index increment of protein (Ryu et al. 2021; Barer 1952)
-# Without a THG threshold: background median + this many noise sds (1.4826 * MAD estimates the sd of
-# the background, which fills most of a single-cell field of view); 6 sd leaves ~1e-9 false voxels.
-HHG_NOISE_SDS = 6.0
-# Gaussian sd, in voxels, that rounds the voxel staircase before marching cubes. Measured on
-# digitised spheres and ellipsoids of 4-45 voxels radius (tests/analysis/test_morphology.py): plain
-# marching cubes on the binary mask overestimates the area by 7-11%; with sd 1 voxel and the
-# volume-preserving iso-level the error is within +-1.5% (up to +3% for 4:1 anisotropic voxels).
+# Without a THG threshold: background median + this many noise sds, where 1.4826 * MAD estimates the
+# sd of the background that fills most of a single-cell field of view. The cell's own signal inflates
+# that estimate, so 3 estimated sds already sit clear of the noise. A rough default: THG units depend
+# on the instrument, so set hhg_threshold from a few volumes' histograms for real measurements.
+HHG_NOISE_SDS = 3.0
+# Gaussian sd, in voxels, that rounds the voxel staircase before marching cubes. Measured on digitised
+# spheres and ellipsoids (semi-axes 4-45 voxels, isotropic and anisotropic voxels, off-grid centres):
+# plain marching cubes on the binary mask overestimates the area by 7-11%; with sd 1 voxel and the
+# volume-preserving iso-level the error is within +-1.5%, -2.4% for a 3-voxel radius and +3.3% for 4:1
+# anisotropic voxels. Below ~4 voxels radius sphericity can come out slightly above 1.
 SURFACE_SMOOTHING_VOXELS = 1.0
 
 FEATURES = ("volume_fl", "surface_area_um2", "sphericity", "dry_mass_pg", "protein_density_g_dl", "mean_ri")
@@ -62,9 +67,10 @@ def cell_features(
     """The six features of one cell.
 
     volume: RI as (D, H, W) or (1, D, H, W) for modality "ri"; (C, D, H, W) with THG in channel 0 (or a
-    (D, H, W) THG volume) for "hhg". voxel_size_um: (z, y, x). hhg_threshold: THG intensity that counts as
-    cell; None takes the background median + 6 noise sds. surface_smoothing: Gaussian sd in voxels applied to
-    the mask before marching cubes; 0 gives plain marching cubes on the binary mask (staircase, ~+9% area).
+    (D, H, W) THG volume) for "hhg". voxel_size_um: (z, y, x). hhg_threshold: THG intensity that counts
+    as cell; None takes the background median + 3 noise sds (rough, see HHG_NOISE_SDS).
+    surface_smoothing: Gaussian sd in voxels applied to the mask before marching cubes; 0 gives plain
+    marching cubes on the binary mask (voxel staircase, ~+9% area).
     name: how errors refer to the cell (file name or cell_id).
     Raises ValueError naming the cell when no voxel is above the threshold.
     """
@@ -82,10 +88,8 @@ def cell_features(
         thg = thg.astype(np.float64)
         if hhg_threshold is None:
             hhg_threshold = _background_threshold(thg)
-        shell = ndimage.binary_closing(np.pad(thg > hhg_threshold, 1), structure=np.ones((3, 3, 3), bool))[
-            1:-1, 1:-1, 1:-1
-        ]
-        mask = ndimage.binary_fill_holes(_largest_component(shell, name, f"THG threshold {hhg_threshold:g}", thg.max()))
+        shell = _largest_component(thg > hhg_threshold, name, f"THG threshold {hhg_threshold:g}", float(thg.max()))
+        mask = _fill_shell(shell)
 
     voxel_volume = float(np.prod(voxel))  # um^3 = fL
     volume_fl = float(mask.sum()) * voxel_volume
@@ -110,7 +114,9 @@ def cell_features(
     }
 
 
-def surface_area(mask: np.ndarray, voxel_size_um: Sequence[float], *, smoothing: float = SURFACE_SMOOTHING_VOXELS) -> float:
+def surface_area(
+    mask: np.ndarray, voxel_size_um: Sequence[float], *, smoothing: float = SURFACE_SMOOTHING_VOXELS
+) -> float:
     """Area in um^2 of the closed marching-cubes surface around a (D, H, W) boolean mask.
 
     The mask is padded so the surface closes at the volume's edge. With smoothing > 0 the mask is blurred
@@ -189,8 +195,9 @@ def features_table(
 
 
 def feature_plot(table: pd.DataFrame, path: str | Path, *, classes: Sequence[str] | None = None) -> Path:
-    """One panel per feature: its distribution per class (box plot with every cell as a jittered dot),
-    as in Figure 2 of the RI study. classes: order on the x axis (default: DEFAULT_CLASSES order, then other labels sorted)."""
+    """One panel per feature: its distribution per class (box plot with every cell as a jittered dot), as in
+    Figure 2 of the RI study. classes: order on the x axis (default: DEFAULT_CLASSES order, then the rest sorted).
+    Features that are all NaN (RI features of HHG cells) get an empty panel that says so."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
 
     from leuko.data.classes import DEFAULT_CLASSES
@@ -212,6 +219,8 @@ def feature_plot(table: pd.DataFrame, path: str | Path, *, classes: Sequence[str
         ax.set_ylabel(ylabel)
         if not any(len(g) for g in groups):
             ax.set_xticks(range(1, len(classes) + 1), classes, rotation=20)
+            ax.set_xlim(0.5, len(classes) + 0.5)
+            ax.set_yticks([])
             ax.text(0.5, 0.5, "not available\n(no RI channel)", ha="center", va="center", transform=ax.transAxes)
             continue
         ax.boxplot(groups, positions=range(1, len(classes) + 1), widths=0.6, showfliers=False,
@@ -253,6 +262,15 @@ def _background_threshold(signal: np.ndarray) -> float:
     median = float(np.median(signal))
     noise_sd = 1.4826 * float(np.median(np.abs(signal - median)))
     return median + HHG_NOISE_SDS * noise_sd
+
+
+def _fill_shell(shell: np.ndarray) -> np.ndarray:
+    """The inside of a thresholded THG shell. One closing bridges one-voxel gaps; the per-plane fill then
+    closes shells left open at the top and bottom, where THG from interfaces facing the axis is weakest."""
+    closed = ndimage.binary_closing(np.pad(shell, 1), structure=np.ones((3, 3, 3), bool))[1:-1, 1:-1, 1:-1]
+    filled = ndimage.binary_fill_holes(closed | shell)
+    planes = np.stack([ndimage.binary_fill_holes(plane) for plane in filled])  # each z plane
+    return ndimage.binary_fill_holes(planes)
 
 
 def _largest_component(mask: np.ndarray, name: str, what: str, highest: float) -> np.ndarray:

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from leuko.data.augment import BatchAugment
-from leuko.data.folds import fold_masks, make_splits, read_splits
+from leuko.data.folds import TEST, fold_masks, fold_names, make_splits, read_splits
 from leuko.data.prepare import load_prepared
 
 
@@ -55,7 +55,7 @@ class LeukoDataModule(L.LightningDataModule):
         self,
         prepared_dir: str = "prepared",
         splits: str | None = None,
-        fold: int = 0,
+        fold: int | None = 0,
         k: int = 5,
         test_fraction: float = 0.2,
         seed: int = 0,
@@ -71,7 +71,8 @@ class LeukoDataModule(L.LightningDataModule):
             prepared_dir: output of `leuko prepare`.
             splits: a CSV from `leuko folds`; when None, folds are made from the prepared index with k,
                 test_fraction and seed (the same split `leuko folds` would write).
-            fold: which fold validates; the others (never the test patients) train.
+            fold: which fold validates; the others (never the test patients) train. None trains on every
+                non-test cell with no validation set (the refit before registering a model).
             balanced_sampling: draw training cells with probability inversely proportional to class size.
             predict_split: which cells `predict` runs on.
         """
@@ -80,10 +81,19 @@ class LeukoDataModule(L.LightningDataModule):
         self.prepared_dir = Path(prepared_dir)
         _, self.index, self.meta = load_prepared(self.prepared_dir)
         self.volumes_path = self.prepared_dir / "volumes.npy"
+        self._sampling_generator: torch.Generator | None = None
         self.classes: list[str] = list(self.meta["classes"])
         self.augment = BatchAugment(**asdict(augment)) if isinstance(augment, Augmentation) else BatchAugment(**augment)
         self.splits = self._load_splits()
-        self.masks = fold_masks(self.splits, fold)
+        if fold is None:
+            is_test = (self.splits["fold"] == TEST).to_numpy()
+            self.masks = {"train": ~is_test, "val": np.zeros_like(is_test), "test": is_test}
+        else:
+            self.masks = fold_masks(self.splits, fold)
+
+    @property
+    def fold_names(self) -> list[str]:
+        return fold_names(self.splits)
 
     @property
     def num_classes(self) -> int:
@@ -136,7 +146,7 @@ class LeukoDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         if stage in ("fit", "validate"):
             self.train_set = self._dataset("train") if stage == "fit" else None
-            self.val_set = self._dataset("val")
+            self.val_set = None if self.hparams.fold is None else self._dataset("val")
         elif stage == "test":
             self.test_set = self._dataset("test")
         elif stage == "predict":
@@ -161,12 +171,16 @@ class LeukoDataModule(L.LightningDataModule):
             labels = torch.tensor(self.train_set.labels, dtype=torch.long)
             counts = torch.bincount(labels, minlength=self.num_classes).clamp(min=1)
             weights = (1.0 / counts.double())[labels]
-            generator = torch.Generator().manual_seed(self.hparams.seed)
-            sampler = WeightedRandomSampler(weights, num_samples=len(labels), replacement=True, generator=generator)
+            # One generator for the module's life: every epoch (and every loader) draws anew, reproducibly.
+            if self._sampling_generator is None:
+                self._sampling_generator = torch.Generator().manual_seed(self.hparams.seed)
+            sampler = WeightedRandomSampler(
+                weights, num_samples=len(labels), replacement=True, generator=self._sampling_generator
+            )
         return self._loader(self.train_set, shuffle=True, sampler=sampler)
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set)
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.val_set is None else self._loader(self.val_set)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set)

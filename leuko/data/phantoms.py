@@ -395,9 +395,9 @@ def _render_cell(label: str, sample_type: str, modality: str, acq: Acquisition, 
 
     # HHG: THG comes from interfaces (membrane, nuclear envelope), granules and lipid bodies; it grows with
     # the square of the index step. SHG in leukocytes is weak; crystalline eosinophil granule cores add a little.
-    smooth = grid.gaussian(ri, 0.25)
+    smooth = grid.gaussian(ri - N_MEDIUM, 0.25)  # contrast to the medium: the box edge is no interface
     grad = np.linalg.norm(np.stack(np.gradient(smooth, *grid.voxel)), axis=0)  # RI per um
-    thg = (grad / 0.02) ** 2 + 25 * granules ** 2 / 0.02 + 1.5 * lipids
+    thg = (grad / 0.03) ** 2 + 150 * granules ** 2 / 0.02 + 4.0 * lipids
     shg = 0.15 * in_cell + (4.0 * granules if cell.key == "eosinophil" else 0.0)
     out = []
     for signal, scale in ((thg, 1.0), (shg, 0.15)):
