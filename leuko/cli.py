@@ -204,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in LIGHTNING_COMMANDS:
         from leuko.lightning_cli import run
 
-        run(argv)
-        return 0
+        return _guarded(argv[0], lambda: run(argv))
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     if args.command is None:
@@ -213,17 +212,24 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if rest and not getattr(args, "takes_rest", False):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if getattr(args, "takes_rest", False):
+        return _guarded(args.command, lambda: args.func(args, rest))
+    return _guarded(args.command, lambda: args.func(args))
+
+
+def _guarded(command: str, work) -> int:
+    """Run a command; boundary errors (bad manifests, volumes, splits, configs) become one clear message."""
+    import os
+
     try:
-        if getattr(args, "takes_rest", False):
-            args.func(args, rest)
-        else:
-            args.func(args)
+        work()
     except UsageError as err:
-        print(f"leuko {args.command}: error: {err}", file=sys.stderr)
+        print(f"leuko {command}: error: {err}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as err:
-        # Boundary errors (manifests, volumes, splits) carry their own explanation.
-        print(f"leuko {args.command}: error: {err}", file=sys.stderr)
+        if os.environ.get("LEUKO_DEBUG"):
+            raise
+        print(f"leuko {command}: error: {err}\n(set LEUKO_DEBUG=1 to see the traceback)", file=sys.stderr)
         return 1
     return 0
 

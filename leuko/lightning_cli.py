@@ -120,7 +120,7 @@ class LeukoCLI(LightningCLI):
                 tracking_uri=tracking.uri,
                 tags={**lineage_tags(prepared), "leuko.command": self.subcommand or "cv", **self.extra_tags},
                 parent_run_id=self.parent_run_id,
-                run_id=_resumed_run_id(root, config),
+                run_id=_resumed_run_id(root, config) if self.subcommand == "fit" else None,
             )
         kwargs["callbacks"] = callbacks
         kwargs.setdefault("default_root_dir", str(root))

@@ -118,7 +118,8 @@ class BatchAugment(torch.nn.Module):
             f"flip={self.flip}, rot90={self.rot90}, gain={self.gain}, seed={self.seed}"
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """`generator` (on x's device) overrides the module's own RNG for this call."""
         if x.ndim != 5 or not x.is_floating_point():
             raise ValueError(
                 f"BatchAugment expects a float batch (B, C, D, H, W); got shape {tuple(x.shape)} dtype {x.dtype}. "
@@ -138,7 +139,7 @@ class BatchAugment(torch.nn.Module):
 
         # Draw in a fixed order (flip, turn, crop, elastic, gain, noise) so a seed gives the same flips and
         # turns whether or not the later ops are on.
-        gen = self._generator(x.device)
+        gen = generator if generator is not None else self._generator(x.device)
         flips = turn_index = None
         if self.flip > 0:
             flips = self._rand((batch, 3), x.device, gen) < self.flip  # (B, 3) in (D, H, W) order

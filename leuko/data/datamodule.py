@@ -10,7 +10,7 @@ import lightning as L
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from leuko.data.augment import BatchAugment
 from leuko.data.folds import TEST, fold_masks, fold_names, make_splits, read_splits
@@ -50,6 +50,34 @@ class MemmapVolumes(Dataset):
         return {"volume": volume, "label": int(self.labels[i]), "cell_id": self.cell_ids[i]}
 
 
+class EpochSampler(Sampler[int]):
+    """Shuffles (or draws class-balanced, with replacement) from a generator seeded by (seed, epoch).
+
+    Lightning calls set_epoch before each epoch, so a fit resumed from last.ckpt sees the same order
+    an uninterrupted fit would have; a sampler on the global RNG could not promise that.
+    """
+
+    def __init__(self, n: int, seed: int, weights: torch.Tensor | None = None):
+        self.n = n
+        self.seed = seed
+        self.weights = weights
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        if self.weights is None:
+            order = torch.randperm(self.n, generator=generator)
+        else:
+            order = torch.multinomial(self.weights, self.n, replacement=True, generator=generator)
+        return iter(order.tolist())
+
+
 class LeukoDataModule(L.LightningDataModule):
     def __init__(
         self,
@@ -81,7 +109,7 @@ class LeukoDataModule(L.LightningDataModule):
         self.prepared_dir = Path(prepared_dir)
         _, self.index, self.meta = load_prepared(self.prepared_dir)
         self.volumes_path = self.prepared_dir / "volumes.npy"
-        self._sampling_generator: torch.Generator | None = None
+        self._augment_generators: dict[torch.device, torch.Generator] = {}
         self.classes: list[str] = list(self.meta["classes"])
         self.augment = BatchAugment(**asdict(augment)) if isinstance(augment, Augmentation) else BatchAugment(**augment)
         self.splits = self._load_splits()
@@ -152,12 +180,11 @@ class LeukoDataModule(L.LightningDataModule):
         elif stage == "predict":
             self.predict_set = self._dataset(self.hparams.predict_split)
 
-    def _loader(self, dataset: MemmapVolumes, *, shuffle: bool = False, sampler=None) -> DataLoader:
+    def _loader(self, dataset: MemmapVolumes, *, sampler: Sampler | None = None) -> DataLoader:
         workers = self.hparams.num_workers
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
-            shuffle=shuffle and sampler is None,
             sampler=sampler,
             num_workers=workers,
             pin_memory=self.hparams.pin_memory and torch.cuda.is_available(),
@@ -166,18 +193,13 @@ class LeukoDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        sampler = None
+        weights = None
         if self.hparams.balanced_sampling:
             labels = torch.tensor(self.train_set.labels, dtype=torch.long)
             counts = torch.bincount(labels, minlength=self.num_classes).clamp(min=1)
             weights = (1.0 / counts.double())[labels]
-            # One generator for the module's life: every epoch (and every loader) draws anew, reproducibly.
-            if self._sampling_generator is None:
-                self._sampling_generator = torch.Generator().manual_seed(self.hparams.seed)
-            sampler = WeightedRandomSampler(
-                weights, num_samples=len(labels), replacement=True, generator=self._sampling_generator
-            )
-        return self._loader(self.train_set, shuffle=True, sampler=sampler)
+        # Under DDP, Lightning swaps this for a DistributedSampler (use_distributed_sampler).
+        return self._loader(self.train_set, sampler=EpochSampler(len(self.train_set), self.hparams.seed, weights))
 
     def val_dataloader(self) -> DataLoader | list:
         return [] if self.val_set is None else self._loader(self.val_set)
@@ -191,8 +213,19 @@ class LeukoDataModule(L.LightningDataModule):
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         # Augment on whatever device the batch now lives on, and only while training.
         if self.trainer is not None and self.trainer.training:
-            batch["volume"] = self.augment(batch["volume"])
+            volume = batch["volume"]
+            batch["volume"] = self.augment(volume, generator=self._augment_generator(volume.device))
         return batch
+
+    def _augment_generator(self, device: torch.device) -> torch.Generator:
+        # Seeded by (seed, epoch, batch, rank): a resumed fit augments exactly as an uninterrupted one,
+        # and DDP ranks draw independently. Seeding a generator costs no host-device sync.
+        trainer = self.trainer
+        batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+        seed = ((self.hparams.seed * 1_000_003 + trainer.current_epoch) * 1_000_003 + batch) * 1_009 + trainer.global_rank
+        if device not in self._augment_generators:
+            self._augment_generators[device] = torch.Generator(device=device)
+        return self._augment_generators[device].manual_seed(seed % (2**63))
 
     def class_counts(self, name: str = "train") -> np.ndarray:
         labels = self.subset(name)["label_index"].to_numpy()

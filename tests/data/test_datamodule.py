@@ -1,8 +1,10 @@
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
-from leuko.data.datamodule import Augmentation, LeukoDataModule
+from leuko.data.datamodule import Augmentation, EpochSampler, LeukoDataModule
 from leuko.data.folds import make_splits, write_splits
 from leuko.data.prepare import PrepareError
 
@@ -52,7 +54,12 @@ def test_fold_none_trains_on_all_non_test(tiny_prepared):
 def test_balanced_sampling_evens_out_classes(tiny_prepared):
     dm = make_dm(tiny_prepared, balanced_sampling=True, batch_size=64)
     dm.setup("fit")
-    labels = torch.cat([b["label"] for _ in range(20) for b in dm.train_dataloader()])
+    loader = dm.train_dataloader()
+    labels = []
+    for epoch in range(20):
+        loader.sampler.set_epoch(epoch)
+        labels += [b["label"] for b in loader]
+    labels = torch.cat(labels)
     counts = torch.bincount(labels, minlength=4).double()
     present = dm.class_counts("train") > 0
     share = counts[torch.as_tensor(present)] / counts.sum()
@@ -63,13 +70,32 @@ def test_augmentation_only_while_training(tiny_prepared):
     dm = make_dm(tiny_prepared, augment=Augmentation(noise=0.5, flip=0.5))
     x = torch.ones(2, 1, 16, 16, 16)
 
-    class FakeTrainer:
-        training = False
-
-    dm.trainer = FakeTrainer()
+    progress = SimpleNamespace(ready=1)
+    trainer = SimpleNamespace(
+        training=False,
+        current_epoch=0,
+        global_rank=0,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=SimpleNamespace(current=progress))),
+    )
+    dm.trainer = trainer
     assert torch.equal(dm.on_after_batch_transfer({"volume": x.clone()}, 0)["volume"], x)
-    FakeTrainer.training = True
-    assert not torch.equal(dm.on_after_batch_transfer({"volume": x.clone()}, 0)["volume"], x)
+    trainer.training = True
+    first = dm.on_after_batch_transfer({"volume": x.clone()}, 0)["volume"]
+    assert not torch.equal(first, x)
+    # the same (epoch, batch) augments identically (what makes resumed fits exact); the next batch differs
+    assert torch.equal(dm.on_after_batch_transfer({"volume": x.clone()}, 0)["volume"], first)
+    progress.ready = 2
+    assert not torch.equal(dm.on_after_batch_transfer({"volume": x.clone()}, 0)["volume"], first)
+
+
+def test_epoch_sampler_is_a_function_of_seed_and_epoch():
+    a, b = EpochSampler(50, seed=1), EpochSampler(50, seed=1)
+    assert list(a) == list(b) and sorted(a) == list(range(50))
+    first = list(a)
+    a.set_epoch(1)
+    assert list(a) != first
+    b.set_epoch(1)
+    assert list(a) == list(b)
 
 
 def test_missing_prepared_dir_says_what_to_do(tmp_path):
