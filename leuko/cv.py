@@ -101,6 +101,13 @@ def cross_validate(
                 if matrix is not None:
                     log_confusion(cli.trainer.logger, matrix.numpy(), cli.model.class_names, "confusion_matrix_val_best")
         status = "FINISHED"
+    except BaseException as exc:
+        from optuna import TrialPruned
+
+        # A sweep's pruner stopping an unpromising trial is a decision, not a failure.
+        if isinstance(exc, TrialPruned):
+            status = "KILLED"
+        raise
     finally:
         result = _summarise(rows, oof, out_dir, probe_classes=cli.model.class_names if rows else [])
         if client is not None and parent_id is not None:

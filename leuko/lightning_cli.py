@@ -91,24 +91,17 @@ class LeukoCLI(LightningCLI):
         parser.add_argument("--tracking.enabled", type=bool, default=True, help="log to MLflow")
         parser.add_argument("--predictions", type=str | None, default=None, help="predict: CSV to write (default <run dir>/predictions.csv)")
 
-    def _section(self, name: str) -> dict:
-        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
-        return config.get(name, {})
-
     def instantiate_trainer(self, **kwargs):
         config = self.config[self.subcommand] if self.subcommand else self.config
         tracking = config.get("tracking")
         root = Path(config["trainer"].get("default_root_dir") or "runs/fit")
-        callbacks = list(kwargs.pop("callbacks", []) or [])
-        has_checkpoint = any(isinstance(c, ModelCheckpoint) for c in (config["trainer"].get("callbacks") or []))
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        configured = init["trainer"].get("callbacks") or []
+        configured = list(configured) if isinstance(configured, list) else [configured]
+        callbacks = configured + list(kwargs.pop("callbacks", []) or [])
+        has_checkpoint = any(isinstance(c, ModelCheckpoint) for c in configured)
         if not has_checkpoint:
-            if config["data"].get("fold") is None:  # no validation set: keep the last weights only
-                checkpoint = ModelCheckpoint(dirpath=root / "checkpoints", filename="last", save_top_k=0, save_last=True)
-            else:
-                checkpoint = ModelCheckpoint(
-                    dirpath=root / "checkpoints", filename="best", monitor=MONITOR, mode="max", save_last=True
-                )
-            callbacks.append(checkpoint)
+            callbacks += default_checkpoints(root / "checkpoints", validates=config["data"].get("fold") is not None)
         callbacks.append(TrackingCallback())
         if self.subcommand == "predict":
             callbacks.append(CSVPredictionWriter(config.get("predictions") or root / "predictions.csv"))
@@ -128,6 +121,21 @@ class LeukoCLI(LightningCLI):
 
 
 
+def default_checkpoints(dirpath: Path, *, validates: bool) -> list[ModelCheckpoint]:
+    """best.ckpt (highest val balanced accuracy) when there is a validation set, and last.ckpt every epoch.
+
+    last.ckpt comes from its own callback: Lightning 2.6's save_last only writes when a top-k checkpoint
+    was written in the same step, so a run whose score stopped improving would resume from a stale epoch.
+    """
+    last = ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+    if not validates:
+        return [last]
+    best = ModelCheckpoint(
+        dirpath=dirpath, filename="best", monitor=MONITOR, mode="max", save_top_k=1, enable_version_counter=False
+    )
+    return [best, last]
+
+
 def _resumed_run_id(root: Path, config) -> str | None:
     """Resuming a fit (`--ckpt_path last`) continues the MLflow run of that fit."""
     marker = root / "mlflow_run_id"
@@ -139,4 +147,5 @@ def _resumed_run_id(root: Path, config) -> str | None:
 def run(argv: list[str]) -> None:
     """Entry for `leuko fit|validate|test|predict ...`."""
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    LeukoCLI(args=argv)
+    # args=None when argv is the real command line: LightningCLI then reads sys.argv itself.
+    LeukoCLI(args=None if argv == sys.argv[1:] else argv)

@@ -151,7 +151,7 @@ def _acquisition(modality: str, rng: np.random.Generator) -> Acquisition:
     blur_z, blur_xy = rng.uniform(0.3, 0.75), rng.uniform(0.15, 0.35)
     if modality == "ri":
         # offsets of ~1e-3 RI and noise of 1-3e-3 RI are typical for optical diffraction tomography
-        return Acquisition(rng.uniform(0.82, 1.18), rng.normal(0.0, 0.0012), rng.uniform(0.0008, 0.002), blur_z, blur_xy)
+        return Acquisition(rng.uniform(0.85, 1.15), rng.normal(0.0, 0.0012), rng.uniform(0.0008, 0.002), blur_z, blur_xy)
     return Acquisition(rng.uniform(0.6, 1.4), rng.uniform(0.01, 0.06), rng.uniform(0.02, 0.05), blur_z, blur_xy)
 
 
@@ -286,11 +286,11 @@ class _Cell:
 # RI levels: cytoplasm ~1.36, nucleus ~1.37, eosinophil granules ~1.38-1.39 (Ryu et al. 2021 ranges);
 # the class means overlap on purpose so mean RI alone does not separate the classes.
 CLASS_OPTICS = {
-    "neutrophil": dict(cyto=(1.3585, 0.0022), nuc=(0.0095, 0.002), granules=(25, 0.006, 0.3), chromatin=0.003),
-    "eosinophil": dict(cyto=(1.3568, 0.0022), nuc=(0.0095, 0.002), granules=(38, 0.022, 0.32), chromatin=0.003),
-    "lymphocyte": dict(cyto=(1.3575, 0.0022), nuc=(0.0085, 0.002), granules=(2, 0.006, 0.3), chromatin=0.004),
-    "monocyte": dict(cyto=(1.3585, 0.0022), nuc=(0.0075, 0.002), granules=(8, 0.006, 0.3), chromatin=0.002),
-    "macrophage": dict(cyto=(1.3585, 0.0022), nuc=(0.0075, 0.002), granules=(6, 0.006, 0.3), chromatin=0.002),
+    "neutrophil": dict(cyto=(1.3595, 0.002), nuc=(0.0095, 0.002), granules=(25, 0.006, 0.3), chromatin=0.003),
+    "eosinophil": dict(cyto=(1.3578, 0.002), nuc=(0.0095, 0.002), granules=(38, 0.022, 0.32), chromatin=0.003),
+    "lymphocyte": dict(cyto=(1.3585, 0.002), nuc=(0.0085, 0.002), granules=(2, 0.006, 0.3), chromatin=0.004),
+    "monocyte": dict(cyto=(1.3595, 0.002), nuc=(0.0075, 0.002), granules=(8, 0.006, 0.3), chromatin=0.002),
+    "macrophage": dict(cyto=(1.3595, 0.002), nuc=(0.0075, 0.002), granules=(6, 0.006, 0.3), chromatin=0.002),
 }
 LIPID_RI = 1.392  # lipid droplets image well above cytoplasm; kept below 1.42 with gain and noise
 VACUOLE_RI = 1.342  # fluid-filled, close to the medium
@@ -377,8 +377,9 @@ def _render_cell(label: str, sample_type: str, modality: str, acq: Acquisition, 
         np.clip(vacuoles, 0, 1, out=vacuoles)
         np.clip(lipids, 0, 1, out=lipids)
 
-    cyto_ri = rng.normal(*optics["cyto"])
-    nuc_dn = max(0.004, rng.normal(*optics["nuc"]))
+    # floors keep every cell above the 1.35 threshold and its nucleus visible at the lowest patient gain
+    cyto_ri = max(1.3545, rng.normal(*optics["cyto"]))
+    nuc_dn = max(0.006, rng.normal(*optics["nuc"]))
     texture = grid.gaussian(rng.standard_normal(grid.shape), 0.35)
     texture /= texture.std() + 1e-12
     cytoplasm = in_cell - in_nuc
