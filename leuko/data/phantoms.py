@@ -160,7 +160,8 @@ def _acquisition(modality: str, rng: np.random.Generator) -> Acquisition:
 
 def _rotation(rng: np.random.Generator) -> np.ndarray:
     """Uniform random 3D rotation from a normalised Gaussian quaternion."""
-    w, x, y, z = (q := rng.standard_normal(4)) / np.linalg.norm(q)
+    q = rng.standard_normal(4)
+    w, x, y, z = q / np.linalg.norm(q)
     return np.array([
         [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
         [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
@@ -218,7 +219,7 @@ class _Cell:
         getattr(self, f"_nucleus_{'monocyte' if key == 'macrophage' else key}")(rng)
 
     # nuclei ------------------------------------------------------------------
-    def _lobed(self, rng, centres, radii, bridge: float) -> None:
+    def _lobed(self, centres, radii, bridge: float) -> None:
         for c, r in zip(centres, radii):
             self.nucleus_parts.append(("sphere", (c, r)))
         for i in range(len(centres) - 1):
@@ -232,8 +233,9 @@ class _Cell:
         span = np.deg2rad(rng.uniform(150, 260))
         theta = rng.uniform(0, 2 * np.pi) + np.linspace(-span / 2, span / 2, n) + rng.normal(0, 0.12, n)
         centres = np.stack([arc * np.cos(theta), arc * np.sin(theta), rng.normal(0, 0.12 * R, n)], axis=1)
+        # more lobes, smaller lobes: the nucleus keeps ~15-20 % of the cell volume
         radii = R * rng.uniform(0.27, 0.33, n) * (4 / n) ** 0.33
-        self._lobed(rng, centres, radii, bridge=rng.uniform(0.3, 0.45))
+        self._lobed(centres, radii, bridge=rng.uniform(0.3, 0.45))
 
     def _nucleus_eosinophil(self, rng) -> None:
         # bilobed ("spectacle") nucleus
@@ -242,7 +244,7 @@ class _Cell:
         bend = rng.normal(0, 0.12 * R)
         centres = np.array([[-d, bend, 0.0], [d, bend, 0.0]]) + rng.normal(0, 0.05 * R, (2, 3))
         radii = R * rng.uniform(0.27, 0.34, 2)
-        self._lobed(rng, centres, radii, bridge=rng.uniform(0.3, 0.45))
+        self._lobed(centres, radii, bridge=rng.uniform(0.3, 0.45))
 
     def _nucleus_lymphocyte(self, rng) -> None:
         # round nucleus filling most of the cell, slightly eccentric
@@ -363,9 +365,11 @@ def _render_cell(label: str, sample_type: str, modality: str, acq: Acquisition, 
     pos = _sample_in(rng, n_gran, cell.R * 1.3, cytoplasm_ok(0.3))
     weights = amp * rng.uniform(0.6, 1.4, len(pos)) * (2 * np.pi) ** 1.5 * np.prod(sigma / grid.voxel)
     granules = grid.gaussian(grid.splat(pos @ rot.T + centre, weights), sigma)
-    granules = 0.028 * np.tanh(granules / 0.028)  # packed granules saturate instead of stacking up
+    # packed granules saturate instead of stacking up: granule RI tops out near 1.39
+    granules = 0.028 * np.tanh(granules / 0.028)
 
-    # macrophage inclusions: vacuoles (near medium RI) and lipid droplets (bright)
+    # inclusions: blood monocytes carry the odd vacuole, BALF macrophages several vacuoles (near medium RI)
+    # and lipid droplets (bright); (lo, hi) are radii in um for a 4.5 um cell radius, scaled with the cell
     vacuoles = np.zeros(grid.shape)
     lipids = np.zeros(grid.shape)
     if cell.key in ("macrophage", "monocyte"):
@@ -403,6 +407,7 @@ def _render_cell(label: str, sample_type: str, modality: str, acq: Acquisition, 
     out = []
     for signal, scale in ((thg, 1.0), (shg, 0.15)):
         s = gain * scale * grid.gaussian(signal, psf)
+        # detector background plus shot-like noise that grows with the signal
         s = acq.offset * scale + s + acq.noise * np.sqrt(scale) * np.sqrt(1 + s) * rng.standard_normal(grid.shape)
         out.append(s)
     return np.stack(out).astype(np.float32)
