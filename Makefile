@@ -6,8 +6,21 @@ STAMP  := $(VENV)/.installed
 DATA   ?= data
 PREPARED ?= prepared
 PYTEST_ARGS ?=
+# make sweep: the search space, new trials (default: the sweep file's), worker processes, extra configs
+# layered on every trial (e.g. conf/trainer/gpu.yaml), study storage (journal file or database URL).
+SWEEP   ?= conf/sweep/default.yaml
+TRIALS  ?=
+WORKERS ?= 1
+CONFIG  ?=
+STORAGE ?=
+MODEL_NAME ?= leuko
+# make mlflow-server: a tracking + registry server for a team or a cluster
+MLFLOW_HOST ?= 127.0.0.1
+MLFLOW_PORT ?= 5001
+MLFLOW_BACKEND ?= sqlite:///mlflow-server/mlflow.db
+MLFLOW_ARTIFACTS ?= mlflow-server/artifacts
 
-.PHONY: setup data prepared test test-fast mlflow-ui clean help
+.PHONY: setup data prepared sweep test test-fast mlflow-ui mlflow-server clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -21,13 +34,25 @@ setup: $(STAMP)  ## create .venv and install leuko with everything in pyproject.
 
 $(DATA)/manifest.csv: $(STAMP)
 	$(BIN)/leuko phantoms --out $(DATA)
+ifeq ($(DATA),data)
+	@# The cohort is byte-identical on every machine: this only puts it in DVC's cache (so `dvc push` has it)
+	@# and checks that data.dvc, which `dvc commit` would rewrite for other data, is unchanged.
+	$(BIN)/dvc commit --force --quiet data.dvc
+	@if git rev-parse --git-dir >/dev/null 2>&1 && ! git diff --quiet -- data.dvc; then \
+	  echo "make data: data/ is not the version data.dvc records (git diff data.dvc); git checkout data.dvc to undo" >&2; \
+	  exit 1; fi
+endif
 
 data: $(DATA)/manifest.csv  ## make the default phantom cohort in data/
 
-$(PREPARED)/meta.json: $(DATA)/manifest.csv
-	$(BIN)/leuko prepare --manifest $(DATA)/manifest.csv --out $(PREPARED)
+$(PREPARED)/meta.json: $(DATA)/manifest.csv params.yaml
+	$(BIN)/leuko prepare --params params.yaml --manifest $(DATA)/manifest.csv --out $(PREPARED)
 
 prepared: $(PREPARED)/meta.json  ## validate and cache the default cohort in prepared/
+
+sweep: $(PREPARED)/meta.json  ## Optuna sweep over the model families, then register the best (TRIALS= WORKERS= CONFIG= SWEEP= STORAGE=)
+	$(BIN)/leuko sweep --space $(SWEEP) --workers $(WORKERS) $(if $(TRIALS),--trials $(TRIALS)) $(foreach c,$(CONFIG),--config $(c)) $(if $(STORAGE),--storage $(STORAGE)) --data.prepared_dir $(PREPARED)
+	$(BIN)/leuko register --space $(SWEEP) --name $(MODEL_NAME) $(if $(STORAGE),--storage $(STORAGE))
 
 test: $(STAMP)  ## run the whole test suite (slow tests included)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -37,6 +62,11 @@ test-fast: $(STAMP)  ## run the tests not marked slow
 
 mlflow-ui: $(STAMP)  ## open the MLflow UI on the project's store (http://127.0.0.1:5000)
 	$(BIN)/mlflow ui --backend-store-uri $${MLFLOW_TRACKING_URI:-sqlite:///mlflow.db} --host 127.0.0.1 --port 5000
+
+mlflow-server: $(STAMP)  ## MLflow tracking + registry server: database + artifact folder, on MLFLOW_HOST:MLFLOW_PORT
+	mkdir -p $(MLFLOW_ARTIFACTS) $(if $(filter sqlite:///%,$(MLFLOW_BACKEND)),$(dir $(patsubst sqlite:///%,%,$(MLFLOW_BACKEND))))
+	@echo "clients: export MLFLOW_TRACKING_URI=http://$(MLFLOW_HOST):$(MLFLOW_PORT)  (then make sweep, leuko predict ...)"
+	$(BIN)/mlflow server --backend-store-uri $(MLFLOW_BACKEND) --artifacts-destination $(MLFLOW_ARTIFACTS) --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 
 clean:  ## remove generated data, runs and caches (keeps .venv)
 	rm -rf $(DATA) $(PREPARED) runs lightning_logs .pytest_cache

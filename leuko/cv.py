@@ -70,6 +70,9 @@ def cross_validate(
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         parent_id = client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+        # `leuko evaluate`, `baselines` and `report` find the CV's run through this file.
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "mlflow_run_id").write_text(parent_id + "\n")
         client.log_text(parent_id, probe.parser.dump(cfg, skip_none=False), "config.yaml")
         _log_params(client, parent_id, cfg)
     del probe

@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 from leuko.classifier import VolumeClassifier
 from leuko.data.datamodule import LeukoDataModule
+from leuko.params import COMMAND_SECTIONS
 from leuko.tracking import DEFAULT_EXPERIMENT, TrackingCallback, config_params, lineage_tags, make_logger
 
 MONITOR = "val/balanced_accuracy"
@@ -90,6 +91,10 @@ class LeukoCLI(LightningCLI):
         parser.add_argument("--tracking.run_name", type=str | None, default=None, help="MLflow run name")
         parser.add_argument("--tracking.enabled", type=bool, default=True, help="log to MLflow")
         parser.add_argument("--predictions", type=str | None, default=None, help="predict: CSV to write (default <run dir>/predictions.csv)")
+        # params.yaml also holds the sections of commands outside LeukoCLI; each is checked by its own
+        # command (`leuko prepare --params params.yaml`), so here they are accepted and left alone.
+        for section in COMMAND_SECTIONS:
+            parser.add_argument(f"--{section}", type=dict | None, default={}, help=f"read by `leuko {section} --params`; ignored here")
 
     def instantiate_trainer(self, **kwargs):
         config = self.config[self.subcommand] if self.subcommand else self.config

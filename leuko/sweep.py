@@ -1,29 +1,31 @@
 """`leuko sweep`: an Optuna study over model families and hyperparameters; a trial is a cross-validated fit.
 
     conf/sweep/*.yaml   search space (keys are config keys), objective, folds per trial, sampler, pruner
-    worker process(es)  ask the study for a trial, sample its overrides, run it as a child process:
-                        `python -m leuko.sweep <trial dir>/trial.json`
-    trial process       leuko.cv.cross_validate on the first N folds, an MLflow child run of the sweep run;
-                        global rank 0 reports the validation score after every epoch and decides pruning
+    worker process(es)  ask the study for a trial, turn its parameters into config overrides and run
+                        leuko.cv.cross_validate on the first N folds, as an MLflow child run of the
+                        sweep run; the validation score after every epoch goes to the study (pruning)
+    `--workers N`       worker 0 is the command itself; it starts N-1 more (`leuko sweep --workers 1`)
 
-Why a process per trial: Lightning's DDP launcher starts the other ranks by re-running the command
-line of the process that calls fit. Run inside the sweep, that would start more sweeps; run in a trial
-process, it starts the other ranks of exactly that trial, which read the same trial.json and so train
-with the same parameters, while only rank 0 talks to the study. A crash, an out-of-memory kill or a
-leak stays inside one trial, and the trial process dies with its worker (PR_SET_PDEATHSIG).
+A single-device trial runs inside its worker. A trial that uses several devices (DDP) runs as its own
+process, `python -m leuko.sweep <trial dir>/trial.json`: Lightning starts the other ranks by re-running
+the command line of the process that calls fit, which inside the sweep would start more sweeps, while
+here it starts the other ranks of exactly this trial. Every rank reads the same trial.json, so all
+train with the same parameters; only global rank 0 talks to the study, and it broadcasts its pruning
+decision so that all ranks stop together. A trial process dies with its worker (PR_SET_PDEATHSIG).
 
 Storage: a journal file (sweeps/<study>.journal) by default, safe for several processes on one machine
 or on NFS; any database URL (sqlite:///..., postgresql://...) for a cluster. A worker killed mid-trial
-leaves its trial RUNNING; with a database, Optuna's heartbeat fails it once it is stale (the next trial
-any worker starts checks). A journal has no heartbeat, so leuko records the worker's host, pid and a
-heartbeat time on each trial: every worker, before each trial and at the end of the sweep, fails
-RUNNING trials whose worker process is gone (same host) or whose heartbeat is older than the grace
-period (any host). `leuko sweep --fail-stale` does the same on demand (`--grace 0` fails every
-RUNNING trial: use it when you know no worker is left).
+leaves its trial RUNNING; with a database, Optuna's heartbeat fails it once it is stale (checked when
+any worker starts a trial). A journal has no heartbeat, so leuko records the worker's host, pid and a
+heartbeat time on each trial: before each trial and at the end of a sweep, a worker fails RUNNING
+trials whose worker process is gone (same host) or whose heartbeat is older than the grace period
+(any host). `leuko sweep --fail-stale` does the same on demand; `--grace 0` fails every RUNNING trial,
+for when no worker is left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -32,6 +34,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import traceback
 import warnings
@@ -59,7 +63,9 @@ PRUNERS = {
     "threshold": optuna.pruners.ThresholdPruner,
     "none": optuna.pruners.NopPruner,
 }
-SWEEP_KEYS = ("study", "storage", "config", "trials", "objective", "folds", "sampler", "pruner", "heartbeat", "fixed", "space")
+SWEEP_KEYS = (
+    "study", "storage", "config", "trials", "objective", "folds", "isolate", "sampler", "pruner", "heartbeat", "fixed", "space",
+)
 PARAM_KEYS = ("choices", "low", "high", "log", "step", "type", "when")
 NET_KWARGS = "model.net_kwargs"  # a dict-typed config key: its entries are gathered into one JSON override
 SPEC, RESULT, LOG = "trial.json", "result.json", "trial.log"
@@ -109,6 +115,7 @@ class SweepConfig:
     trials: int
     objective: str
     folds: int
+    isolate: str  # auto | always | never: a process per trial (auto: when a trial uses more than one device)
     sampler: dict
     pruner: dict
     heartbeat: dict
@@ -160,6 +167,10 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
     trials, folds = need("trials", int, 10), need("folds", int, 1)
     if trials < 0 or folds < 1:
         raise SweepConfigError(f"{path}: `trials` must be >= 0 and `folds` >= 1 (got {trials}, {folds})")
+    isolate = str(need("isolate", (str, bool), "auto")).lower()
+    isolate = {"true": "always", "false": "never"}.get(isolate, isolate)
+    if isolate not in ("auto", "always", "never"):
+        raise SweepConfigError(f"{path}: `isolate: {raw['isolate']}` must be auto, always or never")
     pruner = dict(need("pruner", dict, {"type": "median"}))
     if pruner.get("type", "median") not in PRUNERS:
         raise SweepConfigError(f"{path}: `pruner.type: {pruner['type']}` is not one of {', '.join(PRUNERS)}")
@@ -186,6 +197,7 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
         trials=trials,
         objective=objective,
         folds=folds,
+        isolate=isolate,
         sampler=dict(need("sampler", dict, {})),
         pruner=pruner,
         heartbeat=heartbeat,
@@ -373,13 +385,16 @@ def _alive(pid: int, start: int | None = None) -> bool:
 class _Tracking:
     """The sweep run and the tags of its trial runs (all writes go through one MlflowClient)."""
 
-    def __init__(self, uri: str, experiment: str):
+    def __init__(self, uri: str, *, experiment: str | None = None, run_id: str | None = None):
         import mlflow
 
         self.uri = uri
         self.client = mlflow.MlflowClient(uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        if run_id is not None:
+            self.experiment_id = self.client.get_run(run_id).info.experiment_id
+        else:
+            exp = self.client.get_experiment_by_name(experiment)
+            self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
 
     def sweep_run(self, study: optuna.Study, cfg: SweepConfig, url: str, tags: dict) -> str:
         run_id = study.user_attrs.get("leuko.sweep_run_id")
@@ -427,6 +442,8 @@ class _Worker:
     tracking: _Tracking | None
     index: int = 0
     workers: int = 1
+    isolate: bool = False  # run each trial in its own process (needed for DDP)
+    gpus: str | None = None  # CUDA_VISIBLE_DEVICES for this worker's trial processes
 
     def say(self, text: str) -> None:
         prefix = f"[worker {self.index}] " if self.workers > 1 else ""
@@ -435,7 +452,7 @@ class _Worker:
     def __call__(self, trial: optuna.Trial) -> float:
         if is_journal(self.url):
             for number in fail_stale_trials(trial.study, grace=self.cfg.heartbeat["grace"]):
-                self._mark(number, "FAIL")
+                self.mark(number, "FAIL")
         params = sample(trial, self.cfg.space)
         overrides = overrides_for(self.cfg.fixed, params) + self.overrides
         folds = list(range(self.cfg.folds))
@@ -443,6 +460,7 @@ class _Worker:
         trial_dir = (self.out / self.cfg.study / name).resolve()
         trial_dir.mkdir(parents=True, exist_ok=True)
         (trial_dir / RESULT).unlink(missing_ok=True)
+        (trial_dir / LOG).unlink(missing_ok=True)
         for key, value in {
             A_CONFIG: self.configs,
             A_OVERRIDES: overrides,
@@ -472,13 +490,13 @@ class _Worker:
         (trial_dir / SPEC).write_text(json.dumps(spec, indent=2) + "\n")
         self.say(f"trial {trial.number} started: {describe(params)}")
         start = time.time()
-        code = self._run(trial, trial_dir)
-        result = _read_json(trial_dir / RESULT) or {
-            "state": "FAIL",
-            "error": f"the trial process ended with exit code {code} before writing {RESULT}",
-        }
+        try:
+            result = self._execute(trial, spec, trial_dir)
+        except BaseException:  # interrupted: Optuna records FAIL, and so does MLflow
+            self.mark(trial.number, "FAIL")
+            raise
         state = result["state"]
-        self._mark(trial.number, state)
+        self.mark(trial.number, state)
         took = f"{time.time() - start:.0f} s"
         if state == "COMPLETE":
             trial.set_user_attr("leuko.score_std", result["std"])
@@ -492,33 +510,44 @@ class _Worker:
         self.say(f"trial {trial.number} FAILED ({took}): {result.get('error')}; log: {trial_dir / LOG}\n{tail}")
         raise TrialFailed(f"{result.get('error')} (log: {trial_dir / LOG})")
 
+    def _execute(self, trial: optuna.Trial, spec: dict, trial_dir: Path) -> dict:
+        with _Heartbeat(trial, float(self.cfg.heartbeat["interval"])):
+            if self.isolate:
+                code = self._run(trial, trial_dir)
+                result = _read_json(trial_dir / RESULT) or {
+                    "state": "FAIL",
+                    "error": f"the trial process ended with exit code {code} before writing {RESULT}",
+                }
+            else:
+                with _output_to(trial_dir / LOG):
+                    try:
+                        result = execute_trial(spec, trial)
+                    except (Exception, KeyboardInterrupt):
+                        raise
+                    except BaseException as exc:  # e.g. Lightning's SystemExit on SIGTERM: Optuna then fails the trial
+                        raise KeyboardInterrupt(repr(exc)) from exc
+        return result
+
     def _run(self, trial: optuna.Trial, trial_dir: Path) -> int:
         env = dict(os.environ)
         env["LEUKO_SWEEP_WORKER_PID"] = str(os.getpid())
+        if self.gpus is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus
         if self.workers > 1 and "OMP_NUM_THREADS" not in env:  # workers share the cores
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // self.workers))
-        interval = float(self.cfg.heartbeat["interval"])
         with open(trial_dir / LOG, "w") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "leuko.sweep", str(trial_dir / SPEC)],
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             )
             trial.set_user_attr("leuko.trial_pid", proc.pid)
-            beat = time.time()
             try:
-                while True:
-                    try:
-                        return proc.wait(timeout=1.0)
-                    except subprocess.TimeoutExpired:
-                        pass
-                    if time.time() - beat >= interval:
-                        beat = time.time()
-                        trial.set_user_attr(A_HEARTBEAT, beat)
+                return proc.wait()
             except BaseException:
                 _stop(proc)
                 raise
 
-    def _mark(self, number: int, state: str) -> None:
+    def mark(self, number: int, state: str) -> None:
         if self.tracking is not None and self.sweep_run_id:
             try:
                 self.tracking.mark_trial(self.sweep_run_id, number, state)
@@ -534,6 +563,51 @@ def _stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class _Heartbeat:
+    """Writes the time into the trial every `interval` seconds while the trial runs (journal recovery)."""
+
+    def __init__(self, trial: optuna.Trial, interval: float):
+        self.trial, self.interval = trial, interval
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="leuko-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(self.interval):
+            try:
+                self.trial.set_user_attr(A_HEARTBEAT, time.time())
+            except Exception:  # the trial finished meanwhile, or the storage hiccuped: try again next beat
+                pass
+
+    def __enter__(self) -> "_Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+@contextlib.contextmanager
+def _output_to(path: Path):
+    """Send this process's stdout and stderr (file descriptors 1 and 2, so C code and logging
+    handlers too) to path while an in-process trial runs: the sweep's console stays readable."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(path, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def _read_json(path: Path) -> dict | None:
@@ -596,39 +670,67 @@ def run_sweep(
         raise SweepConfigError(f"--trials {trials} --workers {workers}: need trials >= 0 and workers >= 1")
     out = Path(out)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    heartbeat = not is_journal(url)
-    study = open_study(cfg, url, worker=worker_index, workers=workers, heartbeat=heartbeat)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)
+    n_workers = int(os.environ.get("LEUKO_SWEEP_WORKERS", workers))
+    study = open_study(cfg, url, worker=worker_index, workers=n_workers, heartbeat=not is_journal(url))
 
-    if worker_index > 0:  # an extra worker started by worker 0
-        tracking = _tracking_for(configs, overrides)[0] if sweep_run_id else None
-        worker = _Worker(cfg, url, configs, overrides, out, sweep_run_id, tracking, worker_index, 2)
+    if worker_index > 0:  # an extra worker started by worker 0, which passes the tracking URI in the environment
+        from leuko.tracking import resolve_tracking_uri
+
+        tracking = _Tracking(resolve_tracking_uri(), run_id=sweep_run_id) if sweep_run_id else None
+        isolate = os.environ.get("LEUKO_SWEEP_ISOLATE") == "1"
+        gpus = os.environ.get("LEUKO_SWEEP_GPUS")
+        worker = _Worker(cfg, url, configs, overrides, out, sweep_run_id, tracking, worker_index, n_workers, isolate, gpus)
         study.optimize(worker, n_trials=trials, catch=(TrialFailed,), gc_after_trial=True)
         return None
 
     if leaderboard_only or fail_stale:
         if fail_stale:
-            failed = _recover(study, url, grace if grace is not None else cfg.heartbeat["grace"])
+            failed = _recover(study, url, cfg.heartbeat["grace"] if grace is None else grace)
             print(f"{len(failed)} stale trial(s) marked FAIL" + (f": {failed}" if failed else ""))
+            run_id = study.user_attrs.get("leuko.sweep_run_id")
+            tracking = _probe(configs, overrides).tracking if failed and run_id else None
+            for number in failed if tracking else []:
+                tracking.mark_trial(run_id, number, "FAIL")
         board = leaderboard(study, cfg)
         print_leaderboard(board, cfg)
         return board
 
-    tracking, probe_tags = _tracking_for(configs, overrides, validate=cfg)
-    failed = _recover(study, url, cfg.heartbeat["grace"])
-    for number in failed:
-        tracking.mark_trial(study.user_attrs.get("leuko.sweep_run_id", ""), number, "FAIL") if tracking else None
-    sweep_run_id = tracking.sweep_run(study, cfg, url, probe_tags) if tracking else None
+    probe = _probe(configs, overrides, validate=cfg)
+    tracking, multi_device = probe.tracking, probe.multi_device
+    if multi_device and cfg.isolate == "never":
+        raise SweepConfigError(f"{cfg.path}: `isolate: never` cannot run multi-device (DDP) trials; use auto")
+    isolate = cfg.isolate == "always" or (cfg.isolate == "auto" and multi_device)
+    gpus = _gpu_count() if workers > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ else 0
+    if gpus > 1:
+        isolate = True  # each worker's trials get their own GPUs through CUDA_VISIBLE_DEVICES
+    if workers > 1 and not isolate and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # the workers share the cores
+    sweep_run_id = tracking.sweep_run(study, cfg, url, probe.lineage) if tracking else None
+    worker = _Worker(cfg, url, configs, overrides, out, sweep_run_id, tracking, 0, workers, isolate,
+                     _gpu_share(0, workers, gpus) if gpus > 1 else None)
+    for number in _recover(study, url, cfg.heartbeat["grace"]):
+        worker.mark(number, "FAIL")
     study.set_user_attr("leuko.objective", cfg.objective)
+    study.set_user_attr("leuko.base_net", probe.net)
     if tracking:
         tracking.client.log_artifact(sweep_run_id, str(cfg.path))
     existing = len(study.get_trials(deepcopy=False))
     print(
         f"study {cfg.study} ({url}): {existing} earlier trial(s), {trials} new on {workers} worker(s); "
-        f"objective {cfg.objective} over {cfg.folds} fold(s) per trial",
+        f"objective {cfg.objective} over {cfg.folds} fold(s) per trial; trials run "
+        + ("in their own processes" if isolate else "inside the workers"),
         flush=True,
     )
     shares = [trials // workers + (i < trials % workers) for i in range(workers)]
+    env = dict(os.environ, LEUKO_SWEEP_WORKERS=str(workers), LEUKO_SWEEP_ISOLATE=str(int(isolate)))
+    if workers > 1 and "OMP_NUM_THREADS" not in env:  # workers share the cores
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    if tracking:
+        env["MLFLOW_TRACKING_URI"] = tracking.uri
     procs = []
     for i in range(1, workers):
         if shares[i] == 0:
@@ -637,16 +739,16 @@ def run_sweep(
                "--workers", "1", "--storage", url, "--out", str(out), "--worker-index", str(i)]
         cmd += [a for c in configs[len(cfg.config):] for a in ("--config", c)]
         cmd += ["--sweep-run-id", sweep_run_id] if sweep_run_id else []
-        procs.append(subprocess.Popen(cmd + overrides, stdin=subprocess.DEVNULL))
+        worker_env = dict(env, LEUKO_SWEEP_GPUS=_gpu_share(i, workers, gpus)) if gpus > 1 else env
+        procs.append(subprocess.Popen(cmd + overrides, stdin=subprocess.DEVNULL, env=worker_env))
     status = "FAILED"
     try:
-        worker = _Worker(cfg, url, configs, overrides, out, sweep_run_id, tracking, 0, workers)
         study.optimize(worker, n_trials=shares[0], catch=(TrialFailed,), gc_after_trial=True)
         for i, proc in enumerate(procs, start=1):
             code = proc.wait()
             if code != 0:
                 print(f"warning: worker {i} (pid {proc.pid}) ended with exit code {code}; "
-                      f"the study keeps its finished trials", file=sys.stderr)
+                      f"the study keeps every trial that finished", file=sys.stderr)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -655,28 +757,47 @@ def run_sweep(
         for proc in procs:
             _stop(proc)
         for number in _recover(study, url, cfg.heartbeat["grace"]):
-            worker._mark(number, "FAIL") if tracking else None
-        board = leaderboard(study, cfg)
-        path = out / cfg.study / "leaderboard.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        board.to_csv(path, index=False)
-        print_leaderboard(board, cfg)
-        if tracking:
-            _log_sweep(tracking, sweep_run_id, study, cfg, path, status)
-            print(f"\nMLflow: sweep run sweep-{cfg.study} ({sweep_run_id}) in {tracking.uri}; open it with "
-                  f"`make mlflow-ui` or `mlflow ui --backend-store-uri {tracking.uri}`")
-        print(f"leaderboard: {path}")
-        best = _best(study)
-        if best is not None:
-            repro = ["leuko", "cv", *[a for c in best.user_attrs[A_CONFIG] for a in ("--config", c)],
-                     "--folds", ",".join(map(str, best.user_attrs[A_FOLDS])), *best.user_attrs[A_OVERRIDES]]
-            print(f"best trial {best.number}, reproduce with:\n  {shlex.join(repro)}")
-            print(f"register it: leuko register --space {cfg.path}" + (f" --storage {url}" if storage else ""))
+            worker.mark(number, "FAIL")
+        board = _finish(study, cfg, url, out, tracking, sweep_run_id, status, storage_given=storage is not None)
+    return board
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _gpu_share(worker: int, workers: int, gpus: int) -> str:
+    """The GPUs of one worker: a round-robin share, or one shared GPU when there are more workers."""
+    if workers <= gpus:
+        return ",".join(str(g) for g in range(gpus) if g % workers == worker)
+    return str(worker % gpus)
+
+
+def _finish(study, cfg: SweepConfig, url: str, out: Path, tracking, sweep_run_id, status: str, storage_given: bool):
+    board = leaderboard(study, cfg)
+    path = out / cfg.study / "leaderboard.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    board.to_csv(path, index=False)
+    print_leaderboard(board, cfg)
+    print(f"\nleaderboard: {path}")
+    if tracking:
+        _log_sweep(tracking, sweep_run_id, study, cfg, path, status)
+        print(f"MLflow: run sweep-{cfg.study} ({sweep_run_id}) in {tracking.uri}, its trials nested below it;"
+              f" open with `make mlflow-ui` or `mlflow ui --backend-store-uri {tracking.uri}`")
+    best = _best(study)
+    if best is not None:
+        repro = ["leuko", "cv", *[a for c in best.user_attrs[A_CONFIG] for a in ("--config", c)],
+                 "--folds", ",".join(map(str, best.user_attrs[A_FOLDS])), *best.user_attrs[A_OVERRIDES]]
+        print(f"best: trial {best.number}; the same cross-validation by hand:\n  {shlex.join(repro)}")
+        print(f"next: leuko register --space {cfg.path}" + (f" --storage {url}" if storage_given else ""))
     return board
 
 
 def _recover(study: optuna.Study, url: str, grace: float) -> list[int]:
-    if is_journal(url):
+    """Journal: leuko's worker check; database: Optuna's heartbeat. grace 0: every RUNNING trial, either way."""
+    if is_journal(url) or grace == 0:
         return fail_stale_trials(study, grace=grace)
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
     with warnings.catch_warnings():
@@ -685,27 +806,57 @@ def _recover(study: optuna.Study, url: str, grace: float) -> list[int]:
     return sorted({t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))} - before)
 
 
-def _tracking_for(configs: list[str], overrides: list[str], validate: SweepConfig | None = None):
-    """MLflow settings of the base config; with validate, also check every space key is a config key."""
+@dataclass
+class _Probe:
+    """What the base config says: where MLflow runs go, the data's lineage, and the fit's devices."""
+
+    tracking: _Tracking | None
+    lineage: dict
+    multi_device: bool
+    net: str
+
+
+def _probe(configs: list[str], overrides: list[str], validate: SweepConfig | None = None) -> _Probe:
+    """Instantiate the base config once; with validate, with one point of the space, so that a key
+    that is not a config key fails before any trial starts."""
     from leuko.lightning_cli import LeukoCLI
     from leuko.tracking import DEFAULT_EXPERIMENT, lineage_tags, resolve_tracking_uri
 
     extra: list[str] = []
     if validate is not None:
-        first = {p.key: (p.choices[0] if p.kind == "categorical" else p.low) for p in validate.space.values()}
+        first: dict = {}
+        for param in validate.space.values():
+            if param.active(first):
+                first[param.key] = param.choices[0] if param.kind == "categorical" else param.low
         extra = overrides_for(validate.fixed, first)
     args = [a for c in configs for a in ("--config", c)] + extra + list(overrides)
-    try:
-        probe = LeukoCLI(args=args + ["--trainer.logger", "false"], run=False)
-    except SystemExit as exc:  # jsonargparse printed the bad key or value
-        where = f" in {validate.path} (space/fixed) or the overrides" if validate else ""
-        raise SweepConfigError(f"the trial config is invalid{where}; see the message above") from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        chatter = Path(tmp) / "probe.log"
+        try:
+            with _output_to(chatter), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                probe = LeukoCLI(args=args + ["--trainer.logger", "false"], run=False)
+        except (SystemExit, TypeError, ValueError) as exc:  # on SystemExit jsonargparse wrote the bad key
+            print(chatter.read_text()[-3000:], file=sys.stderr)
+            where = f"{validate.path} (space, fixed, config) or the extra overrides" if validate else "the config"
+            detail = "the message above names the key" if isinstance(exc, SystemExit) else str(exc)
+            raise SweepConfigError(f"a trial's config would be invalid ({detail}); check {where}") from exc
     tracking = probe.config["tracking"]
+    multi = _multi_device(probe.config["trainer"])
+    net = probe.config["model"]["net"]
     if not tracking.enabled:
-        return None, {}
-    uri = resolve_tracking_uri(tracking.uri)
+        return _Probe(None, {}, multi, net)
     tags = lineage_tags(probe.config["data"]["prepared_dir"]) if validate else {}
-    return _Tracking(uri, tracking.experiment or DEFAULT_EXPERIMENT), tags
+    client = _Tracking(resolve_tracking_uri(tracking.uri), experiment=tracking.experiment or DEFAULT_EXPERIMENT)
+    return _Probe(client, tags, multi, net)
+
+
+def _multi_device(trainer) -> bool:
+    """Whether a fit with this trainer config may start more processes (DDP and friends)."""
+    strategy = str(trainer.get("strategy") or "auto").lower()
+    devices = trainer.get("devices", "auto")
+    single = devices in (1, "1") or (isinstance(devices, list) and len(devices) == 1)
+    return not single or int(trainer.get("num_nodes") or 1) > 1 or any(s in strategy for s in ("ddp", "fsdp", "deepspeed"))
 
 
 def _log_sweep(tracking: _Tracking, run_id: str, study: optuna.Study, cfg: SweepConfig, board_path: Path, status: str) -> None:
@@ -734,10 +885,12 @@ def leaderboard(study: optuna.Study, cfg: SweepConfig) -> pd.DataFrame:
     """One row per trial, best first: trial, state, model, each sampled parameter, score, std, duration."""
     rows = []
     for t in study.get_trials(deepcopy=False):
-        row = {"trial": t.number, "state": t.state.name, "model": t.params.get("model.net", cfg.fixed.get("model.net"))}
+        net = t.params.get("model.net", cfg.fixed.get("model.net", study.user_attrs.get("leuko.base_net")))
+        row = {"trial": t.number, "state": t.state.name, "model": net}
         row.update({k: t.params.get(k) for k in cfg.space if k != "model.net"})
         row[cfg.objective] = t.value if t.state == TrialState.COMPLETE else None
         row["std"] = t.user_attrs.get("leuko.score_std")
+        row["folds"] = len(t.user_attrs.get(A_FOLDS, []))
         if t.intermediate_values:
             step = max(t.intermediate_values)
             row["last_step"], row["last_value"] = step, t.intermediate_values[step]
@@ -748,14 +901,16 @@ def leaderboard(study: optuna.Study, cfg: SweepConfig) -> pd.DataFrame:
     board = pd.DataFrame(rows)
     if board.empty:
         return board
-    sign = -1 if cfg.direction == "maximize" else 1
+    # COMPLETE trials by score, then PRUNED ones by how far they got and their last score, then the rest.
     order = {"COMPLETE": 0, "PRUNED": 1, "RUNNING": 2, "WAITING": 3, "FAIL": 4}
-    key = board.apply(
-        lambda r: (order.get(r["state"], 5), sign * (r[cfg.objective] if pd.notna(r[cfg.objective]) else
-                   (r["last_value"] if pd.notna(r["last_value"]) else -sign * math.inf)), r["trial"]),
-        axis=1,
-    )
-    return board.loc[sorted(board.index, key=lambda i: key[i])].reset_index(drop=True)
+    sign = -1.0 if cfg.direction == "maximize" else 1.0
+
+    def rank(r) -> tuple:
+        score = r[cfg.objective] if pd.notna(r[cfg.objective]) else r["last_value"]
+        step = r["last_step"] if r["state"] == "PRUNED" and pd.notna(r["last_step"]) else 0
+        return (order.get(r["state"], 5), -step, sign * score if pd.notna(score) else math.inf, r["trial"])
+
+    return board.iloc[sorted(range(len(board)), key=lambda i: rank(board.iloc[i]))].reset_index(drop=True)
 
 
 def print_leaderboard(board: pd.DataFrame, cfg: SweepConfig, limit: int = 20) -> None:
@@ -766,7 +921,8 @@ def print_leaderboard(board: pd.DataFrame, cfg: SweepConfig, limit: int = 20) ->
     score = []
     for _, r in shown.iterrows():
         if pd.notna(r[cfg.objective]):
-            score.append(f"{r[cfg.objective]:.3f}±{(r['std'] if pd.notna(r['std']) else 0):.3f}")
+            spread = f"±{r['std']:.3f}" if r["folds"] > 1 and pd.notna(r["std"]) else ""  # no spread from one fold
+            score.append(f"{r[cfg.objective]:.3f}{spread}")
         elif pd.notna(r["last_value"]):
             score.append(f"({r['last_value']:.3f} @ step {int(r['last_step'])})")
         else:
@@ -778,17 +934,14 @@ def print_leaderboard(board: pd.DataFrame, cfg: SweepConfig, limit: int = 20) ->
     table[f"cv {cfg.objective}"] = score
     table["state"] = shown["state"]
     table["time"] = [f"{v:.0f} s" if pd.notna(v) else "-" for v in shown["duration_s"]]
-    print(f"\nleaderboard of study {cfg.study} ({len(board)} trials; pruned trials show their last reported score)")
+    print(f"\nleaderboard of study {cfg.study} ({len(board)} trials; cross-validated score as mean±std over folds;"
+          " pruned trials show their last reported score)")
     print(table.to_string(index=False))
     if len(board) > limit:
         print(f"... {len(board) - limit} more in leaderboard.csv")
 
 
 # ---------------------------------------------------------------------------------------------- the trial process
-class TrialPruning:
-    """Built lazily (needs lightning); see trial_pruning()."""
-
-
 def trial_pruning(trial: optuna.Trial | None, monitor: str):
     """optuna-integration's Lightning pruning callback, adapted to a cross-validated, possibly DDP trial.
 
@@ -835,30 +988,13 @@ def trial_pruning(trial: optuna.Trial | None, monitor: str):
     return _TrialPruning()
 
 
-def run_trial(spec_path: str | Path) -> int:
-    """Entry of the trial process (and of its other DDP ranks): cross-validate, write result.json."""
-    spec_path = Path(spec_path)
-    spec = json.loads(spec_path.read_text())
-    trial_dir = spec_path.parent
-    _die_with_parent()
-    from leuko.cv import cross_validate, is_rank_zero
+def execute_trial(spec: dict, trial: optuna.Trial | None) -> dict:
+    """Cross-validate one trial; {"state": COMPLETE|PRUNED|FAIL, ...}. trial is None on DDP ranks other than 0."""
+    from leuko.cv import cross_validate
 
-    rank_zero = is_rank_zero()
-    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-    (trial_dir / "ranks").mkdir(exist_ok=True)
-    (trial_dir / "ranks" / f"rank{rank}.json").write_text(
-        json.dumps({"rank": rank, "pid": os.getpid(), "overrides": spec["overrides"], "config": spec["config"]}) + "\n"
-    )
-    trial = None
-    if rank_zero:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.load_study(study_name=spec["study"], storage=open_storage(spec["storage"]),
-                                  pruner=make_pruner(spec["pruner"]))
-        trial = optuna.trial.Trial(study, spec["trial_id"])
     repro = ["leuko", "cv", *[a for c in spec["config"] for a in ("--config", c)],
              "--folds", ",".join(map(str, spec["folds"])), *spec["overrides"]]
-    print(f"trial {spec['number']} of study {spec['study']} (rank {rank}); the same fit by hand:\n  {shlex.join(repro)}",
-          flush=True)
+    print(f"trial {spec['number']} of study {spec['study']}; the same fit by hand:\n  {shlex.join(repro)}", flush=True)
     try:
         cv = cross_validate(
             config=spec["config"],
@@ -871,13 +1007,37 @@ def run_trial(spec_path: str | Path) -> int:
             extra_tags=spec["tags"],
         )
         stats = cv["summary"][spec["objective"]]
-        result = {"state": "COMPLETE", "value": stats["mean"], "std": stats["std"], "summary": cv["summary"]}
+        return {"state": "COMPLETE", "value": stats["mean"], "std": stats["std"], "summary": cv["summary"]}
     except optuna.TrialPruned as exc:
-        result = {"state": "PRUNED", "message": str(exc)}
+        return {"state": "PRUNED", "message": str(exc)}
     except Exception as exc:
         traceback.print_exc()
-        result = {"state": "FAIL", "error": f"{type(exc).__name__}: {exc}"}
-    if rank_zero:
+        return {"state": "FAIL", "error": f"{type(exc).__name__}: {exc}"}
+
+
+def run_trial(spec_path: str | Path) -> int:
+    """Entry of a trial process (and of its other DDP ranks): execute_trial, then rank 0 writes result.json."""
+    spec_path = Path(spec_path)
+    spec = json.loads(spec_path.read_text())
+    trial_dir = spec_path.parent
+    _die_with_parent()
+    from leuko.cv import is_rank_zero
+
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+    # What each rank trained with: the same trial.json, so the same parameters.
+    (trial_dir / "ranks").mkdir(exist_ok=True)
+    (trial_dir / "ranks" / f"rank{rank}.json").write_text(
+        json.dumps({"rank": rank, "pid": os.getpid(), "overrides": spec["overrides"], "config": spec["config"]}) + "\n"
+    )
+    trial = None
+    if is_rank_zero():
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.load_study(
+            study_name=spec["study"], storage=open_storage(spec["storage"]), pruner=make_pruner(spec["pruner"])
+        )
+        trial = optuna.trial.Trial(study, spec["trial_id"])
+    result = execute_trial(spec, trial)
+    if is_rank_zero():
         tmp = trial_dir / (RESULT + ".tmp")
         tmp.write_text(json.dumps(result, indent=2) + "\n")
         os.replace(tmp, trial_dir / RESULT)

@@ -36,7 +36,9 @@ def git_commit(path: str | Path = ".") -> str:
 
 
 def lineage_tags(prepared_dir: str | Path) -> dict[str, str]:
-    """Tags that tie a run to the code and the exact data it saw."""
+    """Tags that tie a run to the code and the exact data it saw (DVC data hash: see leuko.lineage)."""
+    from leuko.lineage import data_version_tags
+
     meta_path = Path(prepared_dir) / "meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     return {
@@ -44,6 +46,7 @@ def lineage_tags(prepared_dir: str | Path) -> dict[str, str]:
         "leuko.manifest_sha256": str(meta.get("manifest_sha256", "unknown")),
         "leuko.prepared_fingerprint": str(meta.get("fingerprint", "unknown")),
         "leuko.prepared_dir": str(Path(prepared_dir).resolve()),
+        **data_version_tags(meta.get("manifest_sha256")),
     }
 
 

@@ -30,7 +30,9 @@ REQUIRED_COLUMNS = (
 )
 OPTIONAL_COLUMNS = ("modality", "split")
 SPLITS = ("train", "val", "test")
-MODALITIES = ("ri", "hhg")
+# ri: absolute refractive index; hhg: THG/SHG intensities; generic: any other intensities (e.g. MedMNIST),
+# scaled per volume like hhg but never re-centred on a detected cell.
+MODALITIES = ("ri", "hhg", "generic")
 DEFAULT_MODALITY = "ri"
 VOXEL_SIZE_COLUMNS = ("voxel_size_z", "voxel_size_y", "voxel_size_x")
 _ADDED_COLUMNS = ("line", "abs_path", "read_problem")  # added by read_manifest_table, not in the file

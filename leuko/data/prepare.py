@@ -304,14 +304,15 @@ def process_cell(
         mask = foreground(volume, "ri")
     else:
         offset, scale = hhg_scaling(volume)
-        mask = foreground(volume, "hhg", (offset, scale))
-    if mask.any():
+        # generic volumes hold no single cell to centre on: keep the field of view centred.
+        mask = foreground(volume, "hhg", (offset, scale)) if modality == "hhg" else None
+    if mask is not None and mask.any():
         centre = ndimage.center_of_mass(mask)
         extent = [np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))]
         clipped = any(e[-1] - e[0] + 1 > size for e, size in zip(extent, shape))
     else:
         centre = [(n - 1) / 2 for n in volume.shape[1:]]
-        clipped = False
+        clipped = mask is None and any(n > size for n, size in zip(volume.shape[1:], shape))
     # Pad with the value that normalises to 0: the medium (RI) or the background median (HHG).
     window = centre_crop_or_pad(volume, centre, shape, fill=offset)  # (C, D, H, W)
     window -= offset[:, None, None, None]
@@ -486,7 +487,8 @@ def _normalisation_meta(modality: str, n_medium: float, ri_scale: float) -> dict
     return {
         "method": "robust_per_volume_per_channel",
         "formula": f"x = (v - p{HHG_PERCENTILES[1]:g}) / (p{HHG_PERCENTILES[2]:g} - p{HHG_PERCENTILES[0]:g})",
-        "foreground": f"channel mean of x > {HHG_FOREGROUND_FRACTION} * its p{HHG_PERCENTILES[2]:g}",
+        "foreground": f"channel mean of x > {HHG_FOREGROUND_FRACTION} * its p{HHG_PERCENTILES[2]:g}"
+        if modality == "hhg" else "none: the crop stays centred on the field of view",
         "pad_value": 0.0,
     }
 

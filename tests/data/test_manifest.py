@@ -115,7 +115,7 @@ def test_mixed_modalities_are_one_problem_for_the_whole_file(tmp_path):
     path = _write(tmp_path, [GOOD[0] + ",ri", GOOD[1] + ",hhg", GOOD[2] + ",xray"], header=header)
     error = _problems(path)
     assert "manifest: mixes modalities (hhg on line 3; ri on line 2); prepare one modality per manifest" in error.problems
-    assert "line 4 (cell_id c3): modality 'xray' is not one of ri, hhg" in error.problems
+    assert "line 4 (cell_id c3): modality 'xray' is not one of ri, hhg, generic" in error.problems
     assert [p.is_row for p in error.details] == [False, True]
 
 

@@ -1,0 +1,20 @@
+"""Registered models: what `leuko register` stores, and how `leuko predict` and `mlflow models serve` use it.
+
+A registered leuko model is an MLflow pyfunc in the models-from-code format:
+
+    MLmodel, python_env.yaml, requirements.txt   MLflow metadata; signature: float32 (-1, C, -1, -1, -1)
+                                                  -> pred_label, prob_<class>; params preprocess, voxel_size
+    pyfunc_model.py                               the inference code (a copy of leuko/deploy/pyfunc_model.py)
+    artifacts/weights.safetensors                 the net's state dict: tensors only
+    artifacts/model_config.json                   net name and kwargs, classes, preprocessing settings
+
+Trust boundary. Loading a model runs code in two places, and nothing else:
+- pyfunc_model.py from the registry, executed as a Python module (that is how MLflow loads
+  models-from-code). It imports leuko.nets and leuko.data.prepare from the installed leuko package.
+- leuko itself, from the Python environment that loads the model.
+The weights are read with safetensors (no pickle), model_config.json with json, and nothing is
+unpickled: loading works with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false. So trust a registry as far
+as you trust the people who can write to it: anyone who can register a version can change the code
+that runs when it is loaded. Give write access to the registry (and its artifact store) only to
+those who may ship code, and pin deployments to a version (models:/leuko/7) or an alias you control.
+"""

@@ -1,0 +1,108 @@
+"""Inference code of a registered leuko model (MLflow models-from-code: stored with the model, run on load).
+
+Input: float32 volumes (B, C, D, H, W), or one volume (C, D, H, W).
+- params preprocess=true (default): raw volumes as read from files (absolute refractive index, or raw
+  HHG intensities), any size; each goes through leuko.data.prepare.process_cell with the settings the
+  training data was prepared with, so a served model sees exactly what training saw. voxel_size
+  (z, y, x um) is needed only when the training data was resampled.
+- preprocess=false: volumes already prepared (normalised and cropped to the training shape).
+Output: one row per volume: pred_label and prob_<class> per class (they sum to 1).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import torch
+from mlflow.pyfunc import PythonModel
+
+BATCH = 32  # volumes per forward pass; 32 tiny-net 32^3 volumes need well under 1 GB
+
+
+class LeukoModel(PythonModel):
+    # The logged signature (a float32 tensor) validates the input; MLflow's type-hint validation,
+    # and its warning that predict has no type hints, do not apply.
+    _skip_type_hint_validation = True
+
+    def load_context(self, context) -> None:
+        from safetensors.torch import load_file
+
+        from leuko.nets import build_net
+
+        self.config = json.loads(Path(context.artifacts["model_config"]).read_text())
+        config = self.config
+        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config["net_kwargs"].items()}
+        self.classes = list(config["classes"])
+        self.net = build_net(config["net"], in_channels=config["in_channels"], num_classes=len(self.classes), **kwargs)
+        self.net.load_state_dict(load_file(context.artifacts["weights"]), strict=True)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.net.to(self.device).eval()
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.config["preprocessing"]["shape"])
+
+    def preprocess(self, volume: np.ndarray, voxel_size=None) -> np.ndarray:
+        """A raw (C, D, H, W) volume -> (C, *shape) float32, exactly as `leuko prepare` did for training."""
+        from leuko.data.prepare import process_cell
+
+        settings = self.config["preprocessing"]
+        volume = np.asarray(volume, dtype=np.float32)
+        if volume.ndim == 3:
+            volume = volume[None]
+        if volume.ndim != 4 or len(volume) != self.config["in_channels"]:
+            raise ValueError(
+                f"volume of shape {volume.shape}: this model takes (C, D, H, W) with C={self.config['in_channels']} "
+                f"({settings['modality']} data)"
+            )
+        target = settings.get("target_voxel_size")
+        if target is not None and not (voxel_size is not None and len(voxel_size) == 3):
+            raise ValueError(
+                f"the model was trained on volumes resampled to {target} um; give each volume's voxel size "
+                "(z, y, x um): the manifest's voxel_size_* columns, --voxel-size, or the voxel_size param"
+            )
+        window, _ = process_cell(
+            volume,
+            tuple(voxel_size) if voxel_size is not None and len(voxel_size) == 3 else (1.0, 1.0, 1.0),
+            modality=settings["modality"],
+            shape=self.shape,
+            target_voxel_size=target,
+            n_medium=settings["n_medium"],
+            ri_scale=settings["ri_scale"],
+        )
+        return window
+
+    def predict_proba(self, prepared: np.ndarray) -> np.ndarray:
+        """(B, C, *shape) prepared volumes -> (B, classes) probabilities."""
+        if prepared.ndim != 5 or tuple(prepared.shape[1:]) != (self.config["in_channels"], *self.shape):
+            raise ValueError(
+                f"prepared volumes of shape {tuple(prepared.shape)}: expected (B, {self.config['in_channels']}, "
+                f"{', '.join(map(str, self.shape))}); send raw volumes with preprocess=true instead"
+            )
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(prepared), BATCH):
+                x = torch.from_numpy(np.ascontiguousarray(prepared[start : start + BATCH])).to(self.device)
+                out.append(self.net(x).float().softmax(-1).cpu().numpy())  # (b, classes)
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        params = params or {}
+        x = np.asarray(model_input, dtype=np.float32)
+        if x.ndim == 4:
+            x = x[None]  # one volume
+        if params.get("preprocess", True):
+            voxel_size = params.get("voxel_size") or None
+            x = np.stack([self.preprocess(v, voxel_size) for v in x]) if len(x) else x
+        probs = self.predict_proba(x)
+        frame = pd.DataFrame({"pred_label": [self.classes[i] for i in probs.argmax(1)]})
+        for i, name in enumerate(self.classes):
+            frame[f"prob_{name}"] = probs[:, i].astype(np.float64)
+        return frame
+
+
+mlflow.models.set_model(LeukoModel())
