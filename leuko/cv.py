@@ -97,7 +97,7 @@ def cross_validate(
             cli.datamodule.hparams.predict_split = "val"
             preds = cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt)
             oof.append(_fold_predictions(preds, cli.datamodule, cli.model.class_names, f))
-            if cli.trainer.logger is not None and cli.trainer.is_global_zero:
+            if hasattr(cli.trainer.logger, "run_id") and cli.trainer.is_global_zero:
                 from leuko.tracking import log_confusion
 
                 matrix = cli.model.last_confusion.get("val")

@@ -78,7 +78,8 @@ def test_make_mlflow_server_takes_a_sweep_and_a_registration_over_http(tiny_prep
     try:
         wait_http(f"{uri}/health", server, timeout=180)
         base = write_base(tmp_path, tiny_prepared)
-        space = write_space(tmp_path, base, study="remote", trials=1, fixed={"tracking.experiment": "t_remote"})
+        space = write_space(tmp_path, base, study="remote", trials=1,
+                            fixed={"tracking.experiment": "t_remote", "trainer.log_every_n_steps": 50})
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         monkeypatch.chdir(tmp_path)
         assert main(["sweep", "--space", str(space)]) == 0
