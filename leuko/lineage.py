@@ -158,7 +158,7 @@ def resolve(target: str, tracking_uri: str | None = None) -> Lineage:
                 name, number = rest.split("/")
                 versions = [client.get_model_version(name, number)]
             else:
-                raise ValueError(f"{target}: give models:/NAME@ALIAS or models:/NAME/VERSION, e.g. models:/leuko@champion")
+                raise ValueError(f"{target}: give models:/NAME@ALIAS or models:/NAME/VERSION (models:/leuko@champion)")
             run_id = versions[0].run_id
         else:
             run_id = target.removeprefix("runs:/").split("/")[0]
@@ -229,7 +229,9 @@ def format_lineage(lineage: Lineage, start: str | Path = ".") -> str:
 
     data_label = f"{_short(md5)} ({dvc_file})" if md5 and md5 != UNTRACKED else "untracked data"
     chain = [f"data {data_label}", f"run {_short(run_id)} ({run_name})"]
-    chain += [f"model {v.name} v{v.version}" + (f" @{','.join(v.aliases)}" if getattr(v, "aliases", None) else "") for v in lineage.versions]
+    for v in lineage.versions:
+        aliases = getattr(v, "aliases", None) or []
+        chain.append(f"model {v.name} v{v.version}" + (f" @{','.join(aliases)}" if aliases else ""))
     lines = [" -> ".join(chain), ""]
 
     lines.append("data")
@@ -245,7 +247,8 @@ def format_lineage(lineage: Lineage, start: str | Path = ".") -> str:
 
     lines.append("run")
     if run is not None:
-        lines.append(f"  {run_id}  {run_name}  ({tags.get('leuko.command', '?')}, experiment {lineage.experiment}, {run.info.status})")
+        command = tags.get("leuko.command", "?")
+        lines.append(f"  {run_id}  {run_name}  ({command}, experiment {lineage.experiment}, {run.info.status})")
     else:
         lines.append(f"  {run_id}  (not in the tracking store any more; tags above come from the model version)")
     if lineage.parent is not None:
@@ -267,28 +270,39 @@ def format_lineage(lineage: Lineage, start: str | Path = ".") -> str:
         lines.append("  not possible from the tags: track the dataset with `dvc add` before training")
         return "\n".join(lines)
     if state == "modified":
-        lines.append(f"  warning: {data_path} had changes not yet `dvc add`ed when this ran; the md5 is of the last added version")
+        lines.append(
+            f"  warning: {data_path} had changes not yet `dvc add`ed when this ran; the md5 is of the last added version"
+        )
     root = repo_root(start)
     committed = _committed_md5(commit, dvc_file, root)
     if committed == md5:
         lines.append(f"  git checkout {commit} -- {dvc_file}    # {dvc_file} there records md5 {_short(md5)}")
     else:
         if committed is not None:
-            lines.append(f"  note: {dvc_file} at {_short(commit)} records md5 {_short(committed)}, not {_short(md5)}: write it from the tag")
+            lines.append(
+                f"  note: {dvc_file} at {_short(commit)} records md5 {_short(committed)}, not {_short(md5)}: write it from the tag"
+            )
         elif commit and commit != "unknown":
-            lines.append(f"  (commit {_short(commit)} or its {dvc_file} is not in this repository: write {dvc_file} from the tag)")
+            lines.append(f"  (commit {_short(commit)} or its {dvc_file} is not in this repository: write it from the tag)")
         relative = os.path.relpath(data_path, Path(dvc_file).parent)  # a .dvc file's path is relative to it
         lines.append(f"  printf 'outs:\\n- md5: {md5}\\n  hash: md5\\n  path: {relative}\\n' > {dvc_file}")
     lines.append(f"  dvc pull {dvc_file}        # or `dvc checkout {dvc_file}` when the local cache has it")
     return "\n".join(lines)
 
 
+_DATA_TAGS = ("leuko.git_commit", "leuko.manifest_sha256", "leuko.prepared_fingerprint")
+
+
 def lineage_json(lineage: Lineage) -> str:
     run = lineage.run
+    data = {
+        key.removeprefix("leuko."): value
+        for key, value in lineage.tags.items()
+        if key.startswith("leuko.data_dvc") or key in _DATA_TAGS
+    }
     return json.dumps(
         {
-            "data": {k.removeprefix("leuko."): v for k, v in lineage.tags.items() if k.startswith("leuko.data_dvc") or k in (
-                "leuko.manifest_sha256", "leuko.prepared_fingerprint", "leuko.git_commit")},
+            "data": data,
             "run": None if run is None else {
                 "run_id": run.info.run_id, "name": run.info.run_name, "experiment": lineage.experiment,
                 "status": run.info.status, "parent_run_id": lineage.tags.get("mlflow.parentRunId"),

@@ -47,14 +47,18 @@ def load_section(path: str | Path, section: str) -> dict:
     if not isinstance(tree, dict):
         raise ParamsError(f"--params {path}: the top level must be a mapping of sections")
     if section not in tree:
-        raise ParamsError(f"--params {path}: no `{section}:` section; add one (it may be empty: `{section}: {{}}`) or drop --params")
+        raise ParamsError(
+            f"--params {path}: no `{section}:` section; add one (it may be empty: `{section}: {{}}`) or drop --params"
+        )
     values = tree[section] or {}
     if not isinstance(values, dict):
         raise ParamsError(f"--params {path}: `{section}:` must be a mapping of option: value, got {values!r}")
     return values
 
 
-def section_tokens(parser: argparse.ArgumentParser, section: str, values: dict, source: str = "params.yaml") -> list[str]:
+def section_tokens(
+    parser: argparse.ArgumentParser, section: str, values: dict, source: str = "params.yaml"
+) -> list[str]:
     """Command-line tokens for a section's values, checked against the command's own options.
 
     Keys are option names with `_` for `-` (skip_bad: true -> --skip-bad). A list goes to an option that

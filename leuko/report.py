@@ -379,8 +379,9 @@ def build(files: RunFiles) -> tuple[str, dict]:
     # --- learning curves
     if curves is not None and len(curves):
         sections.append(("curves", "Learning curves",
-                         '<p class="note">Validation balanced accuracy per epoch of each fold (from the fold runs '
-                         "in MLflow).</p>" + _img(curves_figure(curves), "learning curves")))
+                         '<p class="note">Validation balanced accuracy after each training epoch of each fold (from '
+                         "the fold runs in MLflow; the checkpoint scored above is each fold's best epoch).</p>"
+                         + _img(curves_figure(curves), "learning curves")))
 
     # --- where the numbers come from
     if files.run_id and checked:

@@ -17,6 +17,9 @@ import yaml
 from leuko.cli import main
 from leuko.lineage import _data_version, data_version_tags
 
+# Every test here runs git and dvc in subprocesses and builds a SQLite MLflow store.
+pytestmark = pytest.mark.slow
+
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t",

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 UMAP_FILES = ("umap_class.png", "umap_patient.png", "umap.csv")
 
@@ -78,6 +77,21 @@ def embedding_plot(
     return path
 
 
+def load_classifier(path: str | Path):
+    """A VolumeClassifier from a Lightning checkpoint, on the CPU, in eval mode.
+
+    Checkpoints written while the classifier still registered its (optionally compiled) forward net as a
+    submodule hold every weight twice, under net.* and forward_net.*; only net.* is loaded, strictly."""
+    import torch
+
+    from leuko.classifier import VolumeClassifier
+
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    model = VolumeClassifier.load_from_checkpoint(path, map_location="cpu", strict=False)
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith("forward_net.")}, strict=True)
+    return model.eval()
+
+
 def embed_cv_fold(
     cv_dir: str | Path,
     out_dir: str | Path,
@@ -93,7 +107,6 @@ def embed_cv_fold(
     or "all". Writes UMAP_FILES into out_dir; returns {"fold", "checkpoint", "n_cells", "paths", "run_id"}
     where run_id is the fold's MLflow run (from fold_<f>/mlflow_run_id) or None."""
     from leuko.analysis.baselines import cv_splits
-    from leuko.classifier import VolumeClassifier
     from leuko.data.folds import TEST, fold_masks
     from leuko.data.prepare import load_prepared
 
@@ -117,7 +130,7 @@ def embed_cv_fold(
         chosen = splits
     table = by_id.loc[chosen["cell_id"].astype(str), ["label", "patient_id", "sample_type", "row"]].reset_index()
 
-    model = VolumeClassifier.load_from_checkpoint(checkpoints[fold], map_location="cpu")
+    model = load_classifier(checkpoints[fold])
     print(f"UMAP: {len(table)} {cells} cells of fold {fold} through {checkpoints[fold]}", file=sys.stderr)
     features = penultimate_features(model, volumes, table["row"].to_numpy())
     coords = umap_2d(features, n_neighbors=n_neighbors, seed=seed)
