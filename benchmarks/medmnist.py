@@ -90,7 +90,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['net']} | {r['params_m']:.3f} | {r['epochs']} | {r['best_epoch'] + 1} ({r['val_auroc']:.3f}) | "
                      f"{r['auroc']:.3f} | {r['accuracy']:.3f} | {r['balanced_accuracy']:.3f} | {r['train_s'] / 60:.1f} min |")
-    lines.append(f"| {PUBLISHED['net']} | 46.2 | 100 | – | {PUBLISHED['auroc']:.3f} | {PUBLISHED['accuracy']:.3f} | – | – |")
+    lines.append(f"| {PUBLISHED['net']} | – | 100 | – | {PUBLISHED['auroc']:.3f} | {PUBLISHED['accuracy']:.3f} | – | – |")
     return "\n".join(lines)
 
 
