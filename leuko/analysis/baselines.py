@@ -141,18 +141,22 @@ def classical_cv(
     return pd.DataFrame(rows)
 
 
+def _require_cells(ids: pd.Series, known: pd.Index, problem: str, fix: str) -> None:
+    absent = sorted(set(ids) - set(known))
+    if absent:
+        raise ValueError(f"{len(absent)} cell(s) of the folds {problem} (e.g. {', '.join(absent[:3])}); {fix}")
+
+
 def align(features: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
     """The features of exactly the cells in splits, in the splits' order, with their fold."""
     by_id = features.assign(cell_id=features["cell_id"].astype(str)).drop_duplicates("cell_id")
     by_id = by_id.set_index("cell_id", drop=False)
     ids = splits["cell_id"].astype(str)
-    absent = sorted(set(ids) - set(by_id.index))
-    if absent:
-        raise ValueError(
-            f"{len(absent)} cell(s) of the folds have no morphology features (e.g. {', '.join(absent[:3])}); "
-            "compute features from the manifest the data was prepared from (`leuko features --manifest M`), "
-            "or delete a stale --features cache"
-        )
+    _require_cells(
+        ids, by_id.index, "have no morphology features",
+        "compute features from the manifest the data was prepared from (`leuko features --manifest M`), "
+        "or delete a stale --features cache",
+    )
     table = by_id.loc[ids].reset_index(drop=True)
     table["fold"] = splits["fold"].astype(str).to_numpy()
     return table
@@ -259,12 +263,7 @@ def mip_cv(
     classes = list(meta["classes"])
     rows_by_id = pd.Series(index["row"].to_numpy(), index=index["cell_id"].astype(str))
     ids = splits["cell_id"].astype(str)
-    absent = sorted(set(ids) - set(rows_by_id.index))
-    if absent:
-        raise ValueError(
-            f"{len(absent)} cell(s) of the folds are not in {prepared_dir} (e.g. {', '.join(absent[:3])}); "
-            "use the prepared folder the CV trained on"
-        )
+    _require_cells(ids, rows_by_id.index, f"are not in {prepared_dir}", "use the prepared folder the CV trained on")
     every = np.concatenate([mip(volumes[i : i + 256]) for i in range(0, len(volumes), 256)])  # (N, C, H, W)
     projections = every[rows_by_id.loc[ids].to_numpy()]  # in the splits' order
     labels = index.set_index(index["cell_id"].astype(str)).loc[ids, "label_index"].to_numpy()
