@@ -50,7 +50,7 @@ def train_one(net: str, prepared: Path, *, epochs: int, batch_size: int, lr: flo
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from leuko.classifier import VolumeClassifier
+    from leuko.training.module import VolumeClassifier
     from leuko.data.datamodule import LeukoDataModule
 
     L.seed_everything(seed, workers=True, verbose=False)

@@ -52,9 +52,9 @@ from augment import _monai_pipeline, _parse_shape  # noqa: E402
 from augment import _time as _median_seconds  # noqa: E402
 from nets_table import count as count_flops  # noqa: E402
 
-from leuko.classifier import VolumeClassifier  # noqa: E402
+from leuko.training.module import VolumeClassifier  # noqa: E402
 from leuko.data.augment import BatchAugment  # noqa: E402
-from leuko.data.classes import DEFAULT_CLASSES  # noqa: E402
+from leuko.data.optics import DEFAULT_CLASSES  # noqa: E402
 from leuko.data.datamodule import LeukoDataModule  # noqa: E402
 from leuko.data.prepare import INDEX, META, VOLUMES  # noqa: E402
 

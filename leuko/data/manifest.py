@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from leuko.data.classes import DEFAULT_CLASSES
+from leuko.data.optics import DEFAULT_CLASSES
 from leuko.data.io import SUPPORTED_SUFFIXES, volume_suffix
 
 REQUIRED_COLUMNS = (

@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from leuko.data.classes import DEFAULT_CLASSES
+from leuko.data.optics import DEFAULT_CLASSES
 from leuko.data.io import write_volume
 
 MODALITIES = ("ri", "hhg")

@@ -30,7 +30,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from leuko import __version__
-from leuko.data.classes import DEFAULT_CLASSES
+from leuko.data.optics import DEFAULT_CLASSES
 from leuko.data.io import VolumeError, read_volume
 from leuko.data.manifest import (
     DEFAULT_MODALITY,

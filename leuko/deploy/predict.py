@@ -88,7 +88,7 @@ def load_model(model_uri: str):
     """(pyfunc model, its LeukoModel). MLFLOW_TRACKING_URI, or sqlite:///mlflow.db, says where models:/ lives."""
     import mlflow
 
-    from leuko.tracking import resolve_tracking_uri
+    from leuko.tracking.runs import resolve_tracking_uri
 
     uri = resolve_tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -182,7 +182,7 @@ def predict(
 
 def differential(cells: pd.DataFrame, classes: Sequence[str], groups: list[str]) -> pd.DataFrame:
     """Per group: n_cells and pred_<class> percent; with labels that are all model classes, also ref_<class>."""
-    from leuko.analysis.agreement import differentials
+    from leuko.evaluation.agreement import differentials
 
     labels = cells["label"].astype(str) if "label" in cells.columns else None
     if labels is not None and set(labels) <= set(classes):

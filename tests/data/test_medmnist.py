@@ -103,7 +103,7 @@ def test_cli_prints_counts_and_the_next_step(tmp_path, capsys):
 
 def test_multistep_schedule_of_the_medmnist_protocol():
     """lr x0.1 at 50% and 75% of training, as the MedMNIST benchmark trains."""
-    from leuko.classifier import VolumeClassifier
+    from leuko.training.module import VolumeClassifier
 
     model = VolumeClassifier(net="fishnet3d_tiny", num_classes=2, scheduler="multistep", warmup_epochs=0,
                              optimizer="adam", weight_decay=0.0)

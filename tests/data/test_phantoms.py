@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from leuko.data.classes import DEFAULT_CLASSES
+from leuko.data.optics import DEFAULT_CLASSES
 from leuko.data.io import read_volume
 from leuko.data.phantoms import (
     CELL_THRESHOLD,

@@ -10,14 +10,14 @@ import pytest
 
 from leuko.data.datamodule import LeukoDataModule
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: the helpers package lives there
 
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tiny_config, tiny_prepared, tracking_uri, experiment, tmp_path):
     env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1"}
-    record = '{"class_path": "record_cells.RecordCells", "init_args": {"out": "%s"}}' % (tmp_path / "cells")
+    record = '{"class_path": "helpers.record_cells.RecordCells", "init_args": {"out": "%s"}}' % (tmp_path / "cells")
     cmd = [sys.executable, "-m", "leuko.cli", "fit", "--config", str(tiny_config),
            "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
            "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "run"),

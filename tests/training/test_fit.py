@@ -80,7 +80,7 @@ def test_missing_prepared_dir_stops_before_training(tiny_config, tmp_path, capsy
 
 
 def test_in_channels_mismatch_is_named(tiny_prepared):
-    from leuko.classifier import VolumeClassifier
+    from leuko.training.module import VolumeClassifier
     from leuko.data.datamodule import LeukoDataModule
 
     import lightning as L

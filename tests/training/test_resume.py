@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # tests/: the helpers package lives there
 
 
 def fit(config, root, *extra, env=None):
@@ -24,7 +24,7 @@ def test_killed_fit_resumes_to_the_same_weights(tiny_config, tmp_path):
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     # 3 training batches per epoch on the tiny cohort: step 4 is inside the second epoch.
-    kill = '{"class_path": "kill_at_step.KillAtStep", "init_args": {"step": 4}}'
+    kill = '{"class_path": "helpers.kill_at_step.KillAtStep", "init_args": {"step": 4}}'
     killed = fit(tiny_config, tmp_path / "cut", f"--trainer.callbacks+={kill}", env=env)
     assert killed.returncode == -9, killed.stderr[-3000:]
     resumed = fit(tiny_config, tmp_path / "cut", "--ckpt_path", "last")

@@ -1,0 +1,154 @@
+"""What a trained network learned: a 2D UMAP of its penultimate features, coloured by class and by patient.
+
+Classes that separate in the embedding are what the head can tell apart. Points that cluster by patient
+across classes show patient or batch effects (acquisition, sample handling) the features picked up: a
+model leaning on them would not carry over to new patients.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+UMAP_FILES = ("umap_class.png", "umap_patient.png", "umap.csv")
+
+
+def penultimate_features(model, volumes: np.ndarray, rows: Sequence[int], *, batch_size: int = 64) -> np.ndarray:
+    """(N, num_features) of model.features(x) (a VolumeClassifier) for volumes[rows], on the model's device."""
+    import torch
+
+    rows = np.asarray(rows)
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            x = torch.from_numpy(np.asarray(volumes[rows[start : start + batch_size]], dtype=np.float32))  # (B, C, D, H, W)
+            out.append(model.features(x.to(model.device)).float().cpu().numpy())  # (B, F)
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def umap_2d(features: np.ndarray, *, n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0) -> np.ndarray:
+    """(N, F) -> (N, 2). Features are z-scored first so no single unit's scale dominates the distances."""
+    import umap
+
+    features = np.asarray(features, dtype=np.float32)
+    if len(features) < 4:
+        raise ValueError(f"UMAP needs at least 4 cells, got {len(features)}")
+    z = (features - features.mean(0)) / np.where(features.std(0) > 0, features.std(0), 1.0)
+    # n_neighbors must stay below the number of points; a fixed random_state makes the picture repeatable.
+    reducer = umap.UMAP(n_neighbors=min(n_neighbors, len(z) - 1), min_dist=min_dist, random_state=seed, n_jobs=1)
+    return reducer.fit_transform(z)
+
+
+def embedding_plot(
+    coords: np.ndarray, groups: Sequence[str], path: str | Path, *, title: str, legend_title: str,
+    order: Sequence[str] | None = None,
+) -> Path:
+    """Scatter of (N, 2) coords, one colour per group; a legend (outside, right) when there are at most 40."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    coords = np.asarray(coords)
+    groups = np.asarray([str(g) for g in groups])
+    names = [str(g) for g in order] if order is not None else sorted(set(groups))
+    names = [g for g in names if (groups == g).any()] + sorted(set(groups) - set(map(str, names)))
+    palette = colormaps["tab10" if len(names) <= 10 else "tab20"].colors
+    fig = Figure(figsize=(7.5 if len(names) <= 40 else 6.0, 5.6), layout="constrained")
+    ax = fig.subplots()
+    for i, name in enumerate(names):
+        sel = groups == name
+        colour = palette[i % len(palette)]
+        marker = "os^Dv<>"[(i // len(palette)) % 7]  # beyond 20 groups colours repeat: vary the marker
+        ax.scatter(coords[sel, 0], coords[sel, 1], s=10, alpha=0.75, color=colour, marker=marker,
+                   label=f"{name} ({int(sel.sum())})", linewidths=0)
+    ax.set_xlabel("UMAP 1")
+    ax.set_ylabel("UMAP 2")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title)
+    if len(names) <= 40:
+        fig.legend(loc="outside right upper", title=legend_title, fontsize=7, title_fontsize=8, markerscale=1.5,
+                   ncols=1 if len(names) <= 20 else 2)
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def load_classifier(path: str | Path):
+    """A VolumeClassifier from a Lightning checkpoint, on the CPU, in eval mode.
+
+    Checkpoints written while the classifier still registered its (optionally compiled) forward net as a
+    submodule hold every weight twice, under net.* and forward_net.*; only net.* is loaded, strictly."""
+    import torch
+
+    from leuko.training.module import VolumeClassifier
+
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    model = VolumeClassifier.load_from_checkpoint(path, map_location="cpu", strict=False)
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith("forward_net.")}, strict=True)
+    return model.eval()
+
+
+def embed_cv_fold(
+    cv_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    fold: str | int | None = None,
+    cells: str = "val",
+    seed: int = 0,
+    n_neighbors: int = 15,
+) -> dict:
+    """UMAP of the penultimate features of one fold's best checkpoint of a `leuko cv` output folder.
+
+    cells: "val" (the fold's validation patients, which the model never saw), "dev" (every non-test cell)
+    or "all". Writes UMAP_FILES into out_dir; returns {"fold", "checkpoint", "n_cells", "paths", "run_id"}
+    where run_id is the fold's MLflow run (from fold_<f>/mlflow_run_id) or None."""
+    from leuko.evaluation.baselines import cv_splits
+    from leuko.data.folds import TEST, fold_masks
+    from leuko.data.prepare import load_prepared
+
+    cv_dir, out_dir = Path(cv_dir), Path(out_dir)
+    if cells not in ("val", "dev", "all"):
+        raise ValueError(f"cells={cells!r}: use val, dev or all")
+    checkpoints = {p.parent.parent.name.removeprefix("fold_"): p for p in sorted(cv_dir.glob("fold_*/checkpoints/best.ckpt"))}
+    if not checkpoints:
+        raise ValueError(f"{cv_dir}: no fold_*/checkpoints/best.ckpt; run `leuko cv` with validation folds first")
+    fold = str(fold) if fold is not None else sorted(checkpoints, key=lambda f: (len(f), f))[0]
+    if fold not in checkpoints:
+        raise ValueError(f"{cv_dir}: fold {fold} has no best checkpoint; folds with one: {', '.join(sorted(checkpoints))}")
+    splits, _, prepared = cv_splits(cv_dir)
+    volumes, index, meta = load_prepared(prepared)
+    by_id = index.set_index(index["cell_id"].astype(str))
+    if cells == "val":
+        chosen = splits[fold_masks(splits, fold)["val"]]
+    elif cells == "dev":
+        chosen = splits[splits["fold"].astype(str) != TEST]
+    else:
+        chosen = splits
+    table = by_id.loc[chosen["cell_id"].astype(str), ["label", "patient_id", "sample_type", "row"]].reset_index()
+
+    model = load_classifier(checkpoints[fold])
+    print(f"UMAP: {len(table)} {cells} cells of fold {fold} through {checkpoints[fold]}", file=sys.stderr)
+    features = penultimate_features(model, volumes, table["row"].to_numpy())
+    coords = umap_2d(features, n_neighbors=n_neighbors, seed=seed)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    net = model.hparams.net
+    what = {"val": f"validation cells of fold {fold}", "dev": "all non-test cells", "all": "all cells"}[cells]
+    classes = list(meta["classes"])
+    paths = [
+        embedding_plot(coords, table["label"], out_dir / UMAP_FILES[0], order=classes, legend_title="class",
+                       title=f"{net} penultimate features, {what}: by class"),
+        embedding_plot(coords, table["patient_id"], out_dir / UMAP_FILES[1], legend_title="patient",
+                       title=f"{net} penultimate features, {what}: by patient"),
+    ]
+    frame = table.drop(columns="row").assign(umap_1=coords[:, 0], umap_2=coords[:, 1], fold=fold)
+    frame.to_csv(out_dir / UMAP_FILES[2], index=False)
+    paths.append(out_dir / UMAP_FILES[2])
+    marker = cv_dir / f"fold_{fold}" / "mlflow_run_id"
+    run_id = marker.read_text().strip() if marker.is_file() else None
+    return {"fold": fold, "checkpoint": str(checkpoints[fold]), "n_cells": len(table), "paths": paths,
+            "run_id": run_id or None, "cells": cells, "net": net}

@@ -1,0 +1,267 @@
+"""`leuko register`: refit the best trial on every non-test patient, test it once on the held-out
+patients, log it to MLflow as a pyfunc and register it; alias `champion` only when it beats the
+current champion's test score, `challenger` otherwise.
+
+What a registered model holds, and the trust boundary of loading one: see leuko.deploy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from leuko import __version__
+
+DEFAULT_NAME = "leuko"
+CHAMPION, CHALLENGER = "champion", "challenger"
+CODE = Path(__file__).parent / "deploy" / "pyfunc_model.py"
+
+
+class RegisterError(ValueError):
+    """Nothing to register, or the registry cannot take it; the message says what to do."""
+
+
+@dataclass
+class Source:
+    """What to refit: the base configs and overrides of a trial (or given by hand), and its CV scores."""
+
+    configs: list[str]
+    overrides: list[str]
+    cv: dict = field(default_factory=dict)  # {metric: {"mean": .., "std": ..}}
+    study: str | None = None
+    trial: int | None = None
+    sweep_run_id: str | None = None
+    objective: str = "balanced_accuracy"
+
+
+def source_from_study(space: str | Path, *, storage: str | None = None, trial: int | None = None) -> Source:
+    import optuna
+
+    from leuko.sweep import A_CONFIG, A_OVERRIDES, load_sweep_config, open_storage
+
+    cfg = load_sweep_config(space)
+    url = cfg.storage_url(storage)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=cfg.study, storage=open_storage(url))
+    except KeyError as exc:
+        raise RegisterError(f"no study {cfg.study!r} in {url}; run `leuko sweep --space {space}` first") from exc
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        raise RegisterError(f"study {cfg.study!r} in {url} has no COMPLETE trial yet; run more trials with `leuko sweep`")
+    if trial is None:
+        chosen = study.best_trial
+    else:
+        chosen = next((t for t in complete if t.number == trial), None)
+        if chosen is None:
+            raise RegisterError(
+                f"trial {trial} of study {cfg.study!r} is not COMPLETE; COMPLETE trials: {[t.number for t in complete]}"
+            )
+    attrs = chosen.user_attrs
+    return Source(
+        configs=list(attrs[A_CONFIG]),
+        overrides=list(attrs[A_OVERRIDES]),
+        cv=dict(attrs.get("leuko.training.cv", {})),
+        study=cfg.study,
+        trial=chosen.number,
+        sweep_run_id=study.user_attrs.get("leuko.sweep_run_id"),
+        objective=cfg.objective,
+    )
+
+
+def decide(score: float, champion_version: str | None, champion_score: float | None, metric: str) -> tuple[str, str]:
+    """(alias, reason): champion only for a strictly better test score than the current champion's."""
+    if champion_version is None:
+        return CHAMPION, "no champion yet"
+    if champion_score is None:
+        return CHALLENGER, f"champion v{champion_version} has no recorded leuko.score to compare with"
+    if score > champion_score:
+        return CHAMPION, f"test {metric} {score:.4f} > {champion_score:.4f} of champion v{champion_version}"
+    return CHALLENGER, f"test {metric} {score:.4f} <= {champion_score:.4f} of champion v{champion_version}"
+
+
+def register(source: Source, *, name: str = DEFAULT_NAME, metric: str | None = None, out: str | Path = "runs") -> dict:
+    """Refit, test, log and register; returns {"version", "alias", "score", "run_id", "model_uri", ...}."""
+    from leuko.training.cv import is_rank_zero
+    from leuko.training.cli import LeukoCLI
+
+    metric = metric or source.objective
+    label = f"{source.study}-trial{source.trial:03d}" if source.study is not None else time.strftime("%Y%m%d-%H%M%S")
+    run_name = f"register-{label}"
+    root = Path(out) / run_name
+    tags = {"leuko.command": "register", "leuko.role": "refit", "leuko.registered_model": name}
+    if source.study is not None:
+        tags.update({"leuko.study": source.study, "leuko.trial": str(source.trial)})
+    args = [a for c in source.configs for a in ("--config", c)] + list(source.overrides)
+    args += ["--data.fold", "null", "--trainer.default_root_dir", str(root), "--tracking.run_name", run_name]
+    cli = LeukoCLI(args=args, run=False, parent_run_id=source.sweep_run_id if is_rank_zero() else None, extra_tags=tags)
+    tracking = cli.config["tracking"]
+    if not tracking.enabled or cli.trainer.logger is None:
+        raise RegisterError("tracking is off (tracking.enabled false or trainer.logger false): registering needs MLflow")
+    print(f"refit on every non-test patient: {shlex.join(args[:-6])}", file=sys.stderr)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    if not cli.trainer.is_global_zero:
+        return {}
+    test = {k.removeprefix("test/"): float(v) for k, v in tested.items()}
+    if metric not in test:
+        raise RegisterError(f"metric {metric!r} is not among the test metrics {sorted(test)}; pass --metric with one of them")
+    return _log_and_register(cli, source, test, name=name, metric=metric)
+
+
+def _model_config(cli) -> dict:
+    from leuko.nets import net_kwargs as accepted
+
+    model, meta = cli.model, cli.datamodule.meta
+    hp = model.hparams
+    kwargs = dict(hp.net_kwargs or {})
+    if hp.input_shape is not None and "img_size" in accepted(hp.net) and "img_size" not in kwargs:
+        kwargs["img_size"] = list(hp.input_shape)  # as VolumeClassifier builds it
+    settings = meta.get("settings", {})
+    return {
+        "net": hp.net,
+        "net_kwargs": kwargs,
+        "in_channels": int(hp.in_channels),
+        "classes": list(model.class_names),
+        "preprocessing": {
+            "modality": meta["modality"],
+            "shape": list(meta["shape"]),
+            "target_voxel_size": settings.get("target_voxel_size"),
+            "n_medium": settings.get("n_medium"),
+            "ri_scale": settings.get("ri_scale"),
+            "read_options": settings.get("read_options", {}),
+            "normalisation": meta.get("normalisation"),
+        },
+        "prepared_fingerprint": meta.get("fingerprint"),
+        "manifest_sha256": meta.get("manifest_sha256"),
+        "leuko_version": __version__,
+    }
+
+
+def _signature(config: dict):
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, config["in_channels"], -1, -1, -1))])
+    outputs = Schema([ColSpec("string", "pred_label")] + [ColSpec("double", f"prob_{c}") for c in config["classes"]])
+    params = ParamSchema([ParamSpec("preprocess", "boolean", True), ParamSpec("voxel_size", "double", [], shape=(-1,))])
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
+
+
+def _requirements() -> list[str]:
+    from importlib.metadata import version
+
+    pins = [f"{p}=={version(p).split('+')[0]}" for p in ("mlflow", "torch", "numpy", "pandas", "scipy", "safetensors")]
+    return pins + [f"leuko=={__version__}"]
+
+
+def _log_and_register(cli, source: Source, test: dict, *, name: str, metric: str) -> dict:
+    import mlflow
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from leuko.tracking.runs import lineage_tags, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cli.config["tracking"].uri)
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient(uri)
+    run_id = cli.trainer.logger.run_id
+    config = _model_config(cli)
+    datamodule = cli.datamodule
+    test_rows = datamodule.subset("test")["row"].to_numpy()
+    volumes = np.load(datamodule.volumes_path, mmap_mode="r")
+    example = np.asarray(volumes[test_rows[:1]], dtype=np.float32)  # (1, C, D, H, W), one prepared test cell
+    score = test[metric]
+    lineage = lineage_tags(cli.config["data"]["prepared_dir"])
+
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "weights.safetensors"
+        state = {k: v.detach().cpu().contiguous() for k, v in cli.model.net.state_dict().items()}
+        save_file(state, str(weights))
+        config_path = Path(tmp) / "model_config.json"
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        with mlflow.start_run(run_id=run_id):
+            for key, stats in source.cv.items():
+                mlflow.log_metric(f"cv/{key}_mean", stats["mean"])
+                mlflow.log_metric(f"cv/{key}_std", stats["std"])
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(CODE),
+                artifacts={"weights": str(weights), "model_config": str(config_path)},
+                signature=_signature(config),
+                input_example=(example, {"preprocess": False}),
+                pip_requirements=_requirements(),
+                metadata={"classes": config["classes"], "preprocessing": config["preprocessing"]},
+                registered_model_name=name,
+            )
+    version = str(info.registered_model_version)
+
+    champion_version, champion_score = None, None
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+        champion_version = str(champion.version)  # an int from some stores, a str from others
+        recorded = champion.tags.get("leuko.score")
+        champion_score = float(recorded) if recorded is not None else None
+    except mlflow.exceptions.MlflowException:
+        pass  # no champion yet
+    if champion_version == version:
+        champion_version, champion_score = None, None
+    alias, reason = decide(score, champion_version, champion_score, metric)
+    version_tags = {
+        "leuko.score": f"{score:.6f}",
+        "leuko.metric": f"test/{metric}",
+        "leuko.decision": f"{alias}: {reason}",
+        "leuko.compared_to": champion_version or "none",
+        "leuko.champion_score": "none" if champion_score is None else f"{champion_score:.6f}",
+        "leuko.classes": ",".join(config["classes"]),
+        **{f"leuko.test_{k}": f"{v:.6f}" for k, v in test.items() if not k.startswith("recall_")},
+        **{f"leuko.cv_{k}": f"{v['mean']:.6f} +- {v['std']:.6f}" for k, v in source.cv.items() if k in ("balanced_accuracy", "macro_f1", "accuracy")},
+        **lineage,
+    }
+    if source.study is not None:
+        version_tags.update({"leuko.study": source.study, "leuko.trial": str(source.trial)})
+    for key, value in version_tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.set_registered_model_alias(name, alias, version)
+    cv = source.cv.get(metric)
+    client.update_model_version(
+        name, version,
+        description=f"{config['net']} refit on all non-test patients; test {metric} {score:.4f}"
+        + (f", cross-validated {cv['mean']:.4f} +- {cv['std']:.4f}" if cv else "") + f". {alias}: {reason}.",
+    )
+    return {
+        "name": name,
+        "version": version,
+        "alias": alias,
+        "reason": reason,
+        "score": score,
+        "metric": metric,
+        "test": test,
+        "cv": source.cv,
+        "run_id": run_id,
+        "tracking_uri": uri,
+        "model_uri": f"models:/{name}/{version}",
+    }
+
+
+def print_summary(result: dict) -> None:
+    name, uri = result["name"], result["tracking_uri"]
+    cv = result["cv"].get(result["metric"])
+    print(f"\nregistered {name} version {result['version']} (refit run {result['run_id']})")
+    print(f"  test {result['metric']}: {result['score']:.4f}" + (f"   cross-validated: {cv['mean']:.4f} +- {cv['std']:.4f}" if cv else ""))
+    print(f"  alias: {result['alias']} ({result['reason']})")
+    env = "" if uri == "sqlite:///mlflow.db" else f"MLFLOW_TRACKING_URI={uri} "
+    alias_uri = f"models:/{name}@{CHAMPION}"
+    print(f"  this version: models:/{name}/{result['version']}    current champion: {alias_uri}")
+    print("next:")
+    print(f"  {env}leuko predict --model {alias_uri} --input data --out predictions.csv")
+    print(f"  {env}mlflow models serve -m {alias_uri} --env-manager local -h 127.0.0.1 -p 5002")
+    print(f"  MLflow UI: make mlflow-ui  (or mlflow ui --backend-store-uri {uri})")

@@ -1,0 +1,156 @@
+"""`leuko fit | validate | test | predict`: LightningCLI over VolumeClassifier and LeukoDataModule.
+
+Config order: the YAML files given with --config, in order (defaults, then an experiment file), then
+command-line overrides. Unknown keys are errors (jsonargparse). The resolved config is saved next to
+the checkpoints and logged to the MLflow run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pandas as pd
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+
+from leuko.training.module import VolumeClassifier
+from leuko.data.datamodule import LeukoDataModule
+from leuko.cli.params import COMMAND_SECTIONS
+from leuko.tracking.runs import DEFAULT_EXPERIMENT, TrackingCallback, config_params, lineage_tags, make_logger
+
+MONITOR = "val/balanced_accuracy"
+
+
+class MLflowSaveConfig(SaveConfigCallback):
+    """Writes config.yaml next to the checkpoints and logs it (file and flattened params) to MLflow."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        if not trainer.is_global_zero:
+            return
+        text = self.parser.dump(self.config, skip_none=False)
+        run_dir = Path(trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(text)
+        logger = trainer.logger
+        if logger is not None and hasattr(logger, "run_id"):
+            logger.experiment.log_text(logger.run_id, text, "config.yaml")
+            config = self.config.as_dict() if hasattr(self.config, "as_dict") else dict(self.config)
+            logger.log_hyperparams(config_params(config))
+
+
+class CSVPredictionWriter(BasePredictionWriter):
+    """Writes one row per cell: cell_id, predicted label, and a probability column per class."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(write_interval="epoch")
+        self.path = Path(path)
+
+    def write_on_epoch_end(self, trainer, pl_module, predictions, batch_indices) -> None:
+        frame = predictions_frame(predictions, pl_module.class_names)
+        gathered = trainer.strategy.all_gather_object(frame) if trainer.world_size > 1 else [frame]
+        if trainer.is_global_zero:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            pd.concat(gathered).drop_duplicates("cell_id").to_csv(self.path, index=False)
+            print(f"predictions for {sum(len(f) for f in gathered)} cells -> {self.path}", file=sys.stderr)
+
+
+def predictions_frame(predictions: list[dict], class_names: list[str]) -> pd.DataFrame:
+    if not predictions:
+        return pd.DataFrame(columns=["cell_id", "pred_label", *[f"prob_{c}" for c in class_names]])
+    probs = torch.cat([p["probs"] for p in predictions]).numpy()
+    pred = probs.argmax(1)
+    frame = pd.DataFrame({"cell_id": [c for p in predictions for c in p["cell_id"]]})
+    frame["pred_label"] = [class_names[i] for i in pred]
+    for i, name in enumerate(class_names):
+        frame[f"prob_{name}"] = probs[:, i]
+    return frame
+
+
+class LeukoCLI(LightningCLI):
+    def __init__(self, *args, parent_run_id: str | None = None, extra_tags: dict | None = None, **kwargs):
+        self.parent_run_id = parent_run_id
+        self.extra_tags = extra_tags or {}
+        kwargs.setdefault("save_config_callback", MLflowSaveConfig)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True, "save_to_log_dir": False})
+        kwargs.setdefault("parser_kwargs", {"default_env": False})
+        # VolumeClassifier.configure_optimizers owns the optimizer and schedule (sweepable as model.* keys).
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(VolumeClassifier, LeukoDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # The data decides channels and classes; a net built otherwise could not train on it.
+        parser.link_arguments("data.in_channels", "model.in_channels", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.classes", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.shape", "model.input_shape", apply_on="instantiate")
+        parser.add_argument("--tracking.uri", type=str | None, default=None, help="MLflow tracking URI (MLFLOW_TRACKING_URI wins)")
+        parser.add_argument("--tracking.experiment", type=str, default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
+        parser.add_argument("--tracking.run_name", type=str | None, default=None, help="MLflow run name")
+        parser.add_argument("--tracking.enabled", type=bool, default=True, help="log to MLflow")
+        parser.add_argument("--predictions", type=str | None, default=None, help="predict: CSV to write (default <run dir>/predictions.csv)")
+        # params.yaml also holds the sections of commands outside LeukoCLI; each is checked by its own
+        # command (`leuko prepare --params params.yaml`), so here they are accepted and left alone.
+        for section in COMMAND_SECTIONS:
+            parser.add_argument(f"--{section}", type=dict | None, default={}, help=f"read by `leuko {section} --params`; ignored here")
+
+    def instantiate_trainer(self, **kwargs):
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        tracking = config.get("tracking")
+        root = Path(config["trainer"].get("default_root_dir") or "runs/fit")
+        init = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        configured = init["trainer"].get("callbacks") or []
+        configured = list(configured) if isinstance(configured, list) else [configured]
+        callbacks = configured + list(kwargs.pop("callbacks", []) or [])
+        has_checkpoint = any(isinstance(c, ModelCheckpoint) for c in configured)
+        if not has_checkpoint:
+            callbacks += default_checkpoints(root / "checkpoints", validates=config["data"].get("fold") is not None)
+        callbacks.append(TrackingCallback())
+        if self.subcommand == "predict":
+            callbacks.append(CSVPredictionWriter(config.get("predictions") or root / "predictions.csv"))
+        if tracking.enabled and config["trainer"].get("logger") in (None, True):
+            prepared = config["data"]["prepared_dir"]
+            kwargs["logger"] = make_logger(
+                experiment=tracking.experiment,
+                run_name=tracking.run_name or root.name,
+                tracking_uri=tracking.uri,
+                tags={**lineage_tags(prepared), "leuko.command": self.subcommand or "cv", **self.extra_tags},
+                parent_run_id=self.parent_run_id,
+                run_id=_resumed_run_id(root, config) if self.subcommand == "fit" else None,
+            )
+        kwargs["callbacks"] = callbacks
+        kwargs.setdefault("default_root_dir", str(root))
+        return super().instantiate_trainer(**kwargs)
+
+
+
+def default_checkpoints(dirpath: Path, *, validates: bool) -> list[ModelCheckpoint]:
+    """best.ckpt (highest val balanced accuracy) when there is a validation set, and last.ckpt every epoch.
+
+    last.ckpt comes from its own callback: Lightning 2.6's save_last only writes when a top-k checkpoint
+    was written in the same step, so a run whose score stopped improving would resume from a stale epoch.
+    """
+    last = ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+    if not validates:
+        return [last]
+    best = ModelCheckpoint(
+        dirpath=dirpath, filename="best", monitor=MONITOR, mode="max", save_top_k=1, enable_version_counter=False
+    )
+    return [best, last]
+
+
+def _resumed_run_id(root: Path, config) -> str | None:
+    """Resuming a fit (`--ckpt_path last`) continues the MLflow run of that fit."""
+    marker = root / "mlflow_run_id"
+    if config.get("ckpt_path") and marker.is_file():
+        return marker.read_text().strip() or None
+    return None
+
+
+def run(argv: list[str]) -> None:
+    """Entry for `leuko fit|validate|test|predict ...`."""
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    # args=None when argv is the real command line: LightningCLI then reads sys.argv itself.
+    LeukoCLI(args=None if argv == sys.argv[1:] else argv)

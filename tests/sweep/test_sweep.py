@@ -1,0 +1,262 @@
+"""`leuko sweep`: sweep files, overrides, stale-trial recovery, and real sweeps (pruning, resuming,
+two worker processes with one killed, database heartbeat, a DDP trial on 2 CPU processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from optuna.trial import TrialState
+from helpers.sweep import REPO, env_with, write_base, write_space
+
+from leuko.cli import main
+from leuko.nets import NETS
+from leuko.sweep.core import (
+    SweepConfigError,
+    _alive,
+    fail_stale_trials,
+    load_sweep_config,
+    open_storage,
+    overrides_for,
+)
+
+
+def _study(name: str, storage: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(storage))
+
+
+def _states(study: optuna.Study) -> list[str]:
+    return [t.state.name for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)]
+
+
+# ---------------------------------------------------------------------------------------------- sweep files
+@pytest.mark.parametrize("name", ["default.yaml", "gpu.yaml"])
+def test_shipped_sweep_files_load(name):
+    cfg = load_sweep_config(REPO / "conf" / "sweep" / name)
+    assert set(cfg.space["model.net"].choices) <= set(NETS)
+    assert {n.split("_tiny")[0] for n in cfg.space["model.net"].choices} == {"fishnet3d", "resnet3d_50", "vit3d"}
+    for config in cfg.config:
+        assert (REPO / config).is_file(), config
+    vits = {c for c in cfg.space["model.net"].choices if "vit" in c}
+    assert vits <= set(cfg.space["model.net_kwargs.drop_path_rate"].when["model.net"])
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"spaces": {}}, "unknown key(s) spaces"),
+        ({"objective": "f2"}, "objective: f2"),
+        ({"space": {}}, "`space` is empty"),
+        ({"space": {"model.lr": {"low": 0.1}}}, "space.model.lr: give `choices`, or `low` and `high`"),
+        ({"space": {"model.lr": {"low": 0.1, "high": 0.01}}}, "low < high"),
+        ({"space": {"model.lr": {"low": 0.0, "high": 0.01, "log": True}}}, "log: true` needs low > 0"),
+        ({"space": {"model.lr": {"choices": []}}}, "non-empty list"),
+        ({"space": {"model.lr": {"low": 1, "high": 2, "scale": 3}}}, "unknown field(s) scale"),
+        ({"space": {"model.net_kwargs.drop_path_rate": {"low": 0.0, "high": 0.1, "when": {"model.net": ["vit3d"]}}}},
+         "not a categorical parameter listed above it"),
+        ({"fixed": {"model.lr": 0.1}}, "both in `fixed` and in `space`"),
+        ({"pruner": {"type": "sometimes"}}, "pruner.type: sometimes"),
+        ({"heartbeat": {"interval": 10, "grace": 5}}, "0 < interval < grace"),
+        ({"isolate": "maybe"}, "must be auto, always or never"),
+        ({"study": "a b"}, "may hold only letters"),
+    ],
+)
+def test_bad_sweep_files_name_the_key_and_the_fix(tmp_path, change, message):
+    spec = {"study": "s", "config": ["base.yaml"], "space": {"model.lr": {"low": 1e-4, "high": 1e-2}}, **change}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(SweepConfigError) as err:
+        load_sweep_config(path)
+    assert message in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_missing_sweep_file_says_which_and_how(tmp_path):
+    with pytest.raises(SweepConfigError, match="sweep file not found; pass --space"):
+        load_sweep_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_are_config_keys_and_net_kwargs_one_json_value():
+    fixed = {"trainer.max_epochs": 3, "trainer.enable_progress_bar": False, "model.net_kwargs.drop_rate": 0.1}
+    params = {"model.lr": 0.002, "model.net": "vit3d_tiny", "model.net_kwargs.drop_path_rate": 0.05, "data.batch_size": 16}
+    args = overrides_for(fixed, params)
+    pairs = dict(zip(args[::2], args[1::2]))
+    assert pairs["--trainer.max_epochs"] == "3"
+    assert pairs["--trainer.enable_progress_bar"] == "false"
+    assert pairs["--model.lr"] == "0.002"
+    assert pairs["--data.batch_size"] == "16"
+    assert json.loads(pairs["--model.net_kwargs"]) == {"drop_rate": 0.1, "drop_path_rate": 0.05}
+    assert not any(a.startswith("--model.net_kwargs.") for a in args)
+
+
+# ---------------------------------------------------------------------------------------------- stale trials
+def test_fail_stale_trials_fails_dead_and_silent_workers_only(tmp_path):
+    storage = str(tmp_path / "s.journal")
+    study = optuna.create_study(study_name="s", storage=open_storage(storage))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # exited and reaped: its pid is free
+    host, now = socket.gethostname(), time.time()
+    attrs = [
+        {"leuko.host": host, "leuko.pid": dead.pid, "leuko.heartbeat": now},  # worker gone -> FAIL
+        {"leuko.host": host, "leuko.pid": os.getpid(), "leuko.heartbeat": now},  # alive -> RUNNING
+        {"leuko.host": "elsewhere", "leuko.pid": 1, "leuko.heartbeat": now - 600},  # silent 10 min -> FAIL
+        {"leuko.host": "elsewhere", "leuko.pid": 1, "leuko.heartbeat": now},  # beating -> RUNNING
+    ]
+    for a in attrs:
+        trial = study.ask()
+        for k, v in a.items():
+            trial.set_user_attr(k, v)
+    assert fail_stale_trials(study, grace=180) == [0, 2]
+    assert _states(study) == ["FAIL", "RUNNING", "FAIL", "RUNNING"]
+    assert "gone" in study.trials[0].user_attrs["leuko.fail_reason"]
+    assert fail_stale_trials(study, grace=0) == [1, 3]  # the documented "no worker is left" recovery
+
+
+# ---------------------------------------------------------------------------------------------- real sweeps
+@pytest.mark.slow
+def test_sweep_logs_trials_prunes_and_resumes(tmp_path, tiny_prepared, monkeypatch, capsys):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    base = write_base(tmp_path, tiny_prepared, max_epochs=2)
+    fixed = {"tracking.experiment": "t_sweep"}
+    space = write_space(tmp_path, base, study="s1", fixed=fixed)
+    assert main(["sweep", "--space", str(space), "--trials", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "leaderboard of study s1" in out and "leuko cv --config" in out and "mlflow ui" in out
+    study = _study("s1", "sweeps/s1.journal")
+    assert _states(study) == ["COMPLETE", "COMPLETE"]
+
+    # The same study again, now with a pruner that stops every trial after its second epoch.
+    pruning = write_space(tmp_path, base, study="s1", name="prune.yaml", fixed=fixed,
+                          pruner={"type": "threshold", "lower": 2.0, "n_warmup_steps": 1})
+    assert main(["sweep", "--space", str(pruning), "--trials", "1"]) == 0
+    study = _study("s1", "sweeps/s1.journal")
+    assert _states(study) == ["COMPLETE", "COMPLETE", "PRUNED"]  # resumed: earlier trials stay
+    pruned = study.trials[2]
+    assert sorted(pruned.intermediate_values) == [0, 1]
+    for t in study.trials:
+        assert t.user_attrs["leuko.overrides"][:2] == ["--tracking.experiment", "t_sweep"]
+
+    board = pd.read_csv(tmp_path / "sweeps" / "s1" / "leaderboard.csv")
+    assert list(board["state"]) == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert board["balanced_accuracy"].iloc[0] >= board["balanced_accuracy"].iloc[1]
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("t_sweep")
+    sweeps = client.search_runs([exp.experiment_id], "tags.`leuko.command` = 'sweep'")
+    assert len(sweeps) == 1 and sweeps[0].info.run_name == "sweep-s1"  # one sweep run across both invocations
+    sweep_id = sweeps[0].info.run_id
+    assert "leaderboard.csv" in [a.path for a in client.list_artifacts(sweep_id)]
+    trials = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{sweep_id}'")
+    by_trial = {r.data.tags["leuko.trial"]: r for r in trials}
+    assert sorted(by_trial) == ["0", "1", "2"]
+    assert [by_trial[n].data.tags["leuko.trial_state"] for n in "012"] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    assert [by_trial[n].info.status for n in "012"] == ["FINISHED", "FINISHED", "KILLED"]
+    folds = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{by_trial['2'].info.run_id}'")
+    assert [(r.info.status, r.data.tags["leuko.trial_state"]) for r in folds] == [("KILLED", "PRUNED")]
+
+
+def _run_workers_and_kill_one(tmp_path, space: Path, storage: str, trials: int) -> tuple[optuna.Study, int, str]:
+    """Start `leuko sweep --workers 2` as a real process, SIGKILL worker 1 during its first trial.
+
+    Returns (study after the sweep ended, number of the killed worker's trial, sweep output)."""
+    cmd = [sys.executable, "-m", "leuko.cli", "sweep", "--space", str(space), "--trials", str(trials),
+           "--workers", "2", "--storage", storage]
+    log = open(tmp_path / "sweep.log", "w")
+    main_proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env_with())
+    killed = None
+    try:
+        deadline = time.time() + 240
+        while killed is None and time.time() < deadline and main_proc.poll() is None:
+            time.sleep(0.3)
+            try:
+                study = _study("w", storage)
+            except KeyError:
+                continue
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                pid = t.user_attrs.get("leuko.pid")
+                if pid and pid != main_proc.pid and "leuko.dir" in t.user_attrs:
+                    os.kill(pid, signal.SIGKILL)  # worker 1: a process of this test's own sweep
+                    killed = t.number
+                    break
+        assert killed is not None, (tmp_path / "sweep.log").read_text()[-3000:]
+        assert main_proc.wait(timeout=300) == 0, (tmp_path / "sweep.log").read_text()[-3000:]
+    finally:
+        if main_proc.poll() is None:
+            main_proc.kill()
+            main_proc.wait()
+        log.close()
+    return _study("w", storage), killed, (tmp_path / "sweep.log").read_text()
+
+
+@pytest.mark.slow
+def test_killed_worker_fails_its_trial_and_others_finish_journal(tmp_path, tiny_prepared):
+    base = write_base(tmp_path, tiny_prepared, max_epochs=2)
+    space = write_space(tmp_path, base, study="w", fixed={"tracking.enabled": False, "trainer.logger": False})
+    storage = str(tmp_path / "w.journal")
+    study, killed, output = _run_workers_and_kill_one(tmp_path, space, storage, trials=4)
+    states = dict(zip(range(99), _states(study)))
+    assert states[killed] == "FAIL", output[-3000:]
+    assert "is gone" in study.trials[killed].user_attrs["leuko.fail_reason"]
+    assert "worker 1" in output and "exit code -9" in output
+    # worker 0 ran its whole share
+    assert sorted(s for n, s in states.items() if n != killed) == ["COMPLETE", "COMPLETE"], output[-3000:]
+
+
+@pytest.mark.slow
+def test_killed_worker_fails_its_trial_by_heartbeat_database(tmp_path, tiny_prepared, monkeypatch):
+    base = write_base(tmp_path, tiny_prepared, max_epochs=2)
+    space = write_space(tmp_path, base, study="w", fixed={"tracking.enabled": False, "trainer.logger": False})
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study, killed, output = _run_workers_and_kill_one(tmp_path, space, storage, trials=3)
+    assert _states(study).count("COMPLETE") == 2, output[-3000:]  # worker 0 carried on
+    # Once the killed worker's heartbeat is older than the grace period (3 s), the next trial any
+    # worker starts fails it: here a later `leuko sweep` on the same database.
+    time.sleep(3)
+    monkeypatch.chdir(tmp_path)
+    assert main(["sweep", "--space", str(space), "--storage", storage, "--trials", "1"]) == 0
+    study = _study("w", storage)
+    states = _states(study)
+    assert states[killed] == "FAIL"
+    assert "leuko.fail_reason" not in study.trials[killed].user_attrs  # Optuna's heartbeat did it
+    assert states.count("COMPLETE") == 3
+
+
+@pytest.mark.slow
+def test_ddp_trial_on_two_cpu_processes(tmp_path, tiny_prepared, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    base = write_base(tmp_path, tiny_prepared, max_epochs=2)
+    space = write_space(tmp_path, base, study="ddp", fixed={"tracking.experiment": "t_ddp"},
+                        pruner={"type": "threshold", "lower": 2.0, "n_warmup_steps": 1})
+    ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
+    # 1 epoch: nothing to prune (step 0 is in the warm-up); 2 epochs: pruned after the second
+    assert main(["sweep", "--space", str(space), "--trials", "1", *ddp, "--trainer.max_epochs", "1"]) == 0
+    assert main(["sweep", "--space", str(space), "--trials", "1", *ddp]) == 0
+    study = _study("ddp", "sweeps/ddp.journal")
+    assert _states(study) == ["COMPLETE", "PRUNED"]
+    assert sorted(study.trials[1].intermediate_values) == [0, 1]  # reported by rank 0 only, once per epoch
+    for trial in study.trials:
+        ranks = [json.loads(p.read_text()) for p in sorted(Path(trial.user_attrs["leuko.dir"]).glob("ranks/*.json"))]
+        assert [r["rank"] for r in ranks] == [0, 1]
+        assert all(r["overrides"] == trial.user_attrs["leuko.overrides"] for r in ranks)  # same parameters
+        assert not any(_alive(r["pid"]) for r in ranks)  # every rank ended with its trial
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name("t_ddp")
+    runs = client.search_runs([exp.experiment_id], "tags.`leuko.trial` = '1'")
+    assert [(r.info.status, r.data.tags["leuko.trial_state"]) for r in runs] == [("KILLED", "PRUNED")]
+    folds = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{runs[0].info.run_id}'")
+    assert len(folds) == 1  # one fold run: rank 0 logs, rank 1 does not

@@ -1,0 +1,100 @@
+"""`leuko register`: refit on all non-test patients, test once, log a models-from-code pyfunc, register
+it, and alias it champion only when it beats the current champion."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+import yaml
+from helpers.sweep import registered_model
+
+from leuko.tracking.registry import CHALLENGER, CHAMPION, RegisterError, Source, decide, register, source_from_study
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tiny_prepared):
+    return registered_model(tmp_path_factory.getbasetemp(), tiny_prepared)
+
+
+def test_decide_champion_only_when_strictly_better():
+    assert decide(0.7, None, None, "balanced_accuracy")[0] == CHAMPION
+    assert decide(0.8, "3", 0.7, "balanced_accuracy") == (CHAMPION, "test balanced_accuracy 0.8000 > 0.7000 of champion v3")
+    assert decide(0.7, "3", 0.7, "balanced_accuracy")[0] == CHALLENGER  # a tie keeps the champion
+    assert decide(0.6, "3", 0.7, "balanced_accuracy")[0] == CHALLENGER
+    alias, reason = decide(0.9, "3", None, "balanced_accuracy")
+    assert alias == CHALLENGER and "no recorded leuko.score" in reason
+
+
+def test_register_without_a_study_says_what_to_run(tmp_path):
+    space = tmp_path / "s.yaml"
+    space.write_text(yaml.safe_dump({"study": "none", "config": ["x.yaml"], "space": {"model.lr": {"low": 0.001, "high": 0.01}}}))
+    with pytest.raises(RegisterError, match="run `leuko sweep --space"):
+        source_from_study(space, storage=str(tmp_path / "none.journal"))
+
+
+@pytest.mark.slow
+def test_best_trial_is_refit_tested_logged_and_champion(registry):
+    result, uri = registry["result"], registry["tracking_uri"]
+    client = mlflow.MlflowClient(uri)
+    version = client.get_model_version("leuko", result["version"])
+    assert str(client.get_model_version_by_alias("leuko", "champion").version) == str(version.version)
+    assert version.tags["leuko.decision"].startswith("champion: no champion yet")
+    assert float(version.tags["leuko.score"]) == pytest.approx(result["test"]["balanced_accuracy"], abs=1e-6)
+    assert version.tags["leuko.metric"] == "test/balanced_accuracy"
+    assert version.tags["leuko.compared_to"] == "none"
+    for tag in ("leuko.git_commit", "leuko.manifest_sha256", "leuko.prepared_fingerprint", "leuko.cv_balanced_accuracy"):
+        assert tag in version.tags
+
+    # the version links to the refit run, a child of the sweep run, with CV and test metrics
+    run = client.get_run(version.run_id)
+    assert run.data.tags["leuko.role"] == "refit"
+    assert run.data.tags["leuko.trial"] == str(registry["source"].trial)
+    sweep = client.get_run(run.data.tags["mlflow.parentRunId"])
+    assert sweep.info.run_name == "sweep-reg"
+    assert {"test/balanced_accuracy", "cv/balanced_accuracy_mean", "cv/balanced_accuracy_std"} <= set(run.data.metrics)
+    assert run.data.params["data.fold"] == "None"  # refit on every non-test patient
+
+    # models-from-code: inference code + safetensors weights + JSON config, no pickle
+    local = mlflow.artifacts.download_artifacts(f"models:/leuko/{version.version}", tracking_uri=uri)
+    mlmodel = yaml.safe_load(open(f"{local}/MLmodel"))
+    assert mlmodel["flavors"]["python_function"]["model_code_path"].endswith("pyfunc_model.py")
+    files = {p.name for p in __import__("pathlib").Path(local).rglob("*") if p.is_file()}
+    assert {"weights.safetensors", "model_config.json", "pyfunc_model.py"} <= files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth"))]
+    config = json.loads(next(__import__("pathlib").Path(local).rglob("model_config.json")).read_text())
+    assert config["classes"] == ["neutrophil", "eosinophil", "lymphocyte", "monocyte"]
+    assert config["preprocessing"]["shape"] == [16, 16, 16] and config["preprocessing"]["modality"] == "ri"
+    signature = mlmodel["signature"]
+    inputs = json.loads(signature["inputs"])
+    assert inputs[0]["tensor-spec"]["shape"] == [-1, 1, -1, -1, -1]
+    assert [c["name"] for c in json.loads(signature["outputs"])] == ["pred_label"] + [f"prob_{c}" for c in config["classes"]]
+
+
+@pytest.mark.slow
+def test_registering_no_better_model_makes_a_challenger(registry, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["tracking_uri"])
+    first = registry["result"]
+    # The same trial again trains the same weights (seeded), so it cannot beat the champion.
+    again = register(registry["source"], out=registry["folder"] / "runs")
+    assert again["alias"] == CHALLENGER
+    client = mlflow.MlflowClient(registry["tracking_uri"])
+    assert str(client.get_model_version_by_alias("leuko", "champion").version) == first["version"]
+    assert str(client.get_model_version_by_alias("leuko", "challenger").version) == again["version"]
+    tags = client.get_model_version("leuko", again["version"]).tags
+    assert tags["leuko.compared_to"] == first["version"]
+    assert float(tags["leuko.champion_score"]) == pytest.approx(first["score"], abs=1e-6)
+    assert tags["leuko.decision"].startswith("challenger: test balanced_accuracy")
+
+
+@pytest.mark.slow
+def test_register_a_config_by_hand(registry, tiny_prepared, monkeypatch, tmp_path):
+    from helpers.sweep import write_base
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["tracking_uri"])
+    base = write_base(tmp_path, tiny_prepared)
+    result = register(Source(configs=[str(base)], overrides=["--model.lr", "0.002"]), name="leuko-manual", out=tmp_path / "runs")
+    assert result["alias"] == CHAMPION and result["cv"] == {}
+    client = mlflow.MlflowClient(registry["tracking_uri"])
+    assert str(client.get_model_version_by_alias("leuko-manual", "champion").version) == "1"
