@@ -51,9 +51,7 @@ def _monai_pipeline(shape: tuple[int, int, int], device: torch.device) -> Callab
     return Compose(
         [
             # sigma 5-8 voxels and magnitude 50-150: the range MONAI's own 3D tutorials use for elastic warps
-            Rand3DElastic(
-                sigma_range=(5, 8), magnitude_range=(50, 150), prob=1.0, padding_mode="zeros", device=device
-            ),
+            Rand3DElastic(sigma_range=(5, 8), magnitude_range=(50, 150), prob=1.0, padding_mode="zeros", device=device),
             RandSpatialCrop(roi_size=[round(0.9 * n) for n in shape], random_size=False),
             RandGaussianNoise(prob=1.0, std=0.05),
             RandFlip(prob=0.5, spatial_axis=0),
@@ -83,8 +81,11 @@ def main(argv: list[str] | None = None) -> None:
 
     # moderate strengths, the ones the tests call plausible for cells
     leuko_aug = BatchAugment(elastic=2.0, crop=0.1, noise=0.05, flip=0.5)
-    seconds = {"leuko BatchAugment (batched)": _time(lambda: leuko_aug(x), device=device, warmup=args.warmup,
-                                                     repeats=args.repeats)}
+    seconds = {
+        "leuko BatchAugment (batched)": _time(
+            lambda: leuko_aug(x), device=device, warmup=args.warmup, repeats=args.repeats
+        )
+    }
     if not args.skip_monai:
         pipeline = _monai_pipeline(args.shape, device)
         seconds["monai Compose (per volume)"] = _time(
@@ -97,8 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     slowest = max(seconds.values())
     for name, total in seconds.items():
         per_volume = total / args.batch
-        print(f"{name:<30} {device.type:<8} {1e3 * per_volume:>10.1f} {1 / per_volume:>10.1f} "
-              f"{slowest / total:>8.1f}x")
+        print(f"{name:<30} {device.type:<8} {1e3 * per_volume:>10.1f} {1 / per_volume:>10.1f} {slowest / total:>8.1f}x")
 
 
 if __name__ == "__main__":

@@ -98,8 +98,11 @@ def run_layout(root: Path, layout: str, cells: int, shape, shard_cells: int, see
         n_files = write_per_file(repo / "data", cells, shape, seed)
     else:
         n_files = write_packed(repo / "data", cells, shape, seed, shard_cells)
-    result = {"layout": layout + (f" ({cache_type})" if cache_type else ""), "files": n_files,
-              "write": time.perf_counter() - start}
+    result = {
+        "layout": layout + (f" ({cache_type})" if cache_type else ""),
+        "files": n_files,
+        "write": time.perf_counter() - start,
+    }
     result["add"], _ = sh(["dvc", "add", "data"], repo)
     result["status"], out = sh(["dvc", "status"], repo)
     assert "up to date" in out, out
@@ -145,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", type=int, default=16, help="cube side in voxels (default 16: 16 KB per cell)")
     parser.add_argument("--shard-cells", type=int, default=1000, help="cells per shard in the packed layout")
     parser.add_argument("--layouts", default="per-file,packed")
-    parser.add_argument("--cache-type", default=None, help="dvc config cache.type, e.g. hardlink,symlink (default: DVC's)")
+    parser.add_argument(
+        "--cache-type", default=None, help="dvc config cache.type, e.g. hardlink,symlink (default: DVC's)"
+    )
     parser.add_argument("--keep", type=Path, default=None, help="work here and keep it (default: a temporary folder)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -154,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     shape = (args.shape,) * 3
     startup, version = sh(["dvc", "--version"], Path.cwd())  # the fixed cost in every number below
     mb = args.cells * (4 * args.shape**3 + 128) / 1e6
-    print(f"{args.cells:,} cells of {args.shape}^3 float32 ({mb:,.0f} MB), dvc {version.strip()}, {os.cpu_count()} CPUs",
-          file=sys.stderr)
+    print(
+        f"{args.cells:,} cells of {args.shape}^3 float32 ({mb:,.0f} MB), dvc {version.strip()}, {os.cpu_count()} CPUs",
+        file=sys.stderr,
+    )
     results = []
     try:
         for layout in args.layouts.split(","):

@@ -45,36 +45,66 @@ def prepare_data(npz: Path, work: Path) -> Path:
     return Path(result.out_dir)
 
 
-def train_one(net: str, prepared: Path, *, epochs: int, batch_size: int, lr: float, accelerator: str, seed: int,
-              work: Path) -> dict:
+def train_one(
+    net: str, prepared: Path, *, epochs: int, batch_size: int, lr: float, accelerator: str, seed: int, work: Path
+) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from leuko.training.module import VolumeClassifier
     from leuko.data.datamodule import LeukoDataModule
+    from leuko.training.module import VolumeClassifier
 
     L.seed_everything(seed, workers=True, verbose=False)
     data = LeukoDataModule(prepared_dir=str(prepared), fold=0, batch_size=batch_size, num_workers=0, seed=seed)
     model = VolumeClassifier(
-        net=net, net_kwargs=NET_KWARGS.get(net), in_channels=data.in_channels, num_classes=data.num_classes,
-        class_names=data.classes, input_shape=data.shape, optimizer="adam", lr=lr, weight_decay=0.0,
-        warmup_epochs=0.0, scheduler="multistep", milestones=(0.5, 0.75), gamma=0.1,
+        net=net,
+        net_kwargs=NET_KWARGS.get(net),
+        in_channels=data.in_channels,
+        num_classes=data.num_classes,
+        class_names=data.classes,
+        input_shape=data.shape,
+        optimizer="adam",
+        lr=lr,
+        weight_decay=0.0,
+        warmup_epochs=0.0,
+        scheduler="multistep",
+        milestones=(0.5, 0.75),
+        gamma=0.1,
     )
-    best = ModelCheckpoint(dirpath=work / "checkpoints" / net, filename="best", monitor="val/auroc", mode="max",
-                           save_top_k=1, enable_version_counter=False)
-    trainer = L.Trainer(max_epochs=epochs, accelerator=accelerator, devices=1, logger=False, callbacks=[best],
-                        enable_progress_bar=False, enable_model_summary=False, deterministic=False,
-                        default_root_dir=str(work))
+    best = ModelCheckpoint(
+        dirpath=work / "checkpoints" / net,
+        filename="best",
+        monitor="val/auroc",
+        mode="max",
+        save_top_k=1,
+        enable_version_counter=False,
+    )
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator=accelerator,
+        devices=1,
+        logger=False,
+        callbacks=[best],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=False,
+        default_root_dir=str(work),
+    )
     started = time.perf_counter()
     trainer.fit(model, datamodule=data)
     train_s = time.perf_counter() - started
     # weights_only=False: the checkpoint is this run's own and holds the DataModule's hyperparameters.
     test = trainer.test(model, datamodule=data, ckpt_path=best.best_model_path, verbose=False, weights_only=False)[0]
     return {
-        "net": net, "params_m": sum(p.numel() for p in model.net.parameters()) / 1e6, "epochs": epochs,
-        "best_epoch": int(_best_epoch(best)), "val_auroc": float(best.best_model_score),
-        "auroc": float(test["test/auroc"]), "accuracy": float(test["test/accuracy"]),
-        "balanced_accuracy": float(test["test/balanced_accuracy"]), "train_s": train_s,
+        "net": net,
+        "params_m": sum(p.numel() for p in model.net.parameters()) / 1e6,
+        "epochs": epochs,
+        "best_epoch": int(_best_epoch(best)),
+        "val_auroc": float(best.best_model_score),
+        "auroc": float(test["test/auroc"]),
+        "accuracy": float(test["test/accuracy"]),
+        "balanced_accuracy": float(test["test/balanced_accuracy"]),
+        "train_s": train_s,
     }
 
 
@@ -85,12 +115,18 @@ def _best_epoch(callback) -> int:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| net | params (M) | epochs | best epoch (val AUC) | test AUC | test ACC | test balanced ACC | train time |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| net | params (M) | epochs | best epoch (val AUC) | test AUC | test ACC | test balanced ACC | train time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['net']} | {r['params_m']:.3f} | {r['epochs']} | {r['best_epoch'] + 1} ({r['val_auroc']:.3f}) | "
-                     f"{r['auroc']:.3f} | {r['accuracy']:.3f} | {r['balanced_accuracy']:.3f} | {r['train_s'] / 60:.1f} min |")
-    lines.append(f"| {PUBLISHED['net']} | – | 100 | – | {PUBLISHED['auroc']:.3f} | {PUBLISHED['accuracy']:.3f} | – | – |")
+        lines.append(
+            f"| {r['net']} | {r['params_m']:.3f} | {r['epochs']} | {r['best_epoch'] + 1} ({r['val_auroc']:.3f}) | "
+            f"{r['auroc']:.3f} | {r['accuracy']:.3f} | {r['balanced_accuracy']:.3f} | {r['train_s'] / 60:.1f} min |"
+        )
+    lines.append(
+        f"| {PUBLISHED['net']} | – | 100 | – | {PUBLISHED['auroc']:.3f} | {PUBLISHED['accuracy']:.3f} | – | – |"
+    )
     return "\n".join(lines)
 
 
@@ -118,20 +154,32 @@ def write_results(path: Path, section: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )
     parser.add_argument("--npz", type=Path, default=DEFAULT_NPZ, help=f"VesselMNIST3D file (default {DEFAULT_NPZ})")
-    parser.add_argument("--nets", default="resnet3d_50_tiny,vit3d_tiny,fishnet3d_tiny",
-                        help="comma-separated names from leuko.nets, each optionally NAME:EPOCHS "
-                             "(default: the tiny nets, which train on a CPU)")
+    parser.add_argument(
+        "--nets",
+        default="resnet3d_50_tiny,vit3d_tiny,fishnet3d_tiny",
+        help="comma-separated names from leuko.nets, each optionally NAME:EPOCHS "
+        "(default: the tiny nets, which train on a CPU)",
+    )
     parser.add_argument("--epochs", type=int, default=100, help="epochs per net (published protocol: 100)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--accelerator", default="cpu", help="cpu or gpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "medmnist",
-                        help="imported and prepared data, checkpoints (default runs/medmnist)")
-    parser.add_argument("--results", type=Path, default=None, help="also write the table into this RESULTS.md (MedMNIST section)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=ROOT / "runs" / "medmnist",
+        help="imported and prepared data, checkpoints (default runs/medmnist)",
+    )
+    parser.add_argument(
+        "--results", type=Path, default=None, help="also write the table into this RESULTS.md (MedMNIST section)"
+    )
     args = parser.parse_args()
     if not args.npz.is_file():
         sys.exit(f"{args.npz}: not found; give --npz the path of vesselmnist3d.npz (MedMNIST v2, CC BY 4.0)")
@@ -149,8 +197,18 @@ def main() -> None:
             print(f"--- {net}: {epochs} epochs, result from {cache}", file=sys.stderr, flush=True)
             continue
         print(f"--- {net}: {epochs} epochs", file=sys.stderr, flush=True)
-        rows.append(train_one(net, prepared, epochs=epochs, batch_size=args.batch_size, lr=args.lr,
-                              accelerator=args.accelerator, seed=args.seed, work=args.work))
+        rows.append(
+            train_one(
+                net,
+                prepared,
+                epochs=epochs,
+                batch_size=args.batch_size,
+                lr=args.lr,
+                accelerator=args.accelerator,
+                seed=args.seed,
+                work=args.work,
+            )
+        )
         rows[-1]["environment"] = environment(args.accelerator)
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(rows[-1], indent=2) + "\n")
@@ -159,7 +217,9 @@ def main() -> None:
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     text = table(rows)
     print(f"\nVesselMNIST3D 28^3, test split (382 volumes), model chosen on val AUC; {env}\n\n{text}")
-    (args.work / "results.json").write_text(json.dumps({"rows": rows, "environment": env, "command": command}, indent=2))
+    (args.work / "results.json").write_text(
+        json.dumps({"rows": rows, "environment": env, "command": command}, indent=2)
+    )
     if args.results:
         epochs = "/".join(str(r["epochs"]) for r in rows)
         section = (

@@ -1,8 +1,8 @@
 """Time phantom cohort generation and print a table.
 
-    python benchmarks/phantoms.py                       # default cohort: 24 patients x 60 cells, 32^3, ri
-    python benchmarks/phantoms.py --shapes 32 32 32 64 64 64 --modality hhg
-    python benchmarks/phantoms.py --figure docs/phantom_cells.png   # redraw the gallery in the docs
+python benchmarks/phantoms.py                       # default cohort: 24 patients x 60 cells, 32^3, ri
+python benchmarks/phantoms.py --shapes 32 32 32 64 64 64 --modality hhg
+python benchmarks/phantoms.py --figure docs/phantom_cells.png   # redraw the gallery in the docs
 """
 
 from __future__ import annotations
@@ -22,12 +22,27 @@ def time_cohorts(shapes, *, n_patients: int, cells_per_patient: int, modality: s
     for shape in shapes:
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            make_cohort(Path(tmp) / "cohort", n_patients=n_patients, cells_per_patient=cells_per_patient,
-                        shape=shape, modality=modality, fmt=fmt, progress=False)
+            make_cohort(
+                Path(tmp) / "cohort",
+                n_patients=n_patients,
+                cells_per_patient=cells_per_patient,
+                shape=shape,
+                modality=modality,
+                fmt=fmt,
+                progress=False,
+            )
             seconds = time.perf_counter() - start
         n = n_patients * cells_per_patient
-        rows.append({"shape": "x".join(map(str, shape)), "modality": modality, "format": fmt, "cells": n,
-                     "seconds": round(seconds, 1), "cells/s": round(n / seconds, 1)})
+        rows.append(
+            {
+                "shape": "x".join(map(str, shape)),
+                "modality": modality,
+                "format": fmt,
+                "cells": n,
+                "seconds": round(seconds, 1),
+                "cells/s": round(n / seconds, 1),
+            }
+        )
     return rows
 
 
@@ -47,17 +62,34 @@ def draw_gallery(path: Path, *, shape=(32, 32, 32), per_class: int = 5) -> None:
     import matplotlib.pyplot as plt
 
     grid = _Grid(shape, voxel_size_for(shape))
-    rows = [("neutrophil", "blood"), ("eosinophil", "blood"), ("lymphocyte", "blood"),
-            ("monocyte", "blood"), ("monocyte", "BALF")]
+    rows = [
+        ("neutrophil", "blood"),
+        ("eosinophil", "blood"),
+        ("lymphocyte", "blood"),
+        ("monocyte", "blood"),
+        ("monocyte", "BALF"),
+    ]
     fig, axes = plt.subplots(len(rows), 2 * per_class, figsize=(2 * per_class * 1.25, len(rows) * 1.35))
     for i, (label, sample_type) in enumerate(rows):
         for j in range(per_class):
             # one acquisition per column, like cells from different patients
             acq_seed, cell_seed = [2024, j], [2024, i, j]
-            ri = _render_cell(label, sample_type, "ri", _acquisition("ri", np.random.default_rng(acq_seed)), grid,
-                              np.random.default_rng(cell_seed))[0]
-            thg = _render_cell(label, sample_type, "hhg", _acquisition("hhg", np.random.default_rng(acq_seed)),
-                               grid, np.random.default_rng(cell_seed))[0]
+            ri = _render_cell(
+                label,
+                sample_type,
+                "ri",
+                _acquisition("ri", np.random.default_rng(acq_seed)),
+                grid,
+                np.random.default_rng(cell_seed),
+            )[0]
+            thg = _render_cell(
+                label,
+                sample_type,
+                "hhg",
+                _acquisition("hhg", np.random.default_rng(acq_seed)),
+                grid,
+                np.random.default_rng(cell_seed),
+            )[0]
             mid = shape[0] // 2
             axes[i, j].imshow(ri[mid], cmap="magma", vmin=1.337, vmax=1.39)
             axes[i, per_class + j].imshow(thg[mid], cmap="gray", vmin=0, vmax=np.percentile(thg[mid], 99.5))
@@ -87,9 +119,16 @@ def main() -> None:
         return
     if len(args.shapes) % 3:
         parser.error(f"--shapes takes groups of three (D H W), got {args.shapes}")
-    shapes = [tuple(args.shapes[i:i + 3]) for i in range(0, len(args.shapes), 3)]
-    print_table(time_cohorts(shapes, n_patients=args.patients, cells_per_patient=args.cells_per_patient,
-                             modality=args.modality, fmt=args.format))
+    shapes = [tuple(args.shapes[i : i + 3]) for i in range(0, len(args.shapes), 3)]
+    print_table(
+        time_cohorts(
+            shapes,
+            n_patients=args.patients,
+            cells_per_patient=args.cells_per_patient,
+            modality=args.modality,
+            fmt=args.format,
+        )
+    )
 
 
 if __name__ == "__main__":

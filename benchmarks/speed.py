@@ -48,15 +48,15 @@ import torch.nn.functional as F
 # this folder's scripts import each other when run as `python benchmarks/speed.py`
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from augment import _monai_pipeline, _parse_shape  # noqa: E402
-from augment import _time as _median_seconds  # noqa: E402
-from nets_table import count as count_flops  # noqa: E402
+from augment import _monai_pipeline, _parse_shape
+from augment import _time as _median_seconds
+from nets_table import count as count_flops
 
-from leuko.training.module import VolumeClassifier  # noqa: E402
-from leuko.data.augment import BatchAugment  # noqa: E402
-from leuko.data.optics import DEFAULT_CLASSES  # noqa: E402
-from leuko.data.datamodule import LeukoDataModule  # noqa: E402
-from leuko.data.prepare import INDEX, META, VOLUMES  # noqa: E402
+from leuko.data.augment import BatchAugment
+from leuko.data.datamodule import LeukoDataModule
+from leuko.data.optics import DEFAULT_CLASSES
+from leuko.data.prepare import INDEX, META, VOLUMES
+from leuko.training.module import VolumeClassifier
 
 FULL_NETS = ("resnet3d_50", "vit3d", "fishnet3d")
 TOGGLES = ("bf16", "channels_last", "compile")
@@ -69,10 +69,28 @@ GIB = 2**30
 # default CPU run took about 30 minutes on 2 busy cores); long enough on a GPU for steady state. compile is off
 # on the CPU by default: compiling forward and backward of a full-size net takes minutes there.
 DEFAULTS = {
-    "cpu": dict(batch=1, infer_batch=2, steps=1, warmup=1, modes="fp32,bf16,channels_last,all", aug_batch=8,
-                workers="0,1,2", loader_cells=256, peak_size=2048),
-    "cuda": dict(batch=16, infer_batch=128, steps=20, warmup=5, modes="fp32,bf16,channels_last,compile,all",
-                 aug_batch=64, workers="0,2,4,8", loader_cells=1024, peak_size=8192),
+    "cpu": dict(
+        batch=1,
+        infer_batch=2,
+        steps=1,
+        warmup=1,
+        modes="fp32,bf16,channels_last,all",
+        aug_batch=8,
+        workers="0,1,2",
+        loader_cells=256,
+        peak_size=2048,
+    ),
+    "cuda": dict(
+        batch=16,
+        infer_batch=128,
+        steps=20,
+        warmup=5,
+        modes="fp32,bf16,channels_last,compile,all",
+        aug_batch=64,
+        workers="0,2,4,8",
+        loader_cells=1024,
+        peak_size=8192,
+    ),
 }
 
 # ---------------------------------------------------------------- timing and memory
@@ -179,7 +197,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, *, n: int, repeats: in
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     out = torch.empty(n, n, device=device, dtype=dtype)
-    step = lambda: torch.matmul(a, b, out=out)  # noqa: E731
+    step = lambda: torch.matmul(a, b, out=out)
     time_loop(step, 2, device)  # warm-up: kernel selection, clocks
     seconds = min(time_loop(step, 1, device) for _ in range(repeats))
     return 2 * n**3 / seconds
@@ -199,17 +217,38 @@ def _autocast(device: torch.device, bf16: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-def build_model(net: str, shape: tuple[int, int, int], *, in_channels: int, num_classes: int,
-                channels_last: bool, compile: bool, device: torch.device) -> VolumeClassifier:
+def build_model(
+    net: str,
+    shape: tuple[int, int, int],
+    *,
+    in_channels: int,
+    num_classes: int,
+    channels_last: bool,
+    compile: bool,
+    device: torch.device,
+) -> VolumeClassifier:
     """The classifier exactly as training builds it (its forward applies channels_last to the input)."""
-    model = VolumeClassifier(net=net, in_channels=in_channels, num_classes=num_classes, input_shape=shape,
-                             channels_last=channels_last, compile=compile)
+    model = VolumeClassifier(
+        net=net,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        input_shape=shape,
+        channels_last=channels_last,
+        compile=compile,
+    )
     return model.to(device)
 
 
-def make_train_step(model: VolumeClassifier, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-                    y: torch.Tensor | None, *, bf16: bool, augment: BatchAugment | None = None,
-                    batches: Iterator[dict] | None = None) -> Callable[[], None]:
+def make_train_step(
+    model: VolumeClassifier,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    *,
+    bf16: bool,
+    augment: BatchAugment | None = None,
+    batches: Iterator[dict] | None = None,
+) -> Callable[[], None]:
     """One optimisation step, as Lightning runs it (autocast around forward and loss; backward and the
     optimizer outside). With `batches`, each step takes the next loader batch, moves it with
     non_blocking=True (pinned memory) and augments it on the device first. Nothing here waits for the device.
@@ -234,22 +273,50 @@ def make_train_step(model: VolumeClassifier, optimizer: torch.optim.Optimizer, x
     return step
 
 
-def bench_net(net: str, shape: tuple[int, int, int], mode: str, *, modes: list[str], device: torch.device,
-              batch: int, infer_batch: int, steps: int, warmup: int, in_channels: int = 1, num_classes: int = 4,
-              peak_bf16: float | None = None, flops: tuple[int, int] | None = None) -> dict:
+def bench_net(
+    net: str,
+    shape: tuple[int, int, int],
+    mode: str,
+    *,
+    modes: list[str],
+    device: torch.device,
+    batch: int,
+    infer_batch: int,
+    steps: int,
+    warmup: int,
+    in_channels: int = 1,
+    num_classes: int = 4,
+    peak_bf16: float | None = None,
+    flops: tuple[int, int] | None = None,
+) -> dict:
     """Training and inference throughput, peak memory, FLOPs and MFU of one net at one shape in one mode."""
     toggles = mode_toggles(mode, modes)
     params, fwd_flops = flops or count_flops(net, shape=shape, in_channels=in_channels, num_classes=num_classes)
-    row: dict = {"net": net, "shape": "x".join(map(str, shape)), "mode": mode, **toggles, "batch": batch,
-                 "infer_batch": infer_batch, "steps": steps, "params_m": params / 1e6,
-                 "fwd_gflop_per_volume": fwd_flops / 1e9}
+    row: dict = {
+        "net": net,
+        "shape": "x".join(map(str, shape)),
+        "mode": mode,
+        **toggles,
+        "batch": batch,
+        "infer_batch": infer_batch,
+        "steps": steps,
+        "params_m": params / 1e6,
+        "fwd_gflop_per_volume": fwd_flops / 1e9,
+    }
     _free(device)  # whatever an earlier row (or its exception) still held
     memory = PeakMemory(device, baseline=PeakMemory.rss())
     model = optimizer = None
     try:
         torch.manual_seed(0)
-        model = build_model(net, shape, in_channels=in_channels, num_classes=num_classes,
-                            channels_last=toggles["channels_last"], compile=toggles["compile"], device=device)
+        model = build_model(
+            net,
+            shape,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            channels_last=toggles["channels_last"],
+            compile=toggles["compile"],
+            device=device,
+        )
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
         x = torch.randn(batch, in_channels, *shape, device=device)  # (B, C, D, H, W)
         y = torch.randint(0, num_classes, (batch,), device=device)
@@ -290,7 +357,8 @@ def bench_net(net: str, shape: tuple[int, int, int], mode: str, *, modes: list[s
     except Exception as exc:  # one failing row (say, a compiler error) must not lose the rest of the table
         row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
     finally:
-        del model, optimizer
+        del optimizer
+        model = None  # drop the reference (infer() closes over model, so no del)
         if toggles["compile"]:
             torch._dynamo.reset()
         _free(device)
@@ -311,36 +379,64 @@ def add_speedups(rows: list[dict]) -> None:
 # ---------------------------------------------------------------- augmentation
 
 
-def bench_augment(device: torch.device, shape: tuple[int, int, int], *, batch: int, warmup: int, repeats: int,
-                  monai: bool = True, in_channels: int = 1) -> list[dict]:
+def bench_augment(
+    device: torch.device,
+    shape: tuple[int, int, int],
+    *,
+    batch: int,
+    warmup: int,
+    repeats: int,
+    monai: bool = True,
+    in_channels: int = 1,
+) -> list[dict]:
     """leuko's BatchAugment on the whole batch against MONAI's transforms one volume at a time."""
     torch.manual_seed(0)
     x = torch.randn(batch, in_channels, *shape, device=device)  # (B, C, D, H, W)
     leuko_aug = BatchAugment(**AUGMENT)
-    seconds = {"leuko BatchAugment (batched)": _median_seconds(lambda: leuko_aug(x), device=device,
-                                                                 warmup=warmup, repeats=repeats)}
+    seconds = {
+        "leuko BatchAugment (batched)": _median_seconds(
+            lambda: leuko_aug(x), device=device, warmup=warmup, repeats=repeats
+        )
+    }
     if monai:
         pipeline = _monai_pipeline(shape, device)
         seconds["monai Compose (per volume)"] = _median_seconds(
             lambda: [pipeline(volume) for volume in x], device=device, warmup=warmup, repeats=repeats
         )
     slowest = max(seconds.values())
-    return [{"method": name, "device": device.type, "shape": "x".join(map(str, shape)), "batch": batch,
-             "ms_per_volume": 1e3 * s / batch, "volumes_per_s": batch / s, "speedup": slowest / s}
-            for name, s in seconds.items()]
+    return [
+        {
+            "method": name,
+            "device": device.type,
+            "shape": "x".join(map(str, shape)),
+            "batch": batch,
+            "ms_per_volume": 1e3 * s / batch,
+            "volumes_per_s": batch / s,
+            "speedup": slowest / s,
+        }
+        for name, s in seconds.items()
+    ]
 
 
 # ---------------------------------------------------------------- data loading
 
 
-def write_synthetic_prepared(out_dir: Path, *, n_cells: int, shape: tuple[int, int, int], in_channels: int = 1,
-                             n_patients: int = 16, seed: int = 0) -> Path:
+def write_synthetic_prepared(
+    out_dir: Path,
+    *,
+    n_cells: int,
+    shape: tuple[int, int, int],
+    in_channels: int = 1,
+    n_patients: int = 16,
+    seed: int = 0,
+) -> Path:
     """A prepared folder (volumes.npy memmap, index.csv, meta.json) of random volumes, as `leuko prepare`
     lays it out: what a data loader reads does not depend on what the voxels show."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    volumes = np.lib.format.open_memmap(out_dir / VOLUMES, mode="w+", dtype=np.float32,
-                                        shape=(n_cells, in_channels, *shape))
+    volumes = np.lib.format.open_memmap(
+        out_dir / VOLUMES, mode="w+", dtype=np.float32, shape=(n_cells, in_channels, *shape)
+    )
     for i in range(n_cells):
         volumes[i] = rng.standard_normal((in_channels, *shape), dtype=np.float32)
     volumes.flush()
@@ -352,16 +448,22 @@ def write_synthetic_prepared(out_dir: Path, *, n_cells: int, shape: tuple[int, i
         for i, (label, patient) in enumerate(zip(labels, patients))
     )
     (out_dir / INDEX).write_text(index)
-    meta = {"shape": list(shape), "channels": in_channels, "classes": list(DEFAULT_CLASSES), "modality": "ri",
-            "n_cells": n_cells}
+    meta = {
+        "shape": list(shape),
+        "channels": in_channels,
+        "classes": list(DEFAULT_CLASSES),
+        "modality": "ri",
+        "n_cells": n_cells,
+    }
     (out_dir / META).write_text(json.dumps(meta))
     return out_dir
 
 
 def _datamodule(prepared: Path, *, batch: int, workers: int) -> LeukoDataModule:
     # fold=None with no test patients: every cell trains, so an epoch covers the whole memmap
-    dm = LeukoDataModule(str(prepared), fold=None, k=2, test_fraction=0.0, batch_size=batch, num_workers=workers,
-                         pin_memory=True)
+    dm = LeukoDataModule(
+        str(prepared), fold=None, k=2, test_fraction=0.0, batch_size=batch, num_workers=workers, pin_memory=True
+    )
     dm.setup("fit")
     return dm
 
@@ -390,9 +492,17 @@ def bench_loader(prepared: Path, device: torch.device, *, batch: int, workers: l
             volumes += len(b["volume"])
         _sync(device)
         seconds = time.perf_counter() - start
-        rows.append({"workers": n, "batch": batch, "pin_memory": loader.pin_memory,
-                     "persistent_workers": loader.persistent_workers, "volumes": volumes,
-                     "volumes_per_s": volumes / seconds, "first_batch_s": first_batch})
+        rows.append(
+            {
+                "workers": n,
+                "batch": batch,
+                "pin_memory": loader.pin_memory,
+                "persistent_workers": loader.persistent_workers,
+                "volumes": volumes,
+                "volumes_per_s": volumes / seconds,
+                "first_batch_s": first_batch,
+            }
+        )
         del loader
         gc.collect()
     return rows
@@ -419,19 +529,44 @@ def _kernel_busy(step: Callable[[], None], steps: int, device: torch.device) -> 
     return busy / wall_us
 
 
-def bench_pipeline(net: str, shape: tuple[int, int, int], mode: str, prepared: Path, *, modes: list[str],
-                   device: torch.device, batch: int, workers: int, steps: int, warmup: int,
-                   in_channels: int = 1, num_classes: int = 4) -> dict:
+def bench_pipeline(
+    net: str,
+    shape: tuple[int, int, int],
+    mode: str,
+    prepared: Path,
+    *,
+    modes: list[str],
+    device: torch.device,
+    batch: int,
+    workers: int,
+    steps: int,
+    warmup: int,
+    in_channels: int = 1,
+    num_classes: int = 4,
+) -> dict:
     """Training fed by the real input path (loader with pinned memory and persistent workers, non-blocking
     copy, batched augmentation on the device) against the same steps on one batch already on the device."""
     toggles = mode_toggles(mode, modes)
-    row: dict = {"net": net, "shape": "x".join(map(str, shape)), "mode": mode, "batch": batch, "workers": workers,
-                 "steps": steps}
+    row: dict = {
+        "net": net,
+        "shape": "x".join(map(str, shape)),
+        "mode": mode,
+        "batch": batch,
+        "workers": workers,
+        "steps": steps,
+    }
     model = optimizer = loader = None
     try:
         torch.manual_seed(0)
-        model = build_model(net, shape, in_channels=in_channels, num_classes=num_classes,
-                            channels_last=toggles["channels_last"], compile=toggles["compile"], device=device)
+        model = build_model(
+            net,
+            shape,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            channels_last=toggles["channels_last"],
+            compile=toggles["compile"],
+            device=device,
+        )
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)
         model.train()
         x = torch.randn(batch, in_channels, *shape, device=device)
@@ -441,14 +576,18 @@ def bench_pipeline(net: str, shape: tuple[int, int, int], mode: str, prepared: P
         compute_s = time_loop(compute, steps, device)
 
         loader = _datamodule(prepared, batch=batch, workers=workers).train_dataloader()
-        fed = make_train_step(model, optimizer, x, None, bf16=toggles["bf16"], augment=BatchAugment(**AUGMENT),
-                              batches=_forever(loader))
+        fed = make_train_step(
+            model, optimizer, x, None, bf16=toggles["bf16"], augment=BatchAugment(**AUGMENT), batches=_forever(loader)
+        )
         time_loop(fed, max(warmup, 1), device)
         fed_s = time_loop(fed, steps, device)
         # the step alone once more, after: steps still speeding up (allocator, caches) must not favour the fed run
         compute_s = min(compute_s, time_loop(compute, steps, device))
-        row.update(compute_volumes_per_s=batch * steps / compute_s, pipeline_volumes_per_s=batch * steps / fed_s,
-                   busy=compute_s / fed_s)
+        row.update(
+            compute_volumes_per_s=batch * steps / compute_s,
+            pipeline_volumes_per_s=batch * steps / fed_s,
+            busy=compute_s / fed_s,
+        )
         if device.type == "cuda":
             try:
                 row["profiler_busy"] = _kernel_busy(fed, steps, device)
@@ -481,7 +620,7 @@ def environment(device: torch.device, argv: list[str]) -> dict:
                 cpu_model = line.split(":", 1)[1].strip()
                 break
     env = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python", "benchmarks/speed.py", *argv]),
         "device": device.type,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model,
@@ -523,13 +662,16 @@ def targets(report: dict) -> list[dict]:
     """The issue's targets, each with the measured value where this run measured it."""
     env, nets = report["environment"], [r for r in report["nets"] if "error" not in r]
     on_gpu = env["device"] == "cuda"
-    gpu_note = ("" if "H100" in env["device_name"] else f" (measured on {env['device_name']}, target is for an H100)")
+    gpu_note = "" if "H100" in env["device_name"] else f" (measured on {env['device_name']}, target is for an H100)"
     out = []
 
     def add(target: str, value: str, ok: bool | None, gpu: bool) -> None:
         if gpu and not on_gpu:
-            status = f"unmeasured: needs a GPU (CPU value for reference: {value})" if value != "-" else \
-                "unmeasured: needs a GPU"
+            status = (
+                f"unmeasured: needs a GPU (CPU value for reference: {value})"
+                if value != "-"
+                else "unmeasured: needs a GPU"
+            )
         elif ok is None:
             status = "unmeasured: not in this run"
         else:
@@ -538,39 +680,59 @@ def targets(report: dict) -> list[dict]:
 
     rn = [r for r in nets if r["net"] == "resnet3d_50" and r["shape"] == "48x96x96" and r["bf16"] and "mfu" in r]
     best = max(rn, key=lambda r: r["mfu"], default=None)
-    add(">= 35% MFU, ResNet3D-50 training at 48x96x96 in bf16",
-        f"{100 * best['mfu']:.1f}% ({best['mode']})" if best else "-", best["mfu"] >= 0.35 if best else None, True)
+    add(
+        ">= 35% MFU, ResNet3D-50 training at 48x96x96 in bf16",
+        f"{100 * best['mfu']:.1f}% ({best['mode']})" if best else "-",
+        best["mfu"] >= 0.35 if best else None,
+        True,
+    )
     for net in FULL_NETS:
         rows = [r for r in nets if r["net"] == net and r["shape"] == "40x96x96" and "infer_cells_per_s" in r]
         best = max(rows, key=lambda r: r["infer_cells_per_s"], default=None)
-        add(f">= 2,000 cells/s, {net} inference at 40x96x96",
+        add(
+            f">= 2,000 cells/s, {net} inference at 40x96x96",
             f"{best['infer_cells_per_s']:.1f} ({best['mode']})" if best else "-",
-            best["infer_cells_per_s"] >= 2000 if best else None, True)
+            best["infer_cells_per_s"] >= 2000 if best else None,
+            True,
+        )
     aug = {r["method"].split()[0]: r for r in report["augmentation"]}
-    fastest = max((r for r in nets if r["shape"] == "48x96x96"), key=lambda r: r.get("train_volumes_per_s", 0),
-                  default=None)
+    fastest = max(
+        (r for r in nets if r["shape"] == "48x96x96"), key=lambda r: r.get("train_volumes_per_s", 0), default=None
+    )
     if "leuko" in aug and fastest and "train_volumes_per_s" in fastest:
         ratio = aug["leuko"]["volumes_per_s"] / fastest["train_volumes_per_s"]
-        add(">= 20x: GPU augmentation volumes/s over the fastest training step's volumes/s",
-            f"{ratio:.1f}x (vs {fastest['net']} {fastest['mode']})", ratio >= 20, True)
+        add(
+            ">= 20x: GPU augmentation volumes/s over the fastest training step's volumes/s",
+            f"{ratio:.1f}x (vs {fastest['net']} {fastest['mode']})",
+            ratio >= 20,
+            True,
+        )
     else:
         add(">= 20x: GPU augmentation volumes/s over the fastest training step's volumes/s", "-", None, True)
     pipe = [r for r in report["pipeline"] if "busy" in r]
     if pipe:
         r = pipe[0]
         busy = r.get("profiler_busy", r["busy"])
-        add("data loader never starves the GPU (device busy share in steady state)",
+        add(
+            "data loader never starves the GPU (device busy share in steady state)",
             f"{100 * r['busy']:.0f}% of compute-only speed"
             + (f", kernels busy {100 * r['profiler_busy']:.0f}% of wall time" if "profiler_busy" in r else ""),
-            busy >= 0.9, True)
+            busy >= 0.9,
+            True,
+        )
     else:
         add("data loader never starves the GPU (device busy share in steady state)", "-", None, True)
     if "leuko" in aug and "monai" in aug:
         ratio = aug["leuko"]["volumes_per_s"] / aug["monai"]["volumes_per_s"]
         value = f"{ratio:.1f}x ({aug['leuko']['ms_per_volume']:.1f} vs {aug['monai']['ms_per_volume']:.1f} ms/volume)"
         if on_gpu:
-            out.append({"target": ">= 5x: batched augmentation vs MONAI per volume on the 2-core CPU",
-                        "measured": value + " on the GPU", "status": "unmeasured: run with --device cpu"})
+            out.append(
+                {
+                    "target": ">= 5x: batched augmentation vs MONAI per volume on the 2-core CPU",
+                    "measured": value + " on the GPU",
+                    "status": "unmeasured: run with --device cpu",
+                }
+            )
         else:
             add(">= 5x: batched augmentation vs MONAI per volume on the 2-core CPU", value, ratio >= 5, False)
     return out
@@ -592,44 +754,127 @@ def render(report: dict) -> str:
             if "error" in r:
                 lines.append([r["net"], r["shape"], r["mode"], r["batch"], "error: " + r["error"]] + [""] * 8)
                 continue
-            lines.append([r["net"], r["shape"], r["mode"], r["batch"], _fmt(r.get("train_volumes_per_s"), 2),
-                          _fmt(r.get("train_speedup"), 2), _fmt(r.get("train_tflops"), 3),
-                          _fmt(100 * r["mfu"] if "mfu" in r else None, 1), _fmt(r.get("infer_cells_per_s"), 2),
-                          _fmt(r.get("infer_speedup"), 2), _fmt(r["fwd_gflop_per_volume"], 1),
-                          _fmt(r.get("train_peak_mem_gib"), 2), _fmt(r.get("infer_peak_mem_gib"), 2)])
-        parts.append("### Nets\n\n" + _table(
-            ["net", "shape", "mode", "batch", "train vol/s", "x fp32", "train TFLOP/s", "MFU %", "infer cells/s",
-             "x fp32", "fwd GFLOP/vol", "train peak GiB", "infer peak GiB"], lines, 3)
+            lines.append(
+                [
+                    r["net"],
+                    r["shape"],
+                    r["mode"],
+                    r["batch"],
+                    _fmt(r.get("train_volumes_per_s"), 2),
+                    _fmt(r.get("train_speedup"), 2),
+                    _fmt(r.get("train_tflops"), 3),
+                    _fmt(100 * r["mfu"] if "mfu" in r else None, 1),
+                    _fmt(r.get("infer_cells_per_s"), 2),
+                    _fmt(r.get("infer_speedup"), 2),
+                    _fmt(r["fwd_gflop_per_volume"], 1),
+                    _fmt(r.get("train_peak_mem_gib"), 2),
+                    _fmt(r.get("infer_peak_mem_gib"), 2),
+                ]
+            )
+        parts.append(
+            "### Nets\n\n"
+            + _table(
+                [
+                    "net",
+                    "shape",
+                    "mode",
+                    "batch",
+                    "train vol/s",
+                    "x fp32",
+                    "train TFLOP/s",
+                    "MFU %",
+                    "infer cells/s",
+                    "x fp32",
+                    "fwd GFLOP/vol",
+                    "train peak GiB",
+                    "infer peak GiB",
+                ],
+                lines,
+                3,
+            )
             + f"\n\nMFU: achieved training FLOP/s (3 x forward FLOPs) over the measured bf16 matmul peak. "
-            f"Peak memory: {report['nets'][0]['memory_method']}. Inference batch {report['nets'][0]['infer_batch']}.")
+            f"Peak memory: {report['nets'][0]['memory_method']}. Inference batch {report['nets'][0]['infer_batch']}."
+        )
     if report["augmentation"]:
         a = report["augmentation"]
-        parts.append(f"### Augmentation, batch {a[0]['batch']} x {a[0]['shape']}\n\n" + _table(
-            ["method", "device", "ms/volume", "volumes/s", "speed-up"],
-            [[r["method"], r["device"], _fmt(r["ms_per_volume"]), _fmt(r["volumes_per_s"]), _fmt(r["speedup"]) + "x"]
-             for r in a], 2))
+        parts.append(
+            f"### Augmentation, batch {a[0]['batch']} x {a[0]['shape']}\n\n"
+            + _table(
+                ["method", "device", "ms/volume", "volumes/s", "speed-up"],
+                [
+                    [
+                        r["method"],
+                        r["device"],
+                        _fmt(r["ms_per_volume"]),
+                        _fmt(r["volumes_per_s"]),
+                        _fmt(r["speedup"]) + "x",
+                    ]
+                    for r in a
+                ],
+                2,
+            )
+        )
     if report["loader"]:
         lo = report["loader"]
-        parts.append(f"### Data loading, {report['loader_cells']} cells x {report['loader_shape']} memmap, "
-                     f"batch {lo[0]['batch']}\n\n" + _table(
-                         ["workers", "pin_memory", "persistent", "volumes/s", "first batch s"],
-                         [[r["workers"], r["pin_memory"], r["persistent_workers"], _fmt(r["volumes_per_s"]),
-                           _fmt(r["first_batch_s"], 2)] for r in lo]))
+        parts.append(
+            f"### Data loading, {report['loader_cells']} cells x {report['loader_shape']} memmap, "
+            f"batch {lo[0]['batch']}\n\n"
+            + _table(
+                ["workers", "pin_memory", "persistent", "volumes/s", "first batch s"],
+                [
+                    [
+                        r["workers"],
+                        r["pin_memory"],
+                        r["persistent_workers"],
+                        _fmt(r["volumes_per_s"]),
+                        _fmt(r["first_batch_s"], 2),
+                    ]
+                    for r in lo
+                ],
+            )
+        )
     if report["pipeline"]:
         lines = []
         for r in report["pipeline"]:
             if "error" in r:
                 lines.append([r["net"], r["shape"], r["mode"], r["workers"], "error: " + r["error"], "", "", ""])
                 continue
-            lines.append([r["net"], r["shape"], r["mode"], r["workers"], _fmt(r["compute_volumes_per_s"], 2),
-                          _fmt(r["pipeline_volumes_per_s"], 2), _fmt(100 * r["busy"], 0),
-                          _fmt(100 * r["profiler_busy"] if "profiler_busy" in r else None, 0)])
-        parts.append("### Input pipeline: loader -> device -> augmentation -> training step\n\n" + _table(
-            ["net", "shape", "mode", "workers", "step only vol/s", "with loader vol/s", "busy %",
-             "profiler busy %"], lines, 3)
-            + "\n\nbusy: step-only time over fed time (100% = the loader and augmentation cost the device nothing).")
-    parts.append("### Targets\n\n" + _table(["target", "measured", "status"],
-                                            [[t["target"], t["measured"], t["status"]] for t in report["targets"]], 3))
+            lines.append(
+                [
+                    r["net"],
+                    r["shape"],
+                    r["mode"],
+                    r["workers"],
+                    _fmt(r["compute_volumes_per_s"], 2),
+                    _fmt(r["pipeline_volumes_per_s"], 2),
+                    _fmt(100 * r["busy"], 0),
+                    _fmt(100 * r["profiler_busy"] if "profiler_busy" in r else None, 0),
+                ]
+            )
+        parts.append(
+            "### Input pipeline: loader -> device -> augmentation -> training step\n\n"
+            + _table(
+                [
+                    "net",
+                    "shape",
+                    "mode",
+                    "workers",
+                    "step only vol/s",
+                    "with loader vol/s",
+                    "busy %",
+                    "profiler busy %",
+                ],
+                lines,
+                3,
+            )
+            + "\n\nbusy: step-only time over fed time (100% = the loader and augmentation cost the device nothing)."
+        )
+    parts.append(
+        "### Targets\n\n"
+        + _table(
+            ["target", "measured", "status"], [[t["target"], t["measured"], t["status"]] for t in report["targets"]], 3
+        )
+    )
     return "\n\n".join(parts) + "\n"
 
 
@@ -656,29 +901,45 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
     parser.add_argument("--nets", default=",".join(FULL_NETS), help="comma-separated (default: %(default)s)")
     parser.add_argument("--tiny", action="store_true", help="run the _tiny variant of each net in --nets")
-    parser.add_argument("--shapes", type=_shapes, default="48x96x96,40x96x96", help="D x H x W, comma-separated "
-                        "(default: %(default)s: the HHGM crop and the RI study's)")
-    parser.add_argument("--modes", default=None, help=f"from {', '.join(MODES)} (default cuda: "
-                        f"{DEFAULTS['cuda']['modes']}; cpu: {DEFAULTS['cpu']['modes']})")
+    parser.add_argument(
+        "--shapes",
+        type=_shapes,
+        default="48x96x96,40x96x96",
+        help="D x H x W, comma-separated (default: %(default)s: the HHGM crop and the RI study's)",
+    )
+    parser.add_argument(
+        "--modes",
+        default=None,
+        help=f"from {', '.join(MODES)} (default cuda: {DEFAULTS['cuda']['modes']}; cpu: {DEFAULTS['cpu']['modes']})",
+    )
     parser.add_argument("--batch", type=int, default=None, help="training batch (default cuda 16, cpu 1)")
     parser.add_argument("--infer-batch", type=int, default=None, help="inference batch (default cuda 128, cpu 2)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per row (default cuda 20, cpu 1)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first; training always runs one "
-                        "(default cuda 5, cpu 1)")
+    parser.add_argument(
+        "--warmup", type=int, default=None, help="untimed steps first; training always runs one (default cuda 5, cpu 1)"
+    )
     parser.add_argument("--in-channels", type=int, default=1, help="1 for RI, 2 for HHG (default 1)")
     parser.add_argument("--num-classes", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--aug-batch", type=int, default=None, help="augmentation batch (default cuda 64, cpu 8)")
     parser.add_argument("--aug-repeats", type=int, default=3, help="timed augmentation batches (median)")
     parser.add_argument("--workers", default=None, help="loader worker counts (default cuda 0,2,4,8; cpu 0,1,2)")
-    parser.add_argument("--loader-cells", type=int, default=None,
-                        help="cells in the synthetic memmap (default cuda 1024, cpu 256)")
-    parser.add_argument("--pipeline-net", default=None,
-                        help="net for the input-pipeline run (default: the fastest-training net of the table)")
+    parser.add_argument(
+        "--loader-cells", type=int, default=None, help="cells in the synthetic memmap (default cuda 1024, cpu 256)"
+    )
+    parser.add_argument(
+        "--pipeline-net",
+        default=None,
+        help="net for the input-pipeline run (default: the fastest-training net of the table)",
+    )
     parser.add_argument("--pipeline-mode", default=None, help="its mode (default: that net's fastest mode)")
     parser.add_argument("--pipeline-workers", type=int, default=None, help="(default: the largest --workers)")
-    parser.add_argument("--peak-size", type=int, default=None,
-                        help="n of the n x n x n matmul that measures the peak (default cuda 8192, cpu 2048)")
+    parser.add_argument(
+        "--peak-size",
+        type=int,
+        default=None,
+        help="n of the n x n x n matmul that measures the peak (default cuda 8192, cpu 2048)",
+    )
     parser.add_argument("--skip", default="", help="sections to leave out: nets, augment, loader, pipeline")
     parser.add_argument("--json", type=Path, default=None, help="write the report here as JSON")
     args = parser.parse_args(argv)
@@ -727,10 +988,17 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as the gpu trainer preset sets it
-    report: dict = {"environment": environment(device, argv), "peak": {}, "nets": [], "augmentation": [],
-                    "loader": [], "pipeline": [], "targets": []}
+    report: dict = {
+        "environment": environment(device, argv),
+        "peak": {},
+        "nets": [],
+        "augmentation": [],
+        "loader": [],
+        "pipeline": [],
+        "targets": [],
+    }
 
-    log = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda text: print(text, file=sys.stderr, flush=True)
     peak_dtypes = [torch.bfloat16] if device.type == "cuda" else [torch.bfloat16, torch.float32]
     for dtype in peak_dtypes:
         report["peak"][str(dtype).removeprefix("torch.")] = matmul_peak(device, dtype, n=args.peak_size)
@@ -742,10 +1010,21 @@ def main(argv: list[str] | None = None) -> dict:
                 flops = count_flops(net, shape=shape, in_channels=args.in_channels, num_classes=args.num_classes)
                 for mode in args.modes:
                     log(f"net {net} {'x'.join(map(str, shape))} {mode} ...")
-                    row = bench_net(net, shape, mode, modes=args.modes, device=device, batch=args.batch,
-                                    infer_batch=args.infer_batch, steps=args.steps, warmup=args.warmup,
-                                    in_channels=args.in_channels, num_classes=args.num_classes,
-                                    peak_bf16=peak_bf16, flops=flops)
+                    row = bench_net(
+                        net,
+                        shape,
+                        mode,
+                        modes=args.modes,
+                        device=device,
+                        batch=args.batch,
+                        infer_batch=args.infer_batch,
+                        steps=args.steps,
+                        warmup=args.warmup,
+                        in_channels=args.in_channels,
+                        num_classes=args.num_classes,
+                        peak_bf16=peak_bf16,
+                        flops=flops,
+                    )
                     report["nets"].append(row)
                     if "error" in row:
                         log(f"  failed: {row['error']}")
@@ -754,13 +1033,20 @@ def main(argv: list[str] | None = None) -> dict:
     shape = args.shapes[0]
     if "augment" not in args.skip:
         log(f"augmentation {'x'.join(map(str, shape))} ...")
-        report["augmentation"] = bench_augment(device, shape, batch=args.aug_batch, warmup=max(args.warmup, 1),
-                                               repeats=args.aug_repeats, in_channels=args.in_channels)
+        report["augmentation"] = bench_augment(
+            device,
+            shape,
+            batch=args.aug_batch,
+            warmup=max(args.warmup, 1),
+            repeats=args.aug_repeats,
+            in_channels=args.in_channels,
+        )
 
     if not {"loader", "pipeline"} <= args.skip:
         with tempfile.TemporaryDirectory(prefix="leuko-speed-") as tmp:
-            prepared = write_synthetic_prepared(Path(tmp) / "prepared", n_cells=args.loader_cells, shape=shape,
-                                                in_channels=args.in_channels)
+            prepared = write_synthetic_prepared(
+                Path(tmp) / "prepared", n_cells=args.loader_cells, shape=shape, in_channels=args.in_channels
+            )
             report["loader_cells"], report["loader_shape"] = args.loader_cells, "x".join(map(str, shape))
             if "loader" not in args.skip:
                 log("data loading ...")
@@ -769,10 +1055,22 @@ def main(argv: list[str] | None = None) -> dict:
                 net, mode = _pipeline_choice(args, report["nets"], "x".join(map(str, shape)))
                 workers = args.pipeline_workers if args.pipeline_workers is not None else max(args.workers)
                 log(f"input pipeline {net} {mode}, {workers} workers ...")
-                report["pipeline"].append(bench_pipeline(
-                    net, shape, mode, prepared, modes=args.modes, device=device, batch=args.batch, workers=workers,
-                    steps=args.steps, warmup=args.warmup, in_channels=args.in_channels,
-                    num_classes=args.num_classes))
+                report["pipeline"].append(
+                    bench_pipeline(
+                        net,
+                        shape,
+                        mode,
+                        prepared,
+                        modes=args.modes,
+                        device=device,
+                        batch=args.batch,
+                        workers=workers,
+                        steps=args.steps,
+                        warmup=args.warmup,
+                        in_channels=args.in_channels,
+                        num_classes=args.num_classes,
+                    )
+                )
 
     report["targets"] = targets(report)
     print(render(report))
@@ -785,9 +1083,14 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _pipeline_choice(args: argparse.Namespace, rows: list[dict], shape: str) -> tuple[str, str]:
     """The hungriest consumer of the table (most training volumes/s at the loader's shape) unless chosen."""
-    done = [r for r in rows if r["shape"] == shape and "train_volumes_per_s" in r
-            and (args.pipeline_net is None or r["net"] == args.pipeline_net)
-            and (args.pipeline_mode is None or r["mode"] == args.pipeline_mode)]
+    done = [
+        r
+        for r in rows
+        if r["shape"] == shape
+        and "train_volumes_per_s" in r
+        and (args.pipeline_net is None or r["net"] == args.pipeline_net)
+        and (args.pipeline_mode is None or r["mode"] == args.pipeline_mode)
+    ]
     best = max(done, key=lambda r: r["train_volumes_per_s"], default=None)
     net = args.pipeline_net or (best["net"] if best else args.nets[0])
     mode = args.pipeline_mode or (best["mode"] if best else args.modes[0])

@@ -9,10 +9,12 @@ import argparse
 import sys
 import textwrap
 
+from leuko.errors import LeukoError
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-class UsageError(Exception):
+class UsageError(LeukoError):
     """A user-facing error: printed as one message, exit code 2, no traceback."""
 
 
@@ -32,7 +34,8 @@ def _add(sub, name: str, help: str, examples: str) -> argparse.ArgumentParser:
     )
     if name in COMMAND_SECTIONS:
         p.add_argument(
-            "--params", metavar="FILE",
+            "--params",
+            metavar="FILE",
             help=f"read options from the `{name}:` section of FILE (params.yaml); options given here win",
         )
     return p
@@ -130,8 +133,11 @@ def cmd_sweep(args: argparse.Namespace, rest: list[str]) -> None:
             sweep_run_id=args.sweep_run_id,
         )
     except KeyboardInterrupt:
-        print("leuko sweep: interrupted; the running trial is recorded as FAIL and finished trials stay in the "
-              "study: run the same command again to add trials", file=sys.stderr)
+        print(
+            "leuko sweep: interrupted; the running trial is recorded as FAIL and finished trials stay in the "
+            "study: run the same command again to add trials",
+            file=sys.stderr,
+        )
         raise SystemExit(130) from None
 
 
@@ -164,7 +170,12 @@ def cmd_predict_model(args: argparse.Namespace) -> None:
     from leuko.deploy.predict import predict
 
     result = predict(
-        args.model, args.input, args.out, batch_size=args.batch_size, voxel_size=args.voxel_size, progress=not args.quiet
+        args.model,
+        args.input,
+        args.out,
+        batch_size=args.batch_size,
+        voxel_size=args.voxel_size,
+        progress=not args.quiet,
     )
     paths = result["paths"]
     print(f"predictions for {result['n_cells']} cells -> {paths['predictions']}")
@@ -179,23 +190,37 @@ def _predict_model_parser() -> argparse.ArgumentParser:
         description="run a registered model on a folder of volumes or a manifest: per-cell classes and "
         "probabilities, and the per-sample differential (without --model, `leuko predict` is LightningCLI "
         "predict on prepared data)",
-        epilog="examples:\n" + textwrap.indent(textwrap.dedent(
-            """
+        epilog="examples:\n"
+        + textwrap.indent(
+            textwrap.dedent(
+                """
             leuko predict --model models:/leuko@champion --input data --out predictions.csv
             leuko predict --model models:/leuko/3 --input lab/manifest.csv --out out/pred.csv
             leuko predict --model models:/leuko@champion --input scans/ --voxel-size 0.4 0.2 0.2
             MLFLOW_TRACKING_URI=http://mlflow.lab:5001 leuko predict --model models:/leuko@champion --input scans/
             a folder holding manifest.csv is read through it; other folders are searched for volume files
             and grouped by the folder each file is in. Writes OUT, OUT_differential.csv, OUT_skipped.csv.
-            """).strip(), "  "),
+            """
+            ).strip(),
+            "  ",
+        ),
         formatter_class=_formatter,
     )
-    p.add_argument("--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a local model folder")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a local model folder",
+    )
     p.add_argument("--input", required=True, help="a folder of volumes (searched recursively) or a manifest CSV")
     p.add_argument("--out", default="predictions.csv", help="per-cell CSV (default predictions.csv)")
     p.add_argument("--batch-size", type=int, default=32, help="volumes per forward pass (default 32)")
-    p.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"),
-                   help="voxel size (um) of every volume, when the model resamples and there is no manifest")
+    p.add_argument(
+        "--voxel-size",
+        type=float,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        help="voxel size (um) of every volume, when the model resamples and there is no manifest",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict_model, command="predict")
     return p
@@ -204,7 +229,11 @@ def _predict_model_parser() -> argparse.ArgumentParser:
 def _wants_model(argv: list[str]) -> bool:
     """`leuko predict --model URI` (a registered model) rather than LightningCLI's `--model CONFIG.yaml`."""
     for i, arg in enumerate(argv):
-        value = arg.split("=", 1)[1] if arg.startswith("--model=") else (argv[i + 1] if arg == "--model" and i + 1 < len(argv) else None)
+        value = (
+            arg.split("=", 1)[1]
+            if arg.startswith("--model=")
+            else (argv[i + 1] if arg == "--model" and i + 1 < len(argv) else None)
+        )
         if value is not None and not value.lower().endswith((".yaml", ".yml", ".json")):
             return True
     return False
@@ -241,7 +270,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from leuko.evaluation.evaluate import evaluate, load_cv, load_predictions
 
     if bool(args.cv) == bool(args.predictions):
-        raise UsageError("give --cv runs/NAME (a CV's out-of-fold predictions) or --predictions FILE (a test set's), one of them")
+        raise UsageError(
+            "give --cv runs/NAME (a CV's out-of-fold predictions) or --predictions FILE (a test set's), one of them"
+        )
     if args.cv:
         pred = load_cv(args.cv)
         out = Path(args.out) if args.out else Path(args.cv) / "eval"
@@ -251,14 +282,25 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         pred = load_predictions(args.predictions, args.prepared)
         out = Path(args.out)
     result = evaluate(
-        pred, out, counts=args.counts, tracking_uri=args.tracking_uri, run_id=args.run_id, umap=args.umap,
-        umap_fold=args.umap_fold, umap_cells=args.umap_cells, log_to_mlflow=not args.no_mlflow,
+        pred,
+        out,
+        counts=args.counts,
+        tracking_uri=args.tracking_uri,
+        run_id=args.run_id,
+        umap=args.umap,
+        umap_fold=args.umap_fold,
+        umap_cells=args.umap_cells,
+        log_to_mlflow=not args.no_mlflow,
     )
     metrics = result["metrics"]
     print(f"{len(pred.cells)} cells, {len(result['diffs'])} samples; reference: {args.counts or 'manifest labels'}")
     for key in ("balanced_accuracy", "accuracy", "macro_f1", "auroc"):
         if f"oof/{key}" in metrics:
-            cv = f"   (fold mean {metrics[f'cv/{key}_mean']:.3f} ± {metrics[f'cv/{key}_std']:.3f})" if f"cv/{key}_mean" in metrics else ""
+            cv = (
+                f"   (fold mean {metrics[f'cv/{key}_mean']:.3f} ± {metrics[f'cv/{key}_std']:.3f})"
+                if f"cv/{key}_mean" in metrics
+                else ""
+            )
             print(f"  pooled {key:<18} {metrics[f'oof/{key}']:.3f}{cv}")
     print("Bland-Altman, predicted - reference (% points):")
     print(result["ba"].to_string(index=False, float_format=lambda v: f"{v:+.2f}"))
@@ -275,7 +317,9 @@ def cmd_baselines(args: argparse.Namespace) -> None:
     from leuko.evaluation import baselines as bl
 
     if not args.cv and not args.prepared:
-        raise UsageError("give --cv runs/NAME (its folds and prepared data) or --prepared DIR (folds from --k/--seed/--test-fraction)")
+        raise UsageError(
+            "give --cv runs/NAME (its folds and prepared data) or --prepared DIR (folds from --k/--seed/--test-fraction)"
+        )
     out = Path(args.out) if args.out else (Path(args.cv[0]) / "baselines" if args.cv else Path("baselines"))
     features_path = Path(args.features) if args.features else out / "features.csv"
     if args.features and features_path.is_file():
@@ -290,11 +334,20 @@ def cmd_baselines(args: argparse.Namespace) -> None:
         print(f"features of {len(features)} cells -> {features_path}", file=sys.stderr)
     else:
         where = f"{features_path} does not exist; " if args.features else ""
-        raise UsageError(f"{where}give --manifest (the manifest the data was prepared from) to compute the morphology features")
+        raise UsageError(
+            f"{where}give --manifest (the manifest the data was prepared from) to compute the morphology features"
+        )
     table, per_fold, settings = bl.compare(
-        features, cv_dirs=args.cv, prepared_dir=args.prepared, k=args.k, test_fraction=args.test_fraction,
-        seed=args.seed, mip_net=None if args.no_mip else args.mip_net, mip_epochs=args.mip_epochs,
-        mip_batch_size=args.mip_batch_size, device=args.device,
+        features,
+        cv_dirs=args.cv,
+        prepared_dir=args.prepared,
+        k=args.k,
+        test_fraction=args.test_fraction,
+        seed=args.seed,
+        mip_net=None if args.no_mip else args.mip_net,
+        mip_epochs=args.mip_epochs,
+        mip_batch_size=args.mip_batch_size,
+        device=args.device,
     )
     settings["features_file"] = str(features_path)
     bl.write_outputs(out, table, per_fold, settings)
@@ -304,8 +357,10 @@ def cmd_baselines(args: argparse.Namespace) -> None:
         for name in ("baselines.csv", "baselines_folds.csv", "baselines.json"):
             shutil.copyfile(out / name, copy / name)
     print(bl.format_table(table))
-    print(f"\nwrote {out}/baselines.csv, baselines_folds.csv, baselines.json"
-          + (f" (copied to {', '.join(map(str, copies))})" if copies else ""))
+    print(
+        f"\nwrote {out}/baselines.csv, baselines_folds.csv, baselines.json"
+        + (f" (copied to {', '.join(map(str, copies))})" if copies else "")
+    )
     if not args.no_mlflow:
         _log_baselines(args, out, table)
 
@@ -351,14 +406,25 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     run = Path(args.run)
     out = args.out or (run / "report.html" if run.is_dir() else f"report-{args.run[:8]}.html")
-    result = write_report(args.run, out, tracking_uri=args.tracking_uri, eval_dir=args.eval,
-                          baselines_dir=args.baselines, evaluate_missing=not args.no_evaluate)
+    result = write_report(
+        args.run,
+        out,
+        tracking_uri=args.tracking_uri,
+        eval_dir=args.eval,
+        baselines_dir=args.baselines,
+        evaluate_missing=not args.no_evaluate,
+    )
     print(f"wrote {result['out']} ({Path(result['out']).stat().st_size / 1e6:.1f} MB, self-contained)")
     if not result["has_baselines"]:
-        print("no baselines for this run: add them with `leuko baselines --cv RUN --manifest MANIFEST`", file=sys.stderr)
+        print(
+            "no baselines for this run: add them with `leuko baselines --cv RUN --manifest MANIFEST`", file=sys.stderr
+        )
     if result["run_id"] and result["checked"]:
         if result["mismatches"]:
-            print(f"warning: {len(result['mismatches'])} number(s) differ from MLflow run {result['run_id']}:", file=sys.stderr)
+            print(
+                f"warning: {len(result['mismatches'])} number(s) differ from MLflow run {result['run_id']}:",
+                file=sys.stderr,
+            )
             for line in result["mismatches"][:10]:
                 print(f"  {line}", file=sys.stderr)
         else:
@@ -374,13 +440,17 @@ def cmd_import_medmnist(args: argparse.Namespace) -> None:
     classes = [c.strip() for c in args.classes.split(",")] if args.classes else None
     manifest = import_medmnist(args.npz, args.out, classes=classes, limit=args.limit)
     info = json.loads((manifest.parent / "medmnist.json").read_text())
-    print(f"wrote {manifest} and {sum(sum(c.values()) for c in info['counts'].values())} volumes "
-          f"{'x'.join(map(str, info['shape']))} ({info['dataset']}; classes {', '.join(info['classes'])})")
+    print(
+        f"wrote {manifest} and {sum(sum(c.values()) for c in info['counts'].values())} volumes "
+        f"{'x'.join(map(str, info['shape']))} ({info['dataset']}; classes {', '.join(info['classes'])})"
+    )
     for split, counts in info["counts"].items():
         print(f"  {split:<5} " + ", ".join(f"{c} {n}" for c, n in counts.items()))
     shape = " ".join(str(s) for s in info["shape"][-3:])
-    print(f"next: leuko prepare --manifest {manifest} --out {args.out.rstrip('/')}_prepared --shape {shape} "
-          f"--classes {','.join(info['classes'])}")
+    print(
+        f"next: leuko prepare --manifest {manifest} --out {args.out.rstrip('/')}_prepared --shape {shape} "
+        f"--classes {','.join(info['classes'])}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,8 +486,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument("--patients", type=int, default=24, help="number of patients (default 24)")
     p.add_argument("--cells-per-patient", type=int, default=60, help="cells per patient (default 60)")
-    p.add_argument("--shape", type=int, nargs="+", default=[32], metavar="N", help="D H W, or one size for a cube (default 32)")
-    p.add_argument("--modality", choices=["ri", "hhg"], default="ri", help="ri: refractive index, 1 channel; hhg: THG+SHG")
+    p.add_argument(
+        "--shape", type=int, nargs="+", default=[32], metavar="N", help="D H W, or one size for a cube (default 32)"
+    )
+    p.add_argument(
+        "--modality", choices=["ri", "hhg"], default="ri", help="ri: refractive index, 1 channel; hhg: THG+SHG"
+    )
     p.add_argument("--format", choices=["npy", "tif", "nii.gz", "h5"], default="npy", help="volume file format")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -432,10 +506,14 @@ def build_parser() -> argparse.ArgumentParser:
         leuko folds --manifest data/manifest.csv --k 3 --test-fraction 0.25 --seed 1 --out splits.csv
         """,
     )
-    p.add_argument("--manifest", required=True, help="manifest.csv (cell_id, path, label, patient_id, sample_type, ...)")
+    p.add_argument(
+        "--manifest", required=True, help="manifest.csv (cell_id, path, label, patient_id, sample_type, ...)"
+    )
     p.add_argument("--out", required=True, help="CSV to write: cell_id, patient_id, label, sample_type, fold")
     p.add_argument("--k", type=int, default=5, help="number of folds (default 5)")
-    p.add_argument("--test-fraction", type=float, default=0.2, help="fraction of patients held out for test (default 0.2)")
+    p.add_argument(
+        "--test-fraction", type=float, default=0.2, help="fraction of patients held out for test (default 0.2)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_folds)
 
@@ -451,11 +529,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True, help="folder for volumes.npy, index.csv, meta.json")
-    p.add_argument("--shape", type=int, nargs="+", default=[32], metavar="N", help="D H W, or one size for a cube (default 32)")
     p.add_argument(
-        "--classes", default="neutrophil,eosinophil,lymphocyte,monocyte", help="comma-separated class list, in label order"
+        "--shape", type=int, nargs="+", default=[32], metavar="N", help="D H W, or one size for a cube (default 32)"
     )
-    p.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"), help="resample to this voxel size (um)")
+    p.add_argument(
+        "--classes",
+        default="neutrophil,eosinophil,lymphocyte,monocyte",
+        help="comma-separated class list, in label order",
+    )
+    p.add_argument(
+        "--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"), help="resample to this voxel size (um)"
+    )
     p.add_argument("--skip-bad", action="store_true", help="skip bad cells (listed in skipped.csv) instead of stopping")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_prepare)
@@ -491,15 +575,44 @@ def build_parser() -> argparse.ArgumentParser:
         further --section.key value arguments are config overrides for every trial, as for `leuko cv`.
         """,
     )
-    p.add_argument("--space", default="conf/sweep/default.yaml", help="sweep file: study, objective, search space (default conf/sweep/default.yaml)")
-    p.add_argument("--trials", type=int, default=None, help="new trials to run, over all workers (default: the sweep file's `trials`)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine sharing the study (default 1)")
-    p.add_argument("--config", action="append", default=[], help="extra config layered after the sweep file's (repeatable), e.g. conf/trainer/gpu.yaml")
-    p.add_argument("--storage", default=None, help="study storage: a journal file path, or a database URL (default: the sweep file's, else sweeps/STUDY.journal)")
+    p.add_argument(
+        "--space",
+        default="conf/sweep/default.yaml",
+        help="sweep file: study, objective, search space (default conf/sweep/default.yaml)",
+    )
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help="new trials to run, over all workers (default: the sweep file's `trials`)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=1, help="worker processes on this machine sharing the study (default 1)"
+    )
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="extra config layered after the sweep file's (repeatable), e.g. conf/trainer/gpu.yaml",
+    )
+    p.add_argument(
+        "--storage",
+        default=None,
+        help="study storage: a journal file path, or a database URL (default: the sweep file's, else sweeps/STUDY.journal)",
+    )
     p.add_argument("--out", default="sweeps", help="folder for trial outputs and leaderboard.csv (default sweeps)")
     p.add_argument("--leaderboard", action="store_true", help="print the leaderboard and exit")
-    p.add_argument("--fail-stale", action="store_true", help="mark RUNNING trials whose worker is gone as FAIL, then print the leaderboard")
-    p.add_argument("--grace", type=float, default=None, help="with --fail-stale: seconds without heartbeat before a trial counts as stale (0: every RUNNING trial)")
+    p.add_argument(
+        "--fail-stale",
+        action="store_true",
+        help="mark RUNNING trials whose worker is gone as FAIL, then print the leaderboard",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=None,
+        help="with --fail-stale: seconds without heartbeat before a trial counts as stale (0: every RUNNING trial)",
+    )
     p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--sweep-run-id", default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_sweep, takes_rest=True)
@@ -515,12 +628,25 @@ def build_parser() -> argparse.ArgumentParser:
         MLFLOW_TRACKING_URI=http://127.0.0.1:5001 leuko register --space conf/sweep/default.yaml
         """,
     )
-    p.add_argument("--space", default="conf/sweep/default.yaml", help="sweep file naming the study (default conf/sweep/default.yaml)")
+    p.add_argument(
+        "--space",
+        default="conf/sweep/default.yaml",
+        help="sweep file naming the study (default conf/sweep/default.yaml)",
+    )
     p.add_argument("--storage", default=None, help="study storage, when not the sweep file's")
     p.add_argument("--trial", type=int, default=None, help="register this trial instead of the best one")
-    p.add_argument("--config", action="append", default=[], help="register this config instead of a trial (repeatable; overrides may follow)")
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="register this config instead of a trial (repeatable; overrides may follow)",
+    )
     p.add_argument("--name", default="leuko", help="registered model name (default leuko)")
-    p.add_argument("--metric", default=None, help="test metric that decides champion vs challenger (default: the study's objective)")
+    p.add_argument(
+        "--metric",
+        default=None,
+        help="test metric that decides champion vs challenger (default: the study's objective)",
+    )
     p.add_argument("--out", default="runs", help="parent folder of the refit's checkpoints (default runs)")
     p.set_defaults(func=cmd_register, takes_rest=True)
 
@@ -536,7 +662,11 @@ def build_parser() -> argparse.ArgumentParser:
         """,
     )
     p.add_argument("target", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID or a run id")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_lineage)
 
@@ -553,12 +683,26 @@ def build_parser() -> argparse.ArgumentParser:
         """,
     )
     p.add_argument("--manifest", required=True, metavar="CSV", help="manifest.csv of the raw volumes")
-    p.add_argument("--out", required=True, metavar="CSV", help="CSV to write: cell_id, patient_id, label, sample_type, modality, features")
-    p.add_argument("--threshold", type=float, default=1.35, metavar="RI", help="RI above which a voxel is cell (default 1.35)")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="CSV",
+        help="CSV to write: cell_id, patient_id, label, sample_type, modality, features",
+    )
+    p.add_argument(
+        "--threshold", type=float, default=1.35, metavar="RI", help="RI above which a voxel is cell (default 1.35)"
+    )
     p.add_argument("--n-medium", type=float, default=1.337, metavar="RI", help="RI of the medium (default 1.337)")
-    p.add_argument("--increment", type=float, default=0.2, metavar="ML_G", help="RI increment of protein, mL/g (default 0.2)")
-    p.add_argument("--hhg-threshold", type=float, default=None, metavar="I",
-                   help="THG intensity counted as cell for hhg volumes (default: background median + 3 noise SDs)")
+    p.add_argument(
+        "--increment", type=float, default=0.2, metavar="ML_G", help="RI increment of protein, mL/g (default 0.2)"
+    )
+    p.add_argument(
+        "--hhg-threshold",
+        type=float,
+        default=None,
+        metavar="I",
+        help="THG intensity counted as cell for hhg volumes (default: background median + 3 noise SDs)",
+    )
     p.add_argument("--plot", default=None, metavar="PNG", help="also draw each feature's distribution per class")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_features)
@@ -578,17 +722,43 @@ def build_parser() -> argparse.ArgumentParser:
         """,
     )
     p.add_argument("--cv", default=None, metavar="DIR", help="output folder of `leuko cv` (runs/NAME)")
-    p.add_argument("--predictions", default=None, metavar="CSV", help="instead of --cv: a predictions CSV of test cells (`leuko predict`)")
-    p.add_argument("--prepared", default=None, metavar="DIR", help="with --predictions: prepared folder to look up label, patient and sample type")
-    p.add_argument("--counts", default=None, metavar="CSV", help="manual differential per sample (CSV); default: the manifest labels")
+    p.add_argument(
+        "--predictions",
+        default=None,
+        metavar="CSV",
+        help="instead of --cv: a predictions CSV of test cells (`leuko predict`)",
+    )
+    p.add_argument(
+        "--prepared",
+        default=None,
+        metavar="DIR",
+        help="with --predictions: prepared folder to look up label, patient and sample type",
+    )
+    p.add_argument(
+        "--counts",
+        default=None,
+        metavar="CSV",
+        help="manual differential per sample (CSV); default: the manifest labels",
+    )
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default runs/NAME/eval)")
     p.add_argument("--run-id", default=None, metavar="ID", help="MLflow run to log to (default: the CV's parent run)")
-    p.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow tracking URI (MLFLOW_TRACKING_URI wins; default: the CV's)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        metavar="URI",
+        help="MLflow tracking URI (MLFLOW_TRACKING_URI wins; default: the CV's)",
+    )
     p.add_argument("--no-mlflow", action="store_true", help="write the files only; log nothing")
     p.add_argument("--no-umap", dest="umap", action="store_false", help="skip the UMAP of penultimate features")
-    p.add_argument("--umap-fold", default=None, metavar="F", help="fold whose best checkpoint the UMAP shows (default: the first)")
-    p.add_argument("--umap-cells", choices=["val", "dev", "all"], default="val",
-                   help="cells in the UMAP: the fold's validation cells (default), all non-test cells, or all")
+    p.add_argument(
+        "--umap-fold", default=None, metavar="F", help="fold whose best checkpoint the UMAP shows (default: the first)"
+    )
+    p.add_argument(
+        "--umap-cells",
+        choices=["val", "dev", "all"],
+        default="val",
+        help="cells in the UMAP: the fold's validation cells (default), all non-test cells, or all",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = _add(
@@ -605,19 +775,47 @@ def build_parser() -> argparse.ArgumentParser:
         --cv, else make_splits over --prepared with --k/--seed/--test-fraction (as `leuko folds`).
         """,
     )
-    p.add_argument("--cv", action="append", default=[], metavar="DIR", help="output folder of `leuko cv`; repeat to compare several")
-    p.add_argument("--manifest", default=None, metavar="CSV", help="manifest of the raw volumes (to compute the features)")
-    p.add_argument("--features", default=None, metavar="CSV", help="features CSV from `leuko features`: read if it exists, else written")
-    p.add_argument("--prepared", default=None, metavar="DIR", help="prepared folder (default: the one the first --cv trained on)")
+    p.add_argument(
+        "--cv",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="output folder of `leuko cv`; repeat to compare several",
+    )
+    p.add_argument(
+        "--manifest", default=None, metavar="CSV", help="manifest of the raw volumes (to compute the features)"
+    )
+    p.add_argument(
+        "--features",
+        default=None,
+        metavar="CSV",
+        help="features CSV from `leuko features`: read if it exists, else written",
+    )
+    p.add_argument(
+        "--prepared", default=None, metavar="DIR", help="prepared folder (default: the one the first --cv trained on)"
+    )
     p.add_argument("--k", type=int, default=5, help="without --cv: number of folds (default 5)")
     p.add_argument("--seed", type=int, default=0, help="fold seed without --cv; model seed always (default 0)")
-    p.add_argument("--test-fraction", type=float, default=0.2, metavar="F", help="without --cv: held-out patients (default 0.2)")
-    p.add_argument("--mip-net", default="resnet10t", metavar="NAME", help="timm 2D model for the MIP baseline (default resnet10t)")
-    p.add_argument("--mip-epochs", type=int, default=10, metavar="N", help="epochs per fold for the MIP net (default 10)")
-    p.add_argument("--mip-batch-size", type=int, default=32, metavar="N", help="batch size for the MIP net (default 32)")
+    p.add_argument(
+        "--test-fraction", type=float, default=0.2, metavar="F", help="without --cv: held-out patients (default 0.2)"
+    )
+    p.add_argument(
+        "--mip-net", default="resnet10t", metavar="NAME", help="timm 2D model for the MIP baseline (default resnet10t)"
+    )
+    p.add_argument(
+        "--mip-epochs", type=int, default=10, metavar="N", help="epochs per fold for the MIP net (default 10)"
+    )
+    p.add_argument(
+        "--mip-batch-size", type=int, default=32, metavar="N", help="batch size for the MIP net (default 32)"
+    )
     p.add_argument("--no-mip", action="store_true", help="leave out the 2D MIP baseline")
     p.add_argument("--device", default="cpu", help="torch device for the MIP net (default cpu)")
-    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default runs/NAME/baselines of the first --cv, else baselines)")
+    p.add_argument(
+        "--out",
+        default=None,
+        metavar="DIR",
+        help="output folder (default runs/NAME/baselines of the first --cv, else baselines)",
+    )
     p.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow tracking URI (MLFLOW_TRACKING_URI wins)")
     p.add_argument("--no-mlflow", action="store_true", help="write the files only; log nothing")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -635,8 +833,15 @@ def build_parser() -> argparse.ArgumentParser:
         against the metrics logged to the CV's MLflow run.
         """,
     )
-    p.add_argument("--run", required=True, metavar="DIR|ID", help="output folder of `leuko cv` (runs/NAME) or the MLflow id of its parent run")
-    p.add_argument("--out", default=None, metavar="HTML", help="HTML file (default runs/NAME/report.html, or report-<run id>.html)")
+    p.add_argument(
+        "--run",
+        required=True,
+        metavar="DIR|ID",
+        help="output folder of `leuko cv` (runs/NAME) or the MLflow id of its parent run",
+    )
+    p.add_argument(
+        "--out", default=None, metavar="HTML", help="HTML file (default runs/NAME/report.html, or report-<run id>.html)"
+    )
     p.add_argument("--eval", default=None, metavar="DIR", help="evaluation folder (default runs/NAME/eval)")
     p.add_argument("--baselines", default=None, metavar="DIR", help="baselines folder (default runs/NAME/baselines)")
     p.add_argument("--no-evaluate", action="store_true", help="do not run `leuko evaluate` when eval/ is missing")
@@ -656,13 +861,28 @@ def build_parser() -> argparse.ArgumentParser:
         """,
     )
     p.add_argument("npz", help="a MedMNIST 3D .npz (train/val/test _images and _labels)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created): volumes/, manifest.csv, medmnist.json")
-    p.add_argument("--classes", default=None, metavar="A,B", help="comma-separated names for labels 0, 1, ... (default: from the dataset)")
-    p.add_argument("--limit", type=int, default=None, metavar="N", help="at most this many volumes per split (quick checks)")
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="output folder (created): volumes/, manifest.csv, medmnist.json"
+    )
+    p.add_argument(
+        "--classes",
+        default=None,
+        metavar="A,B",
+        help="comma-separated names for labels 0, 1, ... (default: from the dataset)",
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, metavar="N", help="at most this many volumes per split (quick checks)"
+    )
     p.set_defaults(func=cmd_import_medmnist)
 
     for name in LIGHTNING_COMMANDS:
-        sub.add_parser(name, help=f"LightningCLI {name} (see `leuko {name} --help`)" if name != "predict" else "LightningCLI predict on prepared data; with --model URI a registered model on volume files (see `leuko predict --model URI --help`)", add_help=False)
+        sub.add_parser(
+            name,
+            help=f"LightningCLI {name} (see `leuko {name} --help`)"
+            if name != "predict"
+            else "LightningCLI predict on prepared data; with --model URI a registered model on volume files (see `leuko predict --model URI --help`)",
+            add_help=False,
+        )
     return parser
 
 

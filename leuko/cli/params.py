@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from leuko.errors import LeukoError
+
 # Sections of params.yaml that belong to leuko's argparse commands rather than to LeukoCLI.
 COMMAND_SECTIONS = ("prepare", "evaluate", "register")
 # Options a section cannot set: help, and --params itself.
 _NOT_FROM_PARAMS = {"help", "params"}
 
 
-class ParamsError(ValueError):
+class ParamsError(LeukoError, ValueError):
     """A params file, section or key that cannot be used; the message says how to fix it."""
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from leuko.errors import LeukoError
 
 SPLIT_COLUMNS = ("cell_id", "patient_id", "label", "sample_type", "fold")
 TEST = "test"
@@ -19,7 +20,7 @@ TEST = "test"
 TRAIN_ONLY = "train"
 
 
-class SplitError(ValueError):
+class SplitError(LeukoError, ValueError):
     pass
 
 

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from leuko.errors import LeukoError
 
 SUPPORTED_SUFFIXES = (".npy", ".npz", ".tif", ".tiff", ".nii", ".nii.gz", ".h5", ".hdf5")
 DEFAULT_KEY = "volume"  # npz array name and h5 dataset path written by write_volume
@@ -22,7 +23,7 @@ DEFAULT_KEY = "volume"  # npz array name and h5 dataset path written by write_vo
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
-class VolumeError(ValueError):
+class VolumeError(LeukoError, ValueError):
     """A volume file that cannot be used; the message names the file, the problem and the fix."""
 
     def __init__(self, path: str | Path, problem: str, fix: str = "") -> None:

@@ -17,6 +17,7 @@ import pandas as pd
 
 from leuko.data.optics import DEFAULT_CLASSES
 from leuko.data.io import SUPPORTED_SUFFIXES, volume_suffix
+from leuko.errors import LeukoError
 
 REQUIRED_COLUMNS = (
     "cell_id",
@@ -58,7 +59,7 @@ class Problem:
         return f"{where}: {self.message}"
 
 
-class ManifestError(ValueError):
+class ManifestError(LeukoError, ValueError):
     """Every problem found in a manifest at once; .problems holds one line of text per problem."""
 
     def __init__(self, path: str | Path, problems: Sequence[Problem | str], hint: str | None = None) -> None:

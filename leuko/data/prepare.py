@@ -40,6 +40,7 @@ from leuko.data.manifest import (
     read_manifest_table,
     validate_manifest,
 )
+from leuko.errors import LeukoError
 
 VOLUMES = "volumes.npy"
 INDEX = "index.csv"
@@ -65,7 +66,7 @@ READ_OPTIONS = ("key", "dataset")  # the read_volume options a manifest-wide set
 _COPY_CHUNK = 64  # cells per block when compacting after skipped cells
 
 
-class PrepareError(ValueError):
+class PrepareError(LeukoError, ValueError):
     """A prepared folder that cannot be written or read; the message says how to fix it."""
 
 

@@ -22,12 +22,13 @@ from tqdm import tqdm
 
 from leuko.data.io import SUPPORTED_SUFFIXES, VolumeError, read_volume, volume_suffix
 from leuko.data.manifest import VOXEL_SIZE_COLUMNS, read_manifest_table
+from leuko.errors import LeukoError
 
 MANIFEST = "manifest.csv"
 SAMPLE_KEYS = ("patient_id", "sample_type")
 
 
-class PredictError(ValueError):
+class PredictError(LeukoError, ValueError):
     """Bad --model, --input or --out; the message says how to fix it."""
 
 
@@ -64,7 +65,9 @@ def _from_manifest(path: Path, voxel_size: Sequence[float] | None) -> tuple[pd.D
     table = read_manifest_table(path)
     if "path" not in table.columns:
         raise PredictError(f"--input {path}: the manifest has no `path` column (columns: {', '.join(table.columns)})")
-    cells = pd.DataFrame({"cell_id": table["cell_id"] if "cell_id" in table else table["path"], "path": table["abs_path"]})
+    cells = pd.DataFrame(
+        {"cell_id": table["cell_id"] if "cell_id" in table else table["path"], "path": table["abs_path"]}
+    )
     groups = [k for k in SAMPLE_KEYS if k in table.columns]
     for key in groups + (["label"] if "label" in table.columns else []):
         cells[key] = table[key].to_numpy()
@@ -93,7 +96,9 @@ def load_model(model_uri: str):
     uri = resolve_tracking_uri()
     mlflow.set_tracking_uri(uri)
     if "://" not in model_uri and ":/" not in model_uri and not Path(model_uri).exists():
-        raise PredictError(f"--model {model_uri}: give a model URI such as models:/leuko@champion, or a folder with an MLmodel file")
+        raise PredictError(
+            f"--model {model_uri}: give a model URI such as models:/leuko@champion, or a folder with an MLmodel file"
+        )
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one progress bar (ours) is enough
     try:
         model = mlflow.pyfunc.load_model(model_uri)
@@ -143,8 +148,14 @@ def predict(
             probs.append(frame[[f"prob_{c}" for c in classes]].to_numpy())
             batch.clear()
 
-    bar = tqdm(cells.itertuples(index=False), total=len(cells), desc="predict", unit="cell", file=sys.stderr,
-               disable=not progress)
+    bar = tqdm(
+        cells.itertuples(index=False),
+        total=len(cells),
+        desc="predict",
+        unit="cell",
+        file=sys.stderr,
+        disable=not progress,
+    )
     for cell in bar:
         size = [getattr(cell, c) for c in VOXEL_SIZE_COLUMNS]
         try:
@@ -163,7 +174,11 @@ def predict(
 
     out.parent.mkdir(parents=True, exist_ok=True)
     base = out.with_suffix("")
-    paths = {"predictions": out, "differential": Path(f"{base}_differential.csv"), "skipped": Path(f"{base}_skipped.csv")}
+    paths = {
+        "predictions": out,
+        "differential": Path(f"{base}_differential.csv"),
+        "skipped": Path(f"{base}_skipped.csv"),
+    }
     if skipped:
         pd.DataFrame(skipped).to_csv(paths["skipped"], index=False)
     elif paths["skipped"].exists():
@@ -188,7 +203,9 @@ def differential(cells: pd.DataFrame, classes: Sequence[str], groups: list[str])
     if labels is not None and set(labels) <= set(classes):
         return differentials(cells, classes, by=groups)
     keys = cells[groups].astype(str)
-    counts = pd.crosstab([keys[g] for g in groups], pd.Categorical(cells["pred_label"], categories=list(classes)), dropna=False)
+    counts = pd.crosstab(
+        [keys[g] for g in groups], pd.Categorical(cells["pred_label"], categories=list(classes)), dropna=False
+    )
     table = (100.0 * counts.div(counts.sum(axis=1), axis=0)).add_prefix("pred_")
     table.insert(0, "n_cells", counts.sum(axis=1))
     table.columns.name = None

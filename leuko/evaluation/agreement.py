@@ -107,8 +107,11 @@ def reference_from_counts(path: str | Path, classes: Sequence[str], *, by: Seque
     if len(table) == 0:
         problems.append("no samples (only a header)")
     if problems:
-        raise ValueError(f"{path}: {len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems)
-                         + f"\nFix {'these' if len(problems) > 1 else 'this'} in {path} and run again.")
+        raise ValueError(
+            f"{path}: {len(problems)} problem(s):\n"
+            + "\n".join(f"  {p}" for p in problems)
+            + f"\nFix {'these' if len(problems) > 1 else 'this'} in {path} and run again."
+        )
 
     out = keys.copy()
     out["n_counted"] = totals
@@ -158,8 +161,9 @@ def bland_altman_table(diffs: pd.DataFrame, classes: Sequence[str], *, by: str |
                 ba = bland_altman(part[f"pred_{c}"], part[f"ref_{c}"])
                 row.update({"class": c, **{k: ba[k] for k in BA_COLUMNS[1:]}})
             else:
-                row.update({"class": c, "bias": np.nan, "sd": np.nan, "loa_low": np.nan, "loa_high": np.nan,
-                            "n": len(part)})
+                row.update(
+                    {"class": c, "bias": np.nan, "sd": np.nan, "loa_low": np.nan, "loa_high": np.nan, "n": len(part)}
+                )
             rows.append(row)
     return pd.DataFrame(rows, columns=([] if by is None else [by]) + list(BA_COLUMNS))
 
@@ -193,8 +197,14 @@ def bland_altman_plot(
         lines = (("bias", ba["bias"], "-"), ("+1.96 SD", ba["loa_high"], "--"), ("-1.96 SD", ba["loa_low"], "--"))
         for name, y, style in lines:
             ax.axhline(y, color="black" if name == "bias" else "C3", ls=style, lw=1.2)
-            ax.annotate(f"{name}: {y:+.1f}%", xy=(0.99, y), xycoords=("axes fraction", "data"), ha="right",
-                        va="bottom", fontsize=8)
+            ax.annotate(
+                f"{name}: {y:+.1f}%",
+                xy=(0.99, y),
+                xycoords=("axes fraction", "data"),
+                ha="right",
+                va="bottom",
+                fontsize=8,
+            )
         span = max(abs(ba["loa_high"]), abs(ba["loa_low"]), np.abs(ba["diff"]).max(), 1.0) * 1.25
         ax.set_ylim(-span, span)
     for ax in axes[len(classes) :]:
@@ -256,8 +266,11 @@ def _reference_by_sample(reference: pd.DataFrame, by: list[str], classes: list[s
     missing = [c for c in by + columns if c not in reference.columns]
     if missing:
         raise ValueError(f"reference table lacks column(s) {', '.join(missing)}; read it with reference_from_counts")
-    ref = reference[columns].set_axis(pd.MultiIndex.from_frame(reference[by].astype(str)) if len(by) > 1
-                                      else pd.Index(reference[by[0]].astype(str), name=by[0]))
+    ref = reference[columns].set_axis(
+        pd.MultiIndex.from_frame(reference[by].astype(str))
+        if len(by) > 1
+        else pd.Index(reference[by[0]].astype(str), name=by[0])
+    )
     absent = [s for s in samples if s not in ref.index]
     if absent:
         shown = "; ".join(", ".join(s) if isinstance(s, tuple) else s for s in absent[:5])

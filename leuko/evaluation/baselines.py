@@ -21,12 +21,15 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-from leuko.evaluation.morphology import FEATURES
 from leuko.data.folds import fold_masks, fold_names
+from leuko.evaluation.morphology import FEATURES
 
 METRICS = ("balanced_accuracy", "accuracy", "macro_f1")
 TABLE_COLUMNS = (
-    "method", "key", "input", "n_folds",
+    "method",
+    "key",
+    "input",
+    "n_folds",
     *(f"{m}_{s}" for m in METRICS for s in ("mean", "std")),
 )
 # (key, table label) of the classical models, in the order of the RI study's Figure 4.
@@ -101,9 +104,7 @@ def feature_columns(features: pd.DataFrame) -> list[str]:
     """The morphology features that are measured for every cell (HHG cells have no RI features)."""
     missing = [c for c in ("cell_id", "label", *FEATURES) if c not in features.columns]
     if missing:
-        raise ValueError(
-            f"feature table lacks column(s) {', '.join(missing)}; make it with `leuko features`"
-        )
+        raise ValueError(f"feature table lacks column(s) {', '.join(missing)}; make it with `leuko features`")
     usable = [c for c in FEATURES if features[c].notna().all()]
     partly = [c for c in FEATURES if c not in usable and features[c].notna().any()]
     if partly:
@@ -116,9 +117,7 @@ def feature_columns(features: pd.DataFrame) -> list[str]:
     return usable
 
 
-def classical_cv(
-    features: pd.DataFrame, splits: pd.DataFrame, folds: Sequence[str], *, seed: int = 0
-) -> pd.DataFrame:
+def classical_cv(features: pd.DataFrame, splits: pd.DataFrame, folds: Sequence[str], *, seed: int = 0) -> pd.DataFrame:
     """Per-fold scores of each classical model on the morphology features.
 
     features: one row per cell (cell_id, label, FEATURES), from features_table. splits: cell_id and fold
@@ -136,8 +135,15 @@ def classical_cv(
             masks = fold_masks(table, f)
             fitted = clone(model).fit(x[masks["train"]], y[masks["train"]])
             pred = fitted.predict(x[masks["val"]])
-            rows.append({"method": labels[key], "key": key, "input": FEATURE_INPUT, "fold": str(f),
-                         **scores(y[masks["val"]], pred)})
+            rows.append(
+                {
+                    "method": labels[key],
+                    "key": key,
+                    "input": FEATURE_INPUT,
+                    "fold": str(f),
+                    **scores(y[masks["val"]], pred),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -153,7 +159,9 @@ def align(features: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
     by_id = by_id.set_index("cell_id", drop=False)
     ids = splits["cell_id"].astype(str)
     _require_cells(
-        ids, by_id.index, "have no morphology features",
+        ids,
+        by_id.index,
+        "have no morphology features",
         "compute features from the manifest the data was prepared from (`leuko features --manifest M`), "
         "or delete a stale --features cache",
     )
@@ -273,16 +281,30 @@ def mip_cv(
         started = time.perf_counter()
         masks = fold_masks(table, f)
         pred = fit_predict_mip(
-            projections[masks["train"]], labels[masks["train"]], projections[masks["val"]],
-            num_classes=len(classes), net=net, epochs=epochs, batch_size=batch_size, lr=lr,
-            seed=seed + int(f) if str(f).isdigit() else seed, device=device,
+            projections[masks["train"]],
+            labels[masks["train"]],
+            projections[masks["val"]],
+            num_classes=len(classes),
+            net=net,
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed + int(f) if str(f).isdigit() else seed,
+            device=device,
         )
-        row = {"method": f"2D {net} on MIP", "key": f"mip2d_{_key(net)}", "input": MIP_INPUT, "fold": str(f),
-               **scores(labels[masks["val"]], pred)}
+        row = {
+            "method": f"2D {net} on MIP",
+            "key": f"mip2d_{_key(net)}",
+            "input": MIP_INPUT,
+            "fold": str(f),
+            **scores(labels[masks["val"]], pred),
+        }
         out.append(row)
         if progress:
-            progress(f"MIP {net} fold {f}: balanced accuracy {row['balanced_accuracy']:.3f} "
-                     f"({time.perf_counter() - started:.0f} s, {epochs} epochs)")
+            progress(
+                f"MIP {net} fold {f}: balanced accuracy {row['balanced_accuracy']:.3f} "
+                f"({time.perf_counter() - started:.0f} s, {epochs} epochs)"
+            )
     return pd.DataFrame(out)
 
 
@@ -335,8 +357,12 @@ def cv_splits(cv_dir: str | Path) -> tuple[pd.DataFrame, list[str], Path]:
     if data.get("splits"):
         splits = read_splits(data["splits"])
     else:
-        splits = make_splits(index, k=int(data.get("k", 5)), test_fraction=float(data.get("test_fraction", 0.2)),
-                             seed=int(data.get("seed", 0)))
+        splits = make_splits(
+            index,
+            k=int(data.get("k", 5)),
+            test_fraction=float(data.get("test_fraction", 0.2)),
+            seed=int(data.get("seed", 0)),
+        )
     metrics = pd.read_csv(cv_dir / "cv_metrics.csv") if (cv_dir / "cv_metrics.csv").is_file() else None
     folds = [str(f) for f in metrics["fold"]] if metrics is not None else fold_names(splits)
     return splits.reset_index(drop=True), folds, prepared
@@ -372,8 +398,10 @@ def compare(
         for other in cv_dirs[1:]:
             other_splits, other_folds, _ = cv_splits(other)
             same = dict(zip(splits["cell_id"].astype(str), splits["fold"].astype(str)))
-            if other_folds != folds or dict(zip(other_splits["cell_id"].astype(str),
-                                                other_splits["fold"].astype(str))) != same:
+            if (
+                other_folds != folds
+                or dict(zip(other_splits["cell_id"].astype(str), other_splits["fold"].astype(str))) != same
+            ):
                 raise ValueError(
                     f"{other} was cross-validated on other folds than {cv_dirs[0]} (folds {other_folds} vs "
                     f"{folds}); compare CVs of one split in one table"
@@ -388,8 +416,10 @@ def compare(
         folds = fold_names(splits)
         source = f"make_splits(k={k}, test_fraction={test_fraction}, seed={seed})"
     if progress:
-        progress(f"baselines on {len(folds)} fold(s) ({source}): "
-                 f"{int((splits['fold'].astype(str).isin(folds)).sum())} validation cells")
+        progress(
+            f"baselines on {len(folds)} fold(s) ({source}): "
+            f"{int((splits['fold'].astype(str).isin(folds)).sum())} validation cells"
+        )
 
     parts = [cv_rows(c) for c in cv_dirs]
     started = time.perf_counter()
@@ -397,13 +427,31 @@ def compare(
     if progress:
         progress(f"classical models: {time.perf_counter() - started:.1f} s")
     if mip_net:
-        parts.append(mip_cv(prepared_dir, splits, folds, net=mip_net, epochs=mip_epochs,
-                            batch_size=mip_batch_size, seed=seed, device=device, progress=progress))
+        parts.append(
+            mip_cv(
+                prepared_dir,
+                splits,
+                folds,
+                net=mip_net,
+                epochs=mip_epochs,
+                batch_size=mip_batch_size,
+                seed=seed,
+                device=device,
+                progress=progress,
+            )
+        )
     per_fold = pd.concat(parts, ignore_index=True)
     settings = {
-        "folds": folds, "fold_source": source, "prepared_dir": str(prepared_dir), "cv": [str(c) for c in cv_dirs],
-        "seed": seed, "features": feature_columns(features), "mip_net": mip_net, "mip_epochs": mip_epochs,
-        "mip_batch_size": mip_batch_size, "device": device,
+        "folds": folds,
+        "fold_source": source,
+        "prepared_dir": str(prepared_dir),
+        "cv": [str(c) for c in cv_dirs],
+        "seed": seed,
+        "features": feature_columns(features),
+        "mip_net": mip_net,
+        "mip_epochs": mip_epochs,
+        "mip_batch_size": mip_batch_size,
+        "device": device,
     }
     return summarise(per_fold), per_fold, settings
 
@@ -415,15 +463,21 @@ def format_table(table: pd.DataFrame) -> str:
     lines = [header, "-" * len(header)]
     for row in table.to_dict("records"):
         cells = [f"{row[f'{m}_mean']:.3f} ± {row[f'{m}_std']:.3f}" for m in METRICS]
-        lines.append(f"{row['method']:<34} {row['input']:<30} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
-                     f"{int(row['n_folds']):>5}")
+        lines.append(
+            f"{row['method']:<34} {row['input']:<30} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} "
+            f"{int(row['n_folds']):>5}"
+        )
     return "\n".join(lines)
 
 
 def metric_dict(table: pd.DataFrame) -> dict[str, float]:
     """baselines/<key>/<metric>_<mean|std> for every row: what log_baselines records in MLflow."""
-    return {f"baselines/{row['key']}/{m}_{s}": float(row[f"{m}_{s}"])
-            for row in table.to_dict("records") for m in METRICS for s in ("mean", "std")}
+    return {
+        f"baselines/{row['key']}/{m}_{s}": float(row[f"{m}_{s}"])
+        for row in table.to_dict("records")
+        for m in METRICS
+        for s in ("mean", "std")
+    }
 
 
 def write_outputs(out_dir: str | Path, table: pd.DataFrame, per_fold: pd.DataFrame, settings: dict) -> Path:

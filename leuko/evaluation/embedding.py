@@ -25,7 +25,9 @@ def penultimate_features(model, volumes: np.ndarray, rows: Sequence[int], *, bat
     out = []
     with torch.no_grad():
         for start in range(0, len(rows), batch_size):
-            x = torch.from_numpy(np.asarray(volumes[rows[start : start + batch_size]], dtype=np.float32))  # (B, C, D, H, W)
+            x = torch.from_numpy(
+                np.asarray(volumes[rows[start : start + batch_size]], dtype=np.float32)
+            )  # (B, C, D, H, W)
             out.append(model.features(x.to(model.device)).float().cpu().numpy())  # (B, F)
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
@@ -44,7 +46,12 @@ def umap_2d(features: np.ndarray, *, n_neighbors: int = 15, min_dist: float = 0.
 
 
 def embedding_plot(
-    coords: np.ndarray, groups: Sequence[str], path: str | Path, *, title: str, legend_title: str,
+    coords: np.ndarray,
+    groups: Sequence[str],
+    path: str | Path,
+    *,
+    title: str,
+    legend_title: str,
     order: Sequence[str] | None = None,
 ) -> Path:
     """Scatter of (N, 2) coords, one colour per group; a legend (outside, right) when there are at most 40."""
@@ -62,16 +69,30 @@ def embedding_plot(
         sel = groups == name
         colour = palette[i % len(palette)]
         marker = "os^Dv<>"[(i // len(palette)) % 7]  # beyond 20 groups colours repeat: vary the marker
-        ax.scatter(coords[sel, 0], coords[sel, 1], s=10, alpha=0.75, color=colour, marker=marker,
-                   label=f"{name} ({int(sel.sum())})", linewidths=0)
+        ax.scatter(
+            coords[sel, 0],
+            coords[sel, 1],
+            s=10,
+            alpha=0.75,
+            color=colour,
+            marker=marker,
+            label=f"{name} ({int(sel.sum())})",
+            linewidths=0,
+        )
     ax.set_xlabel("UMAP 1")
     ax.set_ylabel("UMAP 2")
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title)
     if len(names) <= 40:
-        fig.legend(loc="outside right upper", title=legend_title, fontsize=7, title_fontsize=8, markerscale=1.5,
-                   ncols=1 if len(names) <= 20 else 2)
+        fig.legend(
+            loc="outside right upper",
+            title=legend_title,
+            fontsize=7,
+            title_fontsize=8,
+            markerscale=1.5,
+            ncols=1 if len(names) <= 20 else 2,
+        )
     path = Path(path)
     fig.savefig(path, dpi=110)
     return path
@@ -106,19 +127,23 @@ def embed_cv_fold(
     cells: "val" (the fold's validation patients, which the model never saw), "dev" (every non-test cell)
     or "all". Writes UMAP_FILES into out_dir; returns {"fold", "checkpoint", "n_cells", "paths", "run_id"}
     where run_id is the fold's MLflow run (from fold_<f>/mlflow_run_id) or None."""
-    from leuko.evaluation.baselines import cv_splits
     from leuko.data.folds import TEST, fold_masks
     from leuko.data.prepare import load_prepared
+    from leuko.evaluation.baselines import cv_splits
 
     cv_dir, out_dir = Path(cv_dir), Path(out_dir)
     if cells not in ("val", "dev", "all"):
         raise ValueError(f"cells={cells!r}: use val, dev or all")
-    checkpoints = {p.parent.parent.name.removeprefix("fold_"): p for p in sorted(cv_dir.glob("fold_*/checkpoints/best.ckpt"))}
+    checkpoints = {
+        p.parent.parent.name.removeprefix("fold_"): p for p in sorted(cv_dir.glob("fold_*/checkpoints/best.ckpt"))
+    }
     if not checkpoints:
         raise ValueError(f"{cv_dir}: no fold_*/checkpoints/best.ckpt; run `leuko cv` with validation folds first")
     fold = str(fold) if fold is not None else sorted(checkpoints, key=lambda f: (len(f), f))[0]
     if fold not in checkpoints:
-        raise ValueError(f"{cv_dir}: fold {fold} has no best checkpoint; folds with one: {', '.join(sorted(checkpoints))}")
+        raise ValueError(
+            f"{cv_dir}: fold {fold} has no best checkpoint; folds with one: {', '.join(sorted(checkpoints))}"
+        )
     splits, _, prepared = cv_splits(cv_dir)
     volumes, index, meta = load_prepared(prepared)
     by_id = index.set_index(index["cell_id"].astype(str))
@@ -140,15 +165,33 @@ def embed_cv_fold(
     what = {"val": f"validation cells of fold {fold}", "dev": "all non-test cells", "all": "all cells"}[cells]
     classes = list(meta["classes"])
     paths = [
-        embedding_plot(coords, table["label"], out_dir / UMAP_FILES[0], order=classes, legend_title="class",
-                       title=f"{net} penultimate features, {what}: by class"),
-        embedding_plot(coords, table["patient_id"], out_dir / UMAP_FILES[1], legend_title="patient",
-                       title=f"{net} penultimate features, {what}: by patient"),
+        embedding_plot(
+            coords,
+            table["label"],
+            out_dir / UMAP_FILES[0],
+            order=classes,
+            legend_title="class",
+            title=f"{net} penultimate features, {what}: by class",
+        ),
+        embedding_plot(
+            coords,
+            table["patient_id"],
+            out_dir / UMAP_FILES[1],
+            legend_title="patient",
+            title=f"{net} penultimate features, {what}: by patient",
+        ),
     ]
     frame = table.drop(columns="row").assign(umap_1=coords[:, 0], umap_2=coords[:, 1], fold=fold)
     frame.to_csv(out_dir / UMAP_FILES[2], index=False)
     paths.append(out_dir / UMAP_FILES[2])
     marker = cv_dir / f"fold_{fold}" / "mlflow_run_id"
     run_id = marker.read_text().strip() if marker.is_file() else None
-    return {"fold": fold, "checkpoint": str(checkpoints[fold]), "n_cells": len(table), "paths": paths,
-            "run_id": run_id or None, "cells": cells, "net": net}
+    return {
+        "fold": fold,
+        "checkpoint": str(checkpoints[fold]),
+        "n_cells": len(table),
+        "paths": paths,
+        "run_id": run_id or None,
+        "cells": cells,
+        "net": net,
+    }

@@ -31,8 +31,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-OUTPUTS = ("metrics.json", "differentials.csv", "bland_altman.csv", "bland_altman.png", "confusion.csv",
-           "confusion_matrix.png", "per_class.csv", "learning_curves.csv")
+OUTPUTS = (
+    "metrics.json",
+    "differentials.csv",
+    "bland_altman.csv",
+    "bland_altman.png",
+    "confusion.csv",
+    "confusion_matrix.png",
+    "per_class.csv",
+    "learning_curves.csv",
+)
 CURVE_METRIC = "val/balanced_accuracy"
 
 
@@ -61,8 +69,9 @@ def load_cv(cv_dir: str | Path) -> Predictions:
         raise FileNotFoundError(
             f"{path} not found{hint}; give --cv the output folder of `leuko cv` (runs/<name>), after the CV finished"
         )
-    cells = pd.read_csv(path, dtype={"cell_id": str, "patient_id": str, "sample_type": str, "label": str,
-                                     "pred_label": str})
+    cells = pd.read_csv(
+        path, dtype={"cell_id": str, "patient_id": str, "sample_type": str, "label": str, "pred_label": str}
+    )
     summary_path = cv_dir / "cv_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     return Predictions(_check_cells(cells, path), _classes(cells, path), path, cv_dir, summary)
@@ -74,8 +83,9 @@ def load_predictions(path: str | Path, prepared_dir: str | Path | None = None) -
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: predictions file not found")
-    cells = pd.read_csv(path, dtype={"cell_id": str, "patient_id": str, "sample_type": str, "label": str,
-                                     "pred_label": str})
+    cells = pd.read_csv(
+        path, dtype={"cell_id": str, "patient_id": str, "sample_type": str, "label": str, "pred_label": str}
+    )
     needed = [c for c in ("label", "patient_id", "sample_type") if c not in cells.columns]
     if needed:
         if prepared_dir is None:
@@ -89,7 +99,9 @@ def load_predictions(path: str | Path, prepared_dir: str | Path | None = None) -
         by_id = index.set_index(index["cell_id"].astype(str))
         absent = sorted(set(cells["cell_id"]) - set(by_id.index))
         if absent:
-            raise ValueError(f"{len(absent)} predicted cell(s) are not in {prepared_dir} (e.g. {', '.join(absent[:3])})")
+            raise ValueError(
+                f"{len(absent)} predicted cell(s) are not in {prepared_dir} (e.g. {', '.join(absent[:3])})"
+            )
         for column in needed:
             cells[column] = by_id.loc[cells["cell_id"], column].astype(str).to_numpy()
     return Predictions(_check_cells(cells, path), _classes(cells, path), path)
@@ -144,7 +156,9 @@ def pooled_metrics(cells: pd.DataFrame, classes: list[str]) -> dict[str, float]:
     }
     probs = cells[[f"prob_{c}" for c in classes]].to_numpy(dtype=float)
     # Macro one-vs-rest AUROC over the classes that have cells (and cells of other classes), as torchmetrics.
-    aucs = [roc_auc_score((y == c).to_numpy(), probs[:, i]) for i, c in enumerate(classes) if 0 < (y == c).sum() < len(y)]
+    aucs = [
+        roc_auc_score((y == c).to_numpy(), probs[:, i]) for i, c in enumerate(classes) if 0 < (y == c).sum() < len(y)
+    ]
     if aucs:
         out["auroc"] = float(np.mean(aucs))
     return out
@@ -201,8 +215,10 @@ def cv_run_id(cv_dir: Path, client) -> str | None:
     if not experiments:
         return None
     runs = client.search_runs(
-        experiments, filter_string=f"tags.`mlflow.runName` = '{cv_dir.name}' and tags.`leuko.command` = 'cv'",
-        order_by=["attributes.start_time DESC"], max_results=1,
+        experiments,
+        filter_string=f"tags.`mlflow.runName` = '{cv_dir.name}' and tags.`leuko.command` = 'cv'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
     )
     return runs[0].info.run_id if runs else None
 
@@ -213,8 +229,9 @@ def learning_curves(client, parent_run_id: str, metric: str = CURVE_METRIC) -> p
     Lightning logs with step = global step and logs `epoch` alongside. The CV's validate of the best
     checkpoint logs once more after training (as epoch max_epochs); that value is not part of the curve."""
     parent = client.get_run(parent_run_id)
-    runs = client.search_runs([parent.info.experiment_id],
-                              filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    runs = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'"
+    )
     curves = {}
     for run in sorted(runs, key=lambda r: _fold_sort_key(r.data.tags.get("leuko.fold", r.info.run_name or ""))):
         fold = run.data.tags.get("leuko.fold")
@@ -297,15 +314,21 @@ def evaluate(
     ba = bland_altman_table(diffs, classes)
     ba.to_csv(out_dir / "bland_altman.csv", index=False)
     if diffs["sample_type"].nunique() > 1:
-        bland_altman_table(diffs, classes, by="sample_type").to_csv(out_dir / "bland_altman_by_sample_type.csv",
-                                                                     index=False)
+        bland_altman_table(diffs, classes, by="sample_type").to_csv(
+            out_dir / "bland_altman_by_sample_type.csv", index=False
+        )
     reference_name = f"manual counts ({Path(counts).name})" if counts else "manifest labels"
-    bland_altman_plot(diffs, classes, out_dir / "bland_altman.png",
-                      title=f"Bland-Altman: predicted vs {reference_name}, {len(diffs)} samples")
+    bland_altman_plot(
+        diffs,
+        classes,
+        out_dir / "bland_altman.png",
+        title=f"Bland-Altman: predicted vs {reference_name}, {len(diffs)} samples",
+    )
 
     matrix = confusion(cells, classes)
-    pd.DataFrame({"actual": cells["label"], "predicted": cells["pred_label"]}).to_csv(out_dir / "confusion.csv",
-                                                                                       index=False)
+    pd.DataFrame({"actual": cells["label"], "predicted": cells["pred_label"]}).to_csv(
+        out_dir / "confusion.csv", index=False
+    )
     what = "out-of-fold" if pred.cv_dir is not None else pred.source.name
     fig = confusion_figure(matrix, classes, f"{what} confusion matrix ({len(cells)} cells)")
     fig.savefig(out_dir / "confusion_matrix.png", dpi=120)
@@ -320,7 +343,7 @@ def evaluate(
     if run_id is not None and client is not None:
         try:
             client.get_run(run_id)
-        except Exception as exc:  # noqa: BLE001 - a store without that run: evaluate still writes its files
+        except Exception as exc:
             warnings.warn(f"MLflow run {run_id} not found in {client.tracking_uri} ({exc}); not logging", stacklevel=2)
             run_id = None
     curves = pd.DataFrame(columns=["epoch", "mean"])
@@ -353,9 +376,19 @@ def evaluate(
     elif log_to_mlflow and pred.cv_dir is not None and (pred.cv_dir / "mlflow_run_id").is_file():
         from leuko.tracking.runs import resolve_tracking_uri
 
-        log(f"{pred.cv_dir / 'mlflow_run_id'} names an MLflow run, but it is not in {resolve_tracking_uri(tracking_uri)}: "
-            "wrote files only. Run from the folder the CV ran in, or set MLFLOW_TRACKING_URI / --tracking-uri")
+        log(
+            f"{pred.cv_dir / 'mlflow_run_id'} names an MLflow run, but it is not in {resolve_tracking_uri(tracking_uri)}: "
+            "wrote files only. Run from the folder the CV ran in, or set MLFLOW_TRACKING_URI / --tracking-uri"
+        )
     elif log_to_mlflow:
         log("no MLflow run found for these predictions: wrote files only")
-    return {"out_dir": out_dir, "metrics": metrics, "ba": ba, "diffs": diffs, "per_class": per_class,
-            "run_id": run_id, "embedding": embedding, "curves": curves}
+    return {
+        "out_dir": out_dir,
+        "metrics": metrics,
+        "ba": ba,
+        "diffs": diffs,
+        "per_class": per_class,
+        "run_id": run_id,
+        "embedding": embedding,
+        "curves": curves,
+    }

@@ -223,8 +223,9 @@ def feature_plot(table: pd.DataFrame, path: str | Path, *, classes: Sequence[str
             ax.set_yticks([])
             ax.text(0.5, 0.5, "not available\n(no RI channel)", ha="center", va="center", transform=ax.transAxes)
             continue
-        ax.boxplot(groups, positions=range(1, len(classes) + 1), widths=0.6, showfliers=False,
-                   medianprops={"color": "black"})
+        ax.boxplot(
+            groups, positions=range(1, len(classes) + 1), widths=0.6, showfliers=False, medianprops={"color": "black"}
+        )
         for i, g in enumerate(groups, start=1):
             ax.plot(i + rng.uniform(-0.18, 0.18, len(g)), g, "o", ms=2.5, alpha=0.5, color=f"C{i - 1}")
         ax.set_xticks(range(1, len(classes) + 1), classes, rotation=20)  # after boxplot, which sets its own

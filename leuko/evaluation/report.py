@@ -29,8 +29,13 @@ from string import Template
 import pandas as pd
 
 METRIC_ORDER = ("balanced_accuracy", "accuracy", "macro_f1", "auroc", "loss")
-METRIC_NAMES = {"balanced_accuracy": "balanced accuracy", "accuracy": "accuracy", "macro_f1": "macro F1",
-                "auroc": "AUROC (macro, one-vs-rest)", "loss": "loss (cross-entropy)"}
+METRIC_NAMES = {
+    "balanced_accuracy": "balanced accuracy",
+    "accuracy": "accuracy",
+    "macro_f1": "macro F1",
+    "auroc": "AUROC (macro, one-vs-rest)",
+    "loss": "loss (cross-entropy)",
+}
 # MLflow stores metrics as doubles; CSV and JSON round-trips keep 15+ significant digits.
 MATCH_TOLERANCE = 1e-9
 
@@ -69,12 +74,20 @@ def locate(
     path = Path(run)
     if path.is_dir():
         if not (path / "cv_summary.json").is_file():
-            raise ValueError(f"{path}: no cv_summary.json; give --run the output folder of `leuko cv` or an MLflow run id")
+            raise ValueError(
+                f"{path}: no cv_summary.json; give --run the output folder of `leuko cv` or an MLflow run id"
+            )
         client = tracking_client(path, tracking_uri)
         run_id = cv_run_id(path, client) if client is not None else None
-        files = RunFiles(path.name, path, _dir_or_none(eval_dir or path / "eval", "metrics.json"),
-                         _dir_or_none(baselines_dir or path / "baselines", "baselines.csv"), f"folder {path}",
-                         run_id, client)
+        files = RunFiles(
+            path.name,
+            path,
+            _dir_or_none(eval_dir or path / "eval", "metrics.json"),
+            _dir_or_none(baselines_dir or path / "baselines", "baselines.csv"),
+            f"folder {path}",
+            run_id,
+            client,
+        )
     else:
         import mlflow
 
@@ -84,12 +97,14 @@ def locate(
         if "/" in run or run.startswith(".") or len(run) < 8:
             raise ValueError(f"--run {run}: no such folder, and it does not look like an MLflow run id")
         if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-            raise ValueError(f"--run {run}: not a folder, and there is no MLflow store at {uri} to look the run up in "
-                             "(set MLFLOW_TRACKING_URI or --tracking-uri)")
+            raise ValueError(
+                f"--run {run}: not a folder, and there is no MLflow store at {uri} to look the run up in "
+                "(set MLFLOW_TRACKING_URI or --tracking-uri)"
+            )
         client = mlflow.MlflowClient(uri)
         try:
             info = client.get_run(run)
-        except Exception as exc:  # noqa: BLE001 - MLflow raises its own exception types per store
+        except Exception as exc:
             raise ValueError(f"--run {run}: no such folder, and no such MLflow run in {uri} ({exc})") from exc
         target = download_to or Path(tempfile.mkdtemp(prefix="leuko-report-"))
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a few small files: no bar
@@ -98,14 +113,23 @@ def locate(
             if name in available:
                 client.download_artifacts(run, name, str(target))
         if not (target / "cv_summary.json").is_file():
-            raise ValueError(f"MLflow run {run} has no cv_summary.json artifact: it is not the parent run of a `leuko cv`")
-        files = RunFiles(info.info.run_name or run, target, _dir_or_none(target / "eval", "metrics.json"),
-                         _dir_or_none(target / "baselines", "baselines.csv"), f"MLflow run {run} ({uri})", run, client)
+            raise ValueError(
+                f"MLflow run {run} has no cv_summary.json artifact: it is not the parent run of a `leuko cv`"
+            )
+        files = RunFiles(
+            info.info.run_name or run,
+            target,
+            _dir_or_none(target / "eval", "metrics.json"),
+            _dir_or_none(target / "baselines", "baselines.csv"),
+            f"MLflow run {run} ({uri})",
+            run,
+            client,
+        )
     if files.client is not None and files.run_id is not None:
         try:
             info = files.client.get_run(files.run_id)
             files.tags, files.logged = dict(info.data.tags), dict(info.data.metrics)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             log(f"MLflow run {files.run_id} could not be read ({exc}); the report is not checked against it")
             files.run_id = None
     return files
@@ -138,8 +162,13 @@ def collect(files: RunFiles) -> dict:
     for key, stats in summary.items():
         numbers[f"cv/{key}_mean"], numbers[f"cv/{key}_std"] = float(stats["mean"]), float(stats["std"])
     if files.eval_dir is not None:
-        numbers.update({k: float(v) for k, v in json.loads((files.eval_dir / "metrics.json").read_text()).items()
-                        if not k.startswith("cv/")})
+        numbers.update(
+            {
+                k: float(v)
+                for k, v in json.loads((files.eval_dir / "metrics.json").read_text()).items()
+                if not k.startswith("cv/")
+            }
+        )
     baselines = _read_csv(files.baselines_dir / "baselines.csv" if files.baselines_dir else None)
     if baselines is not None:
         from leuko.evaluation.baselines import metric_dict
@@ -177,8 +206,9 @@ def _pm(mean, std, digits: int = 3) -> str:
 
 
 def _table(header: list[str], rows: list[list[str]], *, own: list[bool] | None = None, text_cols: int = 1) -> str:
-    head = "".join(f'<th class="text">{_e(h)}</th>' if i < text_cols else f"<th>{_e(h)}</th>"
-                   for i, h in enumerate(header))
+    head = "".join(
+        f'<th class="text">{_e(h)}</th>' if i < text_cols else f"<th>{_e(h)}</th>" for i, h in enumerate(header)
+    )
     body = []
     for r, row in enumerate(rows):
         cls = ' class="own"' if own and own[r] else ""
@@ -214,8 +244,13 @@ def baselines_figure(table: pd.DataFrame) -> bytes:
     fig = Figure(figsize=(7.2, 0.38 * len(order) + 1.1), layout="constrained")
     ax = fig.subplots()
     colours = ["C0" if s == "3D volume" else ("C2" if "projection" in s else "0.6") for s in order["input"]]
-    ax.barh(range(len(order)), order["balanced_accuracy_mean"], xerr=order["balanced_accuracy_std"],
-            color=colours, capsize=3)
+    ax.barh(
+        range(len(order)),
+        order["balanced_accuracy_mean"],
+        xerr=order["balanced_accuracy_std"],
+        color=colours,
+        capsize=3,
+    )
     ax.set_yticks(range(len(order)), order["method"], fontsize=8.5)
     ax.set_xlim(0, 1)
     ax.set_xlabel("balanced accuracy across folds (mean ± std)")
@@ -272,22 +307,28 @@ def build(files: RunFiles) -> tuple[str, dict]:
     cards = []
     for key in ("balanced_accuracy", "accuracy", "macro_f1", "auroc"):
         if key in summary:
-            cards.append(f'<div class="card"><div class="label">{_e(METRIC_NAMES[key])}</div>'
-                         f'<div class="value">{_fmt(summary[key]["mean"])}</div>'
-                         f'<div class="spread">± {_fmt(summary[key]["std"])} across {n_folds} folds</div></div>')
+            cards.append(
+                f'<div class="card"><div class="label">{_e(METRIC_NAMES[key])}</div>'
+                f'<div class="value">{_fmt(summary[key]["mean"])}</div>'
+                f'<div class="spread">± {_fmt(summary[key]["std"])} across {n_folds} folds</div></div>'
+            )
     if ba is not None and ba["bias"].notna().any():
         worst = ba.loc[ba["bias"].abs().idxmax()]
-        cards.append(f'<div class="card"><div class="label">largest Bland-Altman bias</div>'
-                     f'<div class="value">{worst["bias"]:+.2f} pp</div>'
-                     f'<div class="spread">{_e(worst["class"])}; limits {worst["loa_low"]:+.1f} to '
-                     f'{worst["loa_high"]:+.1f} pp</div></div>')
+        cards.append(
+            f'<div class="card"><div class="label">largest Bland-Altman bias</div>'
+            f'<div class="value">{worst["bias"]:+.2f} pp</div>'
+            f'<div class="spread">{_e(worst["class"])}; limits {worst["loa_low"]:+.1f} to '
+            f"{worst['loa_high']:+.1f} pp</div></div>"
+        )
     keys = [k for k in METRIC_ORDER if k in summary] + sorted(k for k in summary if k not in METRIC_ORDER)
     folds = [str(f) for f in fold_metrics["fold"]] if fold_metrics is not None else []
     rows = []
     for key in keys:
         name = METRIC_NAMES.get(key, key.replace("recall_", "recall: ").replace("_", " "))
-        per_fold = [_fmt(fold_metrics.loc[i, key]) if fold_metrics is not None and key in fold_metrics else "–"
-                    for i in range(len(folds))]
+        per_fold = [
+            _fmt(fold_metrics.loc[i, key]) if fold_metrics is not None and key in fold_metrics else "–"
+            for i in range(len(folds))
+        ]
         rows.append([_e(name), _fmt(summary[key]["mean"]), _fmt(summary[key]["std"]), *per_fold])
     metrics_html = (
         f'<div class="cards">{"".join(cards)}</div>'
@@ -297,10 +338,15 @@ def build(files: RunFiles) -> tuple[str, dict]:
         + _table(["metric", "mean", "std", *[f"fold {f}" for f in folds]], rows)
     )
     if eval_metrics:
-        pooled = [[_e(METRIC_NAMES.get(k, k)), _fmt(eval_metrics[f"oof/{k}"])]
-                  for k in METRIC_ORDER if f"oof/{k}" in eval_metrics]
-        metrics_html += ("<h3>Pooled out-of-fold</h3><p class=\"note\">Every validation cell once, scored "
-                         "together (folds of unequal size weigh by their cells).</p>" + _table(["metric", "value"], pooled))
+        pooled = [
+            [_e(METRIC_NAMES.get(k, k)), _fmt(eval_metrics[f"oof/{k}"])]
+            for k in METRIC_ORDER
+            if f"oof/{k}" in eval_metrics
+        ]
+        metrics_html += (
+            '<h3>Pooled out-of-fold</h3><p class="note">Every validation cell once, scored '
+            "together (folds of unequal size weigh by their cells).</p>" + _table(["metric", "value"], pooled)
+        )
     sections.append(("metrics", "Metrics across folds", metrics_html))
 
     # --- confusion and per-class recall
@@ -308,88 +354,164 @@ def build(files: RunFiles) -> tuple[str, dict]:
         rows = []
         for row in per_class.to_dict("records"):
             fold_recall = summary.get(f"recall_{row['class']}")
-            rows.append([_e(row["class"]), str(int(row["support"])), _fmt(row["recall"]),
-                         _pm(fold_recall["mean"], fold_recall["std"]) if fold_recall else "–",
-                         _fmt(row["precision"]), _fmt(row["f1"])])
-        body = ('<div class="figs">' + _img_file(ev / "confusion_matrix.png", "confusion matrix",
-                                                 "Out-of-fold confusion matrix: counts; shading is the row share.", 430)
-                + "<div><h3>Per-class recall</h3>"
-                + _table(["class", "cells", "recall (pooled)", "recall across folds", "precision", "F1"], rows)
-                + '<p class="note">Recall is the share of a class\'s cells predicted as that class; balanced '
-                  "accuracy is its mean over classes.</p></div></div>")
+            rows.append(
+                [
+                    _e(row["class"]),
+                    str(int(row["support"])),
+                    _fmt(row["recall"]),
+                    _pm(fold_recall["mean"], fold_recall["std"]) if fold_recall else "–",
+                    _fmt(row["precision"]),
+                    _fmt(row["f1"]),
+                ]
+            )
+        body = (
+            '<div class="figs">'
+            + _img_file(
+                ev / "confusion_matrix.png",
+                "confusion matrix",
+                "Out-of-fold confusion matrix: counts; shading is the row share.",
+                430,
+            )
+            + "<div><h3>Per-class recall</h3>"
+            + _table(["class", "cells", "recall (pooled)", "recall across folds", "precision", "F1"], rows)
+            + '<p class="note">Recall is the share of a class\'s cells predicted as that class; balanced '
+            "accuracy is its mean over classes.</p></div></div>"
+        )
         sections.append(("confusion", "Confusion matrix and per-class recall", body))
 
     # --- Bland-Altman
     if ba is not None:
         n_samples = len(diffs) if diffs is not None else int(ba["n"].max())
-        rows = [[_e(r["class"]), _fmt(r["bias"], 2), _fmt(r["sd"], 2), _fmt(r["loa_low"], 2),
-                 _fmt(r["loa_high"], 2), str(int(r["n"]))] for r in ba.to_dict("records")]
-        body = ('<p class="note">Per sample (patient and sample type): predicted minus reference percentage of each '
-                "class in percentage points (pp); bias is the mean difference, the limits of agreement (LoA) are bias ± 1.96 SD "
-                "(sample SD). "
-                f"{n_samples} samples.</p>"
-                + _img_file(ev / "bland_altman.png", "Bland-Altman plots per class")
-                + _table(["class", "bias (pp)", "SD (pp)", "lower LoA (pp)", "upper LoA (pp)", "samples"], rows))
+        rows = [
+            [
+                _e(r["class"]),
+                _fmt(r["bias"], 2),
+                _fmt(r["sd"], 2),
+                _fmt(r["loa_low"], 2),
+                _fmt(r["loa_high"], 2),
+                str(int(r["n"])),
+            ]
+            for r in ba.to_dict("records")
+        ]
+        body = (
+            '<p class="note">Per sample (patient and sample type): predicted minus reference percentage of each '
+            "class in percentage points (pp); bias is the mean difference, the limits of agreement (LoA) are bias ± 1.96 SD "
+            "(sample SD). "
+            f"{n_samples} samples.</p>"
+            + _img_file(ev / "bland_altman.png", "Bland-Altman plots per class")
+            + _table(["class", "bias (pp)", "SD (pp)", "lower LoA (pp)", "upper LoA (pp)", "samples"], rows)
+        )
         if ba_by is not None:
             group = ba_by.columns[0]
-            rows = [[_e(r[group]), _e(r["class"]), _fmt(r["bias"], 2), _fmt(r["sd"], 2), _fmt(r["loa_low"], 2),
-                     _fmt(r["loa_high"], 2), str(int(r["n"]))] for r in ba_by.to_dict("records")]
+            rows = [
+                [
+                    _e(r[group]),
+                    _e(r["class"]),
+                    _fmt(r["bias"], 2),
+                    _fmt(r["sd"], 2),
+                    _fmt(r["loa_low"], 2),
+                    _fmt(r["loa_high"], 2),
+                    str(int(r["n"])),
+                ]
+                for r in ba_by.to_dict("records")
+            ]
             body += "<h3>By sample type</h3>" + _table(
-                [group.replace("_", " "), "class", "bias (pp)", "SD (pp)", "lower LoA (pp)", "upper LoA (pp)", "samples"],
-                rows, text_cols=2)
+                [
+                    group.replace("_", " "),
+                    "class",
+                    "bias (pp)",
+                    "SD (pp)",
+                    "lower LoA (pp)",
+                    "upper LoA (pp)",
+                    "samples",
+                ],
+                rows,
+                text_cols=2,
+            )
         sections.append(("agreement", "Differentials: Bland-Altman per class", body))
 
     # --- baselines
     if baselines is not None:
         own = [k.startswith("cv3d_") and files.name in k for k in baselines["key"]]
-        rows = [[_e(r["method"]), _e(r["input"]), _pm(r["balanced_accuracy_mean"], r["balanced_accuracy_std"]),
-                 _pm(r["accuracy_mean"], r["accuracy_std"]), _pm(r["macro_f1_mean"], r["macro_f1_std"]),
-                 str(int(r["n_folds"]))] for r in baselines.to_dict("records")]
+        rows = [
+            [
+                _e(r["method"]),
+                _e(r["input"]),
+                _pm(r["balanced_accuracy_mean"], r["balanced_accuracy_std"]),
+                _pm(r["accuracy_mean"], r["accuracy_std"]),
+                _pm(r["macro_f1_mean"], r["macro_f1_std"]),
+                str(int(r["n_folds"])),
+            ]
+            for r in baselines.to_dict("records")
+        ]
         settings_path = files.baselines_dir / "baselines.json"
         settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
-        note = ("The same patient-grouped folds for every method (train on the other folds, score the fold's "
-                "validation patients), as in Figure 4 of the RI study (Ryu et al. 2021): five classical classifiers "
-                "on the six morphology features (z-scored; scikit-learn), and a 2D network on the maximum intensity "
-                "projection along z")
+        note = (
+            "The same patient-grouped folds for every method (train on the other folds, score the fold's "
+            "validation patients), as in Figure 4 of the RI study (Ryu et al. 2021): five classical classifiers "
+            "on the six morphology features (z-scored; scikit-learn), and a 2D network on the maximum intensity "
+            "projection along z"
+        )
         if settings.get("mip_net"):
             note += f" ({_e(settings['mip_net'])}, timm, random init, {settings.get('mip_epochs')} epochs per fold)"
-        body = (f'<p class="note">{note}.</p>'
-                + _table(["method", "input", "balanced accuracy", "accuracy", "macro F1", "folds"], rows, own=own,
-                         text_cols=2)
-                + _img(baselines_figure(baselines), "balanced accuracy per method"))
+        body = (
+            f'<p class="note">{note}.</p>'
+            + _table(
+                ["method", "input", "balanced accuracy", "accuracy", "macro F1", "folds"], rows, own=own, text_cols=2
+            )
+            + _img(baselines_figure(baselines), "balanced accuracy per method")
+        )
         sections.append(("baselines", "3D networks beside classical and 2D baselines", body))
     else:
-        sections.append(("baselines", "3D networks beside classical and 2D baselines",
-                         '<p class="missing">No baselines for this run: run <code>leuko baselines --cv '
-                         f"{_e(files.root)} --manifest MANIFEST</code> and make the report again.</p>"))
+        sections.append(
+            (
+                "baselines",
+                "3D networks beside classical and 2D baselines",
+                '<p class="missing">No baselines for this run: run <code>leuko baselines --cv '
+                f"{_e(files.root)} --manifest MANIFEST</code> and make the report again.</p>",
+            )
+        )
 
     # --- UMAP
     if ev is not None and (ev / "umap_class.png").is_file():
         what = ""
         if umap_cells is not None:
-            what = (f"{len(umap_cells)} validation cells of fold {umap_cells['fold'].iloc[0]} "
-                    f"({umap_cells['patient_id'].nunique()} patients)")
-        body = (f'<p class="note">UMAP of the penultimate-layer features of the fold\'s best {_e(net)} checkpoint; '
-                f"{_e(what)}. Classes that form separate clusters are what the head tells apart; clusters that "
-                "follow patients across classes point at patient or batch effects.</p><div class=\"figs\">"
-                + _img_file(ev / "umap_class.png", "UMAP by class", "coloured by class", 560)
-                + _img_file(ev / "umap_patient.png", "UMAP by patient", "coloured by patient", 560) + "</div>")
+            what = (
+                f"{len(umap_cells)} validation cells of fold {umap_cells['fold'].iloc[0]} "
+                f"({umap_cells['patient_id'].nunique()} patients)"
+            )
+        body = (
+            f'<p class="note">UMAP of the penultimate-layer features of the fold\'s best {_e(net)} checkpoint; '
+            f"{_e(what)}. Classes that form separate clusters are what the head tells apart; clusters that "
+            'follow patients across classes point at patient or batch effects.</p><div class="figs">'
+            + _img_file(ev / "umap_class.png", "UMAP by class", "coloured by class", 560)
+            + _img_file(ev / "umap_patient.png", "UMAP by patient", "coloured by patient", 560)
+            + "</div>"
+        )
         sections.append(("umap", "What the network learned (UMAP)", body))
 
     # --- learning curves
     if curves is not None and len(curves):
-        sections.append(("curves", "Learning curves",
-                         '<p class="note">Validation balanced accuracy after each training epoch of each fold (from '
-                         "the fold runs in MLflow; the checkpoint scored above is each fold's best epoch).</p>"
-                         + _img(curves_figure(curves), "learning curves")))
+        sections.append(
+            (
+                "curves",
+                "Learning curves",
+                '<p class="note">Validation balanced accuracy after each training epoch of each fold (from '
+                "the fold runs in MLflow; the checkpoint scored above is each fold's best epoch).</p>"
+                + _img(curves_figure(curves), "learning curves"),
+            )
+        )
 
     # --- where the numbers come from
     if files.run_id and checked:
-        check = (f'<p class="ok">All {checked} numbers shown that MLflow also holds match the metrics logged to run '
-                 f"<code>{_e(files.run_id)}</code>.</p>" if not mismatches else
-                 f'<p class="warn">{len(mismatches)} of {checked} numbers differ from MLflow run '
-                 f"<code>{_e(files.run_id)}</code> (re-run <code>leuko evaluate</code>/<code>leuko baselines</code>?):"
-                 "<br>" + "<br>".join(_e(m) for m in mismatches[:20]) + "</p>")
+        check = (
+            f'<p class="ok">All {checked} numbers shown that MLflow also holds match the metrics logged to run '
+            f"<code>{_e(files.run_id)}</code>.</p>"
+            if not mismatches
+            else f'<p class="warn">{len(mismatches)} of {checked} numbers differ from MLflow run '
+            f"<code>{_e(files.run_id)}</code> (re-run <code>leuko evaluate</code>/<code>leuko baselines</code>?):"
+            "<br>" + "<br>".join(_e(m) for m in mismatches[:20]) + "</p>"
+        )
     else:
         check = '<p class="missing">No MLflow run reachable: the numbers were not checked against logged metrics.</p>'
     used = [f"<code>{_e(files.root / 'cv_summary.json')}</code>"]
@@ -397,7 +519,7 @@ def build(files: RunFiles) -> tuple[str, dict]:
         used.append(f"<code>{_e(ev)}/</code>")
     if files.baselines_dir:
         used.append(f"<code>{_e(files.baselines_dir / 'baselines.csv')}</code>")
-    body = check + f"<p class=\"note\">Read from {', '.join(used)}.</p>"
+    body = check + f'<p class="note">Read from {", ".join(used)}.</p>'
     if config_text:
         body += f"<details><summary>Resolved configuration (fold 0)</summary><pre>{_e(config_text)}</pre></details>"
     sections.append(("provenance", "Provenance", body))
@@ -414,7 +536,9 @@ def build(files: RunFiles) -> tuple[str, dict]:
     if commit:
         meta.append(f"<span>commit <code>{_e(commit[:12])}</code></span>")
     meta.append(f"<span>made {time.strftime('%Y-%m-%d %H:%M')}</span>")
-    template = Template(resources.files("leuko.evaluation").joinpath("report_template.html").read_text(encoding="utf-8"))
+    template = Template(
+        resources.files("leuko.evaluation").joinpath("report_template.html").read_text(encoding="utf-8")
+    )
     numbers_json = json.dumps(numbers, sort_keys=True).replace("</", "<\\/")
     page = template.substitute(
         title=_e(f"leuko report: {files.name}"),
@@ -440,8 +564,13 @@ def write_report(
     """Write the report for a CV folder or MLflow run id; a CV folder without eval/ is evaluated first."""
     tmp = None
     path = Path(run)
-    if (evaluate_missing and path.is_dir() and eval_dir is None and (path / "cv_summary.json").is_file()
-            and not (path / "eval" / "metrics.json").is_file()):
+    if (
+        evaluate_missing
+        and path.is_dir()
+        and eval_dir is None
+        and (path / "cv_summary.json").is_file()
+        and not (path / "eval" / "metrics.json").is_file()
+    ):
         from leuko.evaluation.evaluate import evaluate, load_cv
 
         log(f"{path / 'eval'} is missing: running `leuko evaluate --cv {path}` first")
@@ -449,8 +578,7 @@ def write_report(
     try:
         if not path.is_dir():
             tmp = Path(tempfile.mkdtemp(prefix="leuko-report-"))
-        files = locate(run, tracking_uri=tracking_uri, eval_dir=eval_dir, baselines_dir=baselines_dir,
-                       download_to=tmp)
+        files = locate(run, tracking_uri=tracking_uri, eval_dir=eval_dir, baselines_dir=baselines_dir, download_to=tmp)
         page, numbers = build(files)
     finally:
         if tmp is not None:
@@ -459,6 +587,12 @@ def write_report(
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(page, encoding="utf-8")
     checked, mismatches = check_against_mlflow(numbers, files.logged) if files.run_id else (0, [])
-    return {"out": out, "numbers": numbers, "run_id": files.run_id, "checked": checked, "mismatches": mismatches,
-            "has_eval": files.eval_dir is not None, "has_baselines": files.baselines_dir is not None}
-
+    return {
+        "out": out,
+        "numbers": numbers,
+        "run_id": files.run_id,
+        "checked": checked,
+        "mismatches": mismatches,
+        "has_eval": files.eval_dir is not None,
+        "has_baselines": files.baselines_dir is not None,
+    }

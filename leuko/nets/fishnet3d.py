@@ -101,13 +101,9 @@ class FishNet3D(nn.Module):
         self.bridge = nn.Sequential(*(PreActBlock(widths[-1]) for _ in range(blocks)))
         # up[k] goes from level depth-k to level depth-k-1, ending at level 1 (R/2): the full
         # resolution is never revisited, which keeps FLOPs and memory in check
-        self.up = nn.ModuleList(
-            UpBlock(widths[i + 1], widths[i], blocks=blocks) for i in reversed(range(1, depth))
-        )
+        self.up = nn.ModuleList(UpBlock(widths[i + 1], widths[i], blocks=blocks) for i in reversed(range(1, depth)))
         # down2[j-1] reads cat(features at level j, transfer t_j): 2 * w_j channels
-        self.down2 = nn.ModuleList(
-            DownBlock(2 * widths[j], widths[j + 1], blocks=blocks) for j in range(1, depth)
-        )
+        self.down2 = nn.ModuleList(DownBlock(2 * widths[j], widths[j + 1], blocks=blocks) for j in range(1, depth))
         self.classifier = nn.Sequential(
             *_preact_conv(widths[-1], num_features, 1),
             nn.AdaptiveAvgPool3d(1),

@@ -89,7 +89,5 @@ def resnet3d_50_tiny(**kwargs: Any) -> ResNet3D:
     fifth of the cell per voxel and cost most of the (tiny) net's compute; the max pool stays so
     that its code path is exercised.
     """
-    args: dict[str, Any] = dict(
-        layers=(1, 1, 1, 1), block_inplanes=(8, 16, 32, 64), conv1_kernel=3, conv1_stride=1
-    )
+    args: dict[str, Any] = dict(layers=(1, 1, 1, 1), block_inplanes=(8, 16, 32, 64), conv1_kernel=3, conv1_stride=1)
     return ResNet3D(**(args | kwargs))

@@ -141,9 +141,7 @@ def vit3d(**kwargs: Any) -> ViT3D:
     only 3 along the axial axis. ViT-B widths (768, ~86 M parameters) are a lot for the few
     thousand labelled cells of the studies.
     """
-    args: dict[str, Any] = dict(
-        img_size=(48, 96, 96), patch_size=(8, 16, 16), embed_dim=384, depth=12, num_heads=6
-    )
+    args: dict[str, Any] = dict(img_size=(48, 96, 96), patch_size=(8, 16, 16), embed_dim=384, depth=12, num_heads=6)
     return ViT3D(**(args | kwargs))
 
 

@@ -48,6 +48,8 @@ import pandas as pd
 import yaml
 from optuna.trial import TrialState
 
+from leuko.errors import LeukoError
+
 OBJECTIVES = {
     "balanced_accuracy": "maximize",
     "macro_f1": "maximize",
@@ -64,7 +66,18 @@ PRUNERS = {
     "none": optuna.pruners.NopPruner,
 }
 SWEEP_KEYS = (
-    "study", "storage", "config", "trials", "objective", "folds", "isolate", "sampler", "pruner", "heartbeat", "fixed", "space",
+    "study",
+    "storage",
+    "config",
+    "trials",
+    "objective",
+    "folds",
+    "isolate",
+    "sampler",
+    "pruner",
+    "heartbeat",
+    "fixed",
+    "space",
 )
 PARAM_KEYS = ("choices", "low", "high", "log", "step", "type", "when")
 NET_KWARGS = "model.net_kwargs"  # a dict-typed config key: its entries are gathered into one JSON override
@@ -75,7 +88,7 @@ A_CONFIG, A_OVERRIDES, A_FOLDS = "leuko.config", "leuko.overrides", "leuko.folds
 A_HOST, A_PID, A_PID_START, A_HEARTBEAT = "leuko.host", "leuko.pid", "leuko.pid_start", "leuko.heartbeat"
 
 
-class SweepConfigError(ValueError):
+class SweepConfigError(LeukoError, ValueError):
     """A sweep file that cannot be used; the message names the file, the key and the fix."""
 
 
@@ -158,7 +171,9 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
 
     study = str(need("study", str))
     if not study.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise SweepConfigError(f"{path}: `study: {study}` may hold only letters, digits, '-', '_' and '.' (it names files)")
+        raise SweepConfigError(
+            f"{path}: `study: {study}` may hold only letters, digits, '-', '_' and '.' (it names files)"
+        )
     config = need("config", (list, str))
     config = [config] if isinstance(config, str) else [str(c) for c in config]
     objective = need("objective", str, "balanced_accuracy")
@@ -182,7 +197,9 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
     fixed = need("fixed", dict, {})
     space_raw = need("space", dict)
     if not space_raw:
-        raise SweepConfigError(f"{path}: `space` is empty; give at least one parameter, e.g. model.lr: {{low: 1e-4, high: 1e-2, log: true}}")
+        raise SweepConfigError(
+            f"{path}: `space` is empty; give at least one parameter, e.g. model.lr: {{low: 1e-4, high: 1e-2, log: true}}"
+        )
     space: dict[str, Param] = {}
     for key, spec in space_raw.items():
         space[key] = _param(path, key, spec, space)
@@ -310,12 +327,12 @@ def make_pruner(spec: dict) -> optuna.pruners.BasePruner:
         raise SweepConfigError(f"pruner {spec}: {exc}; see optuna.pruners.{cls.__name__} for its arguments") from exc
 
 
-def open_study(cfg: SweepConfig, url: str, *, worker: int = 0, workers: int = 1, heartbeat: bool = False) -> optuna.Study:
+def open_study(
+    cfg: SweepConfig, url: str, *, worker: int = 0, workers: int = 1, heartbeat: bool = False
+) -> optuna.Study:
     storage = open_storage(url, heartbeat=cfg.heartbeat if heartbeat else None)
     sampler_args = {"n_startup_trials": 5, "multivariate": True, "group": True, "seed": 0, **cfg.sampler}
-    study = optuna.create_study(
-        study_name=cfg.study, storage=storage, direction=cfg.direction, load_if_exists=True
-    )
+    study = optuna.create_study(study_name=cfg.study, storage=storage, direction=cfg.direction, load_if_exists=True)
     # A fixed seed would make every worker, and every resumed run, propose the same first trials.
     seed = sampler_args.pop("seed")
     if seed is not None:
@@ -501,7 +518,9 @@ class _Worker:
         if state == "COMPLETE":
             trial.set_user_attr("leuko.score_std", result["std"])
             trial.set_user_attr("leuko.training.cv", result["summary"])
-            self.say(f"trial {trial.number} COMPLETE: {self.cfg.objective} {result['value']:.4f} +- {result['std']:.4f} ({took})")
+            self.say(
+                f"trial {trial.number} COMPLETE: {self.cfg.objective} {result['value']:.4f} +- {result['std']:.4f} ({took})"
+            )
             return float(result["value"])
         if state == "PRUNED":
             self.say(f"trial {trial.number} PRUNED: {result.get('message', '')} ({took})")
@@ -538,7 +557,10 @@ class _Worker:
         with open(trial_dir / LOG, "w") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "leuko.sweep", str(trial_dir / SPEC)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
             )
             trial.set_user_attr("leuko.trial_pid", proc.pid)
             try:
@@ -580,7 +602,7 @@ class _Heartbeat:
             except Exception:  # the trial finished meanwhile, or the storage hiccuped: try again next beat
                 pass
 
-    def __enter__(self) -> "_Heartbeat":
+    def __enter__(self) -> _Heartbeat:
         self.thread.start()
         return self
 
@@ -681,7 +703,9 @@ def run_sweep(
         tracking = _Tracking(resolve_tracking_uri(), run_id=sweep_run_id) if sweep_run_id else None
         isolate = os.environ.get("LEUKO_SWEEP_ISOLATE") == "1"
         gpus = os.environ.get("LEUKO_SWEEP_GPUS")
-        worker = _Worker(cfg, url, configs, overrides, out, sweep_run_id, tracking, worker_index, n_workers, isolate, gpus)
+        worker = _Worker(
+            cfg, url, configs, overrides, out, sweep_run_id, tracking, worker_index, n_workers, isolate, gpus
+        )
         study.optimize(worker, n_trials=trials, catch=(TrialFailed,), gc_after_trial=True)
         return None
 
@@ -710,8 +734,19 @@ def run_sweep(
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # the workers share the cores
     sweep_run_id = tracking.sweep_run(study, cfg, url, probe.lineage) if tracking else None
-    worker = _Worker(cfg, url, configs, overrides, out, sweep_run_id, tracking, 0, workers, isolate,
-                     _gpu_share(0, workers, gpus) if gpus > 1 else None)
+    worker = _Worker(
+        cfg,
+        url,
+        configs,
+        overrides,
+        out,
+        sweep_run_id,
+        tracking,
+        0,
+        workers,
+        isolate,
+        _gpu_share(0, workers, gpus) if gpus > 1 else None,
+    )
     for number in _recover(study, url, cfg.heartbeat["grace"]):
         worker.mark(number, "FAIL")
     study.set_user_attr("leuko.objective", cfg.objective)
@@ -735,9 +770,25 @@ def run_sweep(
     for i in range(1, workers):
         if shares[i] == 0:
             continue
-        cmd = [sys.executable, "-m", "leuko.cli", "sweep", "--space", str(cfg.path), "--trials", str(shares[i]),
-               "--workers", "1", "--storage", url, "--out", str(out), "--worker-index", str(i)]
-        cmd += [a for c in configs[len(cfg.config):] for a in ("--config", c)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "leuko.cli",
+            "sweep",
+            "--space",
+            str(cfg.path),
+            "--trials",
+            str(shares[i]),
+            "--workers",
+            "1",
+            "--storage",
+            url,
+            "--out",
+            str(out),
+            "--worker-index",
+            str(i),
+        ]
+        cmd += [a for c in configs[len(cfg.config) :] for a in ("--config", c)]
         cmd += ["--sweep-run-id", sweep_run_id] if sweep_run_id else []
         worker_env = dict(env, LEUKO_SWEEP_GPUS=_gpu_share(i, workers, gpus)) if gpus > 1 else env
         procs.append(subprocess.Popen(cmd + overrides, stdin=subprocess.DEVNULL, env=worker_env))
@@ -747,8 +798,11 @@ def run_sweep(
         for i, proc in enumerate(procs, start=1):
             code = proc.wait()
             if code != 0:
-                print(f"warning: worker {i} (pid {proc.pid}) ended with exit code {code}; "
-                      f"the study keeps every trial that finished", file=sys.stderr)
+                print(
+                    f"warning: worker {i} (pid {proc.pid}) ended with exit code {code}; "
+                    f"the study keeps every trial that finished",
+                    file=sys.stderr,
+                )
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -784,12 +838,20 @@ def _finish(study, cfg: SweepConfig, url: str, out: Path, tracking, sweep_run_id
     print(f"\nleaderboard: {path}")
     if tracking:
         _log_sweep(tracking, sweep_run_id, study, cfg, path, status)
-        print(f"MLflow: run sweep-{cfg.study} ({sweep_run_id}) in {tracking.uri}, its trials nested below it;"
-              f" open with `make mlflow-ui` or `mlflow ui --backend-store-uri {tracking.uri}`")
+        print(
+            f"MLflow: run sweep-{cfg.study} ({sweep_run_id}) in {tracking.uri}, its trials nested below it;"
+            f" open with `make mlflow-ui` or `mlflow ui --backend-store-uri {tracking.uri}`"
+        )
     best = _best(study)
     if best is not None:
-        repro = ["leuko", "cv", *[a for c in best.user_attrs[A_CONFIG] for a in ("--config", c)],
-                 "--folds", ",".join(map(str, best.user_attrs[A_FOLDS])), *best.user_attrs[A_OVERRIDES]]
+        repro = [
+            "leuko",
+            "cv",
+            *[a for c in best.user_attrs[A_CONFIG] for a in ("--config", c)],
+            "--folds",
+            ",".join(map(str, best.user_attrs[A_FOLDS])),
+            *best.user_attrs[A_OVERRIDES],
+        ]
         print(f"best: trial {best.number}; the same cross-validation by hand:\n  {shlex.join(repro)}")
         print(f"next: leuko register --space {cfg.path}" + (f" --storage {url}" if storage_given else ""))
     return board
@@ -819,8 +881,8 @@ class _Probe:
 def _probe(configs: list[str], overrides: list[str], validate: SweepConfig | None = None) -> _Probe:
     """Instantiate the base config once; with validate, with one point of the space, so that a key
     that is not a config key fails before any trial starts."""
-    from leuko.training.cli import LeukoCLI
     from leuko.tracking.runs import DEFAULT_EXPERIMENT, lineage_tags, resolve_tracking_uri
+    from leuko.training.cli import LeukoCLI
 
     extra: list[str] = []
     if validate is not None:
@@ -856,10 +918,14 @@ def _multi_device(trainer) -> bool:
     strategy = str(trainer.get("strategy") or "auto").lower()
     devices = trainer.get("devices", "auto")
     single = devices in (1, "1") or (isinstance(devices, list) and len(devices) == 1)
-    return not single or int(trainer.get("num_nodes") or 1) > 1 or any(s in strategy for s in ("ddp", "fsdp", "deepspeed"))
+    return (
+        not single or int(trainer.get("num_nodes") or 1) > 1 or any(s in strategy for s in ("ddp", "fsdp", "deepspeed"))
+    )
 
 
-def _log_sweep(tracking: _Tracking, run_id: str, study: optuna.Study, cfg: SweepConfig, board_path: Path, status: str) -> None:
+def _log_sweep(
+    tracking: _Tracking, run_id: str, study: optuna.Study, cfg: SweepConfig, board_path: Path, status: str
+) -> None:
     client = tracking.client
     client.log_artifact(run_id, str(board_path))
     counts = pd.Series([t.state.name for t in study.get_trials(deepcopy=False)]).value_counts()
@@ -934,8 +1000,10 @@ def print_leaderboard(board: pd.DataFrame, cfg: SweepConfig, limit: int = 20) ->
     table[f"cv {cfg.objective}"] = score
     table["state"] = shown["state"]
     table["time"] = [f"{v:.0f} s" if pd.notna(v) else "-" for v in shown["duration_s"]]
-    print(f"\nleaderboard of study {cfg.study} ({len(board)} trials; cross-validated score as mean±std over folds;"
-          " pruned trials show their last reported score)")
+    print(
+        f"\nleaderboard of study {cfg.study} ({len(board)} trials; cross-validated score as mean±std over folds;"
+        " pruned trials show their last reported score)"
+    )
     print(table.to_string(index=False))
     if len(board) > limit:
         print(f"... {len(board) - limit} more in leaderboard.csv")
@@ -992,8 +1060,14 @@ def execute_trial(spec: dict, trial: optuna.Trial | None) -> dict:
     """Cross-validate one trial; {"state": COMPLETE|PRUNED|FAIL, ...}. trial is None on DDP ranks other than 0."""
     from leuko.training.cv import cross_validate
 
-    repro = ["leuko", "cv", *[a for c in spec["config"] for a in ("--config", c)],
-             "--folds", ",".join(map(str, spec["folds"])), *spec["overrides"]]
+    repro = [
+        "leuko",
+        "cv",
+        *[a for c in spec["config"] for a in ("--config", c)],
+        "--folds",
+        ",".join(map(str, spec["folds"])),
+        *spec["overrides"],
+    ]
     print(f"trial {spec['number']} of study {spec['study']}; the same fit by hand:\n  {shlex.join(repro)}", flush=True)
     try:
         cv = cross_validate(

@@ -283,7 +283,9 @@ def format_lineage(lineage: Lineage, start: str | Path = ".") -> str:
                 f"  note: {dvc_file} at {_short(commit)} records md5 {_short(committed)}, not {_short(md5)}: write it from the tag"
             )
         elif commit and commit != "unknown":
-            lines.append(f"  (commit {_short(commit)} or its {dvc_file} is not in this repository: write it from the tag)")
+            lines.append(
+                f"  (commit {_short(commit)} or its {dvc_file} is not in this repository: write it from the tag)"
+            )
         relative = os.path.relpath(data_path, Path(dvc_file).parent)  # a .dvc file's path is relative to it
         lines.append(f"  printf 'outs:\\n- md5: {md5}\\n  hash: md5\\n  path: {relative}\\n' > {dvc_file}")
     lines.append(f"  dvc pull {dvc_file}        # or `dvc checkout {dvc_file}` when the local cache has it")
@@ -303,9 +305,14 @@ def lineage_json(lineage: Lineage) -> str:
     return json.dumps(
         {
             "data": data,
-            "run": None if run is None else {
-                "run_id": run.info.run_id, "name": run.info.run_name, "experiment": lineage.experiment,
-                "status": run.info.status, "parent_run_id": lineage.tags.get("mlflow.parentRunId"),
+            "run": None
+            if run is None
+            else {
+                "run_id": run.info.run_id,
+                "name": run.info.run_name,
+                "experiment": lineage.experiment,
+                "status": run.info.status,
+                "parent_run_id": lineage.tags.get("mlflow.parentRunId"),
             },
             "model_versions": [
                 {"name": v.name, "version": str(v.version), "aliases": list(getattr(v, "aliases", None) or [])}

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from leuko import __version__
+from leuko.errors import LeukoError
 
 DEFAULT_NAME = "leuko"
 CHAMPION, CHALLENGER = "champion", "challenger"
 CODE = Path(__file__).parent / "deploy" / "pyfunc_model.py"
 
 
-class RegisterError(ValueError):
+class RegisterError(LeukoError, ValueError):
     """Nothing to register, or the registry cannot take it; the message says what to do."""
 
 
@@ -54,7 +55,9 @@ def source_from_study(space: str | Path, *, storage: str | None = None, trial: i
         raise RegisterError(f"no study {cfg.study!r} in {url}; run `leuko sweep --space {space}` first") from exc
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
-        raise RegisterError(f"study {cfg.study!r} in {url} has no COMPLETE trial yet; run more trials with `leuko sweep`")
+        raise RegisterError(
+            f"study {cfg.study!r} in {url} has no COMPLETE trial yet; run more trials with `leuko sweep`"
+        )
     if trial is None:
         chosen = study.best_trial
     else:
@@ -88,8 +91,8 @@ def decide(score: float, champion_version: str | None, champion_score: float | N
 
 def register(source: Source, *, name: str = DEFAULT_NAME, metric: str | None = None, out: str | Path = "runs") -> dict:
     """Refit, test, log and register; returns {"version", "alias", "score", "run_id", "model_uri", ...}."""
-    from leuko.training.cv import is_rank_zero
     from leuko.training.cli import LeukoCLI
+    from leuko.training.cv import is_rank_zero
 
     metric = metric or source.objective
     label = f"{source.study}-trial{source.trial:03d}" if source.study is not None else time.strftime("%Y%m%d-%H%M%S")
@@ -103,7 +106,9 @@ def register(source: Source, *, name: str = DEFAULT_NAME, metric: str | None = N
     cli = LeukoCLI(args=args, run=False, parent_run_id=source.sweep_run_id if is_rank_zero() else None, extra_tags=tags)
     tracking = cli.config["tracking"]
     if not tracking.enabled or cli.trainer.logger is None:
-        raise RegisterError("tracking is off (tracking.enabled false or trainer.logger false): registering needs MLflow")
+        raise RegisterError(
+            "tracking is off (tracking.enabled false or trainer.logger false): registering needs MLflow"
+        )
     print(f"refit on every non-test patient: {shlex.join(args[:-6])}", file=sys.stderr)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
@@ -111,7 +116,9 @@ def register(source: Source, *, name: str = DEFAULT_NAME, metric: str | None = N
         return {}
     test = {k.removeprefix("test/"): float(v) for k, v in tested.items()}
     if metric not in test:
-        raise RegisterError(f"metric {metric!r} is not among the test metrics {sorted(test)}; pass --metric with one of them")
+        raise RegisterError(
+            f"metric {metric!r} is not among the test metrics {sorted(test)}; pass --metric with one of them"
+        )
     return _log_and_register(cli, source, test, name=name, metric=metric)
 
 
@@ -223,7 +230,11 @@ def _log_and_register(cli, source: Source, test: dict, *, name: str, metric: str
         "leuko.champion_score": "none" if champion_score is None else f"{champion_score:.6f}",
         "leuko.classes": ",".join(config["classes"]),
         **{f"leuko.test_{k}": f"{v:.6f}" for k, v in test.items() if not k.startswith("recall_")},
-        **{f"leuko.cv_{k}": f"{v['mean']:.6f} +- {v['std']:.6f}" for k, v in source.cv.items() if k in ("balanced_accuracy", "macro_f1", "accuracy")},
+        **{
+            f"leuko.cv_{k}": f"{v['mean']:.6f} +- {v['std']:.6f}"
+            for k, v in source.cv.items()
+            if k in ("balanced_accuracy", "macro_f1", "accuracy")
+        },
         **lineage,
     }
     if source.study is not None:
@@ -233,9 +244,11 @@ def _log_and_register(cli, source: Source, test: dict, *, name: str, metric: str
     client.set_registered_model_alias(name, alias, version)
     cv = source.cv.get(metric)
     client.update_model_version(
-        name, version,
+        name,
+        version,
         description=f"{config['net']} refit on all non-test patients; test {metric} {score:.4f}"
-        + (f", cross-validated {cv['mean']:.4f} +- {cv['std']:.4f}" if cv else "") + f". {alias}: {reason}.",
+        + (f", cross-validated {cv['mean']:.4f} +- {cv['std']:.4f}" if cv else "")
+        + f". {alias}: {reason}.",
     )
     return {
         "name": name,
@@ -256,7 +269,10 @@ def print_summary(result: dict) -> None:
     name, uri = result["name"], result["tracking_uri"]
     cv = result["cv"].get(result["metric"])
     print(f"\nregistered {name} version {result['version']} (refit run {result['run_id']})")
-    print(f"  test {result['metric']}: {result['score']:.4f}" + (f"   cross-validated: {cv['mean']:.4f} +- {cv['std']:.4f}" if cv else ""))
+    print(
+        f"  test {result['metric']}: {result['score']:.4f}"
+        + (f"   cross-validated: {cv['mean']:.4f} +- {cv['std']:.4f}" if cv else "")
+    )
     print(f"  alias: {result['alias']} ({result['reason']})")
     env = "" if uri == "sqlite:///mlflow.db" else f"MLFLOW_TRACKING_URI={uri} "
     alias_uri = f"models:/{name}@{CHAMPION}"

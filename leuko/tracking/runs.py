@@ -23,6 +23,28 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or uri or DEFAULT_TRACKING_URI
 
 
+def experiment_id(client, name: str) -> str:
+    """The id of experiment `name`, created when missing (two processes may race to create it)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # another process created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def log_batch(client, run_id: str, *, metrics: list | None = None, params: list | None = None) -> None:
+    """MlflowClient.log_batch in chunks under the REST limits (1,000 metrics, 100 params per call)."""
+    metrics, params = list(metrics or []), list(params or [])
+    for i in range(0, len(metrics), 500):
+        client.log_batch(run_id, metrics=metrics[i : i + 500])
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i : i + 100])
+
+
 def git_commit(path: str | Path = ".") -> str:
     try:
         out = subprocess.run(
@@ -31,7 +53,9 @@ def git_commit(path: str | Path = ".") -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     commit = out.stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path, capture_output=True, text=True)
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=path, capture_output=True, text=True
+    )
     return commit + ("-dirty" if dirty.stdout.strip() else "")
 
 

@@ -16,10 +16,10 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from leuko.training.module import VolumeClassifier
-from leuko.data.datamodule import LeukoDataModule
 from leuko.cli.params import COMMAND_SECTIONS
+from leuko.data.datamodule import LeukoDataModule
 from leuko.tracking.runs import DEFAULT_EXPERIMENT, TrackingCallback, config_params, lineage_tags, make_logger
+from leuko.training.module import VolumeClassifier
 
 MONITOR = "val/balanced_accuracy"
 
@@ -86,15 +86,26 @@ class LeukoCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.classes", "model.class_names", apply_on="instantiate")
         parser.link_arguments("data.shape", "model.input_shape", apply_on="instantiate")
-        parser.add_argument("--tracking.uri", type=str | None, default=None, help="MLflow tracking URI (MLFLOW_TRACKING_URI wins)")
-        parser.add_argument("--tracking.experiment", type=str, default=DEFAULT_EXPERIMENT, help="MLflow experiment name")
+        parser.add_argument(
+            "--tracking.uri", type=str | None, default=None, help="MLflow tracking URI (MLFLOW_TRACKING_URI wins)"
+        )
+        parser.add_argument(
+            "--tracking.experiment", type=str, default=DEFAULT_EXPERIMENT, help="MLflow experiment name"
+        )
         parser.add_argument("--tracking.run_name", type=str | None, default=None, help="MLflow run name")
         parser.add_argument("--tracking.enabled", type=bool, default=True, help="log to MLflow")
-        parser.add_argument("--predictions", type=str | None, default=None, help="predict: CSV to write (default <run dir>/predictions.csv)")
+        parser.add_argument(
+            "--predictions",
+            type=str | None,
+            default=None,
+            help="predict: CSV to write (default <run dir>/predictions.csv)",
+        )
         # params.yaml also holds the sections of commands outside LeukoCLI; each is checked by its own
         # command (`leuko prepare --params params.yaml`), so here they are accepted and left alone.
         for section in COMMAND_SECTIONS:
-            parser.add_argument(f"--{section}", type=dict | None, default={}, help=f"read by `leuko {section} --params`; ignored here")
+            parser.add_argument(
+                f"--{section}", type=dict | None, default={}, help=f"read by `leuko {section} --params`; ignored here"
+            )
 
     def instantiate_trainer(self, **kwargs):
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -123,7 +134,6 @@ class LeukoCLI(LightningCLI):
         kwargs["callbacks"] = callbacks
         kwargs.setdefault("default_root_dir", str(root))
         return super().instantiate_trainer(**kwargs)
-
 
 
 def default_checkpoints(dirpath: Path, *, validates: bool) -> list[ModelCheckpoint]:

@@ -83,15 +83,20 @@ def cross_validate(
         for f in folds:
             print(f"\n=== {name}: fold {f} ({folds.index(f) + 1}/{len(folds)}) ===", file=sys.stderr)
             extra = [
-                "--data.fold", str(f),
-                "--trainer.default_root_dir", str(out_dir / f"fold_{f}"),
-                "--tracking.run_name", f"{name}/fold_{f}",
+                "--data.fold",
+                str(f),
+                "--trainer.default_root_dir",
+                str(out_dir / f"fold_{f}"),
+                "--tracking.run_name",
+                f"{name}/fold_{f}",
             ]
             cli = _cli(config, overrides, extra, parent_run_id=parent_id, extra_tags={"leuko.fold": str(f)})
             if trial_callbacks:
                 cli.trainer.callbacks.extend(trial_callbacks)
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-            ckpt = "best" if cli.trainer.checkpoint_callback and cli.trainer.checkpoint_callback.best_model_path else None
+            ckpt = (
+                "best" if cli.trainer.checkpoint_callback and cli.trainer.checkpoint_callback.best_model_path else None
+            )
             metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, verbose=False)[0]
             rows.append({"fold": f, **{k.removeprefix("val/"): float(v) for k, v in metrics.items()}})
             cli.datamodule.hparams.predict_split = "val"
@@ -102,7 +107,9 @@ def cross_validate(
 
                 matrix = cli.model.last_confusion.get("val")
                 if matrix is not None:
-                    log_confusion(cli.trainer.logger, matrix.numpy(), cli.model.class_names, "confusion_matrix_val_best")
+                    log_confusion(
+                        cli.trainer.logger, matrix.numpy(), cli.model.class_names, "confusion_matrix_val_best"
+                    )
         status = "FINISHED"
     except BaseException as exc:
         from optuna import TrialPruned
@@ -149,7 +156,10 @@ def _summarise(rows: list[dict], oof: list[pd.DataFrame], out_dir: Path, probe_c
         if column == "fold":
             continue
         values = metrics[column].to_numpy(dtype=float)
-        summary[column] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0}
+        summary[column] = {
+            "mean": float(np.mean(values)),
+            "std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+        }
     predictions = pd.concat(oof, ignore_index=True) if oof else pd.DataFrame()
     if is_rank_zero() and rows:
         metrics.to_csv(out_dir / "cv_metrics.csv", index=False)
@@ -159,7 +169,13 @@ def _summarise(rows: list[dict], oof: list[pd.DataFrame], out_dir: Path, probe_c
         for key in sorted(summary):
             print(f"{key:<28} {summary[key]['mean']:>8.4f} {summary[key]['std']:>8.4f}", file=sys.stderr)
         print(f"out-of-fold predictions: {out_dir / 'oof_predictions.csv'}", file=sys.stderr)
-    return {"metrics": metrics, "summary": summary, "predictions": predictions, "out_dir": out_dir, "classes": probe_classes}
+    return {
+        "metrics": metrics,
+        "summary": summary,
+        "predictions": predictions,
+        "out_dir": out_dir,
+        "classes": probe_classes,
+    }
 
 
 def _log_parent(client, run_id: str, result: dict, out_dir: Path, status: str) -> None:

@@ -74,7 +74,9 @@ class VolumeClassifier(L.LightningModule):
         if len(self.class_names) != num_classes:
             raise ValueError(f"class_names has {len(self.class_names)} names but num_classes is {num_classes}")
         if not all(0 < m < 1 for m in milestones):
-            raise ValueError(f"milestones {tuple(milestones)} must be fractions of the training in (0, 1), e.g. [0.5, 0.75]")
+            raise ValueError(
+                f"milestones {tuple(milestones)} must be fractions of the training in (0, 1), e.g. [0.5, 0.75]"
+            )
         kwargs = dict(net_kwargs or {})
         if input_shape is not None and "img_size" in accepted_kwargs(net) and "img_size" not in kwargs:
             kwargs["img_size"] = tuple(input_shape)
@@ -165,7 +167,9 @@ class VolumeClassifier(L.LightningModule):
     def _eval_step(self, batch: dict, stage: str) -> None:
         logits = self(batch["volume"])
         probs = logits.float().softmax(-1)
-        self.log(f"{stage}/loss", self._loss(logits, batch["label"]), on_epoch=True, batch_size=len(logits), sync_dist=True)
+        self.log(
+            f"{stage}/loss", self._loss(logits, batch["label"]), on_epoch=True, batch_size=len(logits), sync_dist=True
+        )
         getattr(self, f"{stage}_metrics").update(probs, batch["label"])
         getattr(self, f"{stage}_recall").update(probs, batch["label"])
         getattr(self, f"{stage}_confusion").update(probs, batch["label"])

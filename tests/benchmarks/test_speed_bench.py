@@ -17,22 +17,55 @@ ONE_STEP = dict(batch=2, infer_batch=2, steps=1, warmup=0)
 
 
 def test_bench_net_all_modes_on():
-    row = speed.bench_net("fishnet3d_tiny", SHAPE, "all", modes=["fp32", "bf16", "channels_last"],
-                          device=torch.device("cpu"), peak_bf16=1e12, **ONE_STEP)
+    row = speed.bench_net(
+        "fishnet3d_tiny",
+        SHAPE,
+        "all",
+        modes=["fp32", "bf16", "channels_last"],
+        device=torch.device("cpu"),
+        peak_bf16=1e12,
+        **ONE_STEP,
+    )
     assert "error" not in row, row.get("error")
     assert row["bf16"] and row["channels_last"] and not row["compile"]
     assert row["train_volumes_per_s"] > 0 and row["infer_cells_per_s"] > 0
-    assert row["fwd_gflop_per_volume"] > 0 and 0 < row["mfu"]
+    assert row["fwd_gflop_per_volume"] > 0 and row["mfu"] > 0
     assert row["train_peak_mem_gib"] >= 0
 
 
 def test_main_end_to_end(tmp_path, capsys):
     out = tmp_path / "speed.json"
-    report = speed.main([
-        "--device", "cpu", "--tiny", "--shapes", "x".join(map(str, SHAPE)), "--modes", "fp32",
-        "--batch", "2", "--infer-batch", "2", "--steps", "1", "--warmup", "0", "--aug-batch", "2",
-        "--aug-repeats", "1", "--loader-cells", "8", "--workers", "0", "--peak-size", "256", "--json", str(out),
-    ])
+    report = speed.main(
+        [
+            "--device",
+            "cpu",
+            "--tiny",
+            "--shapes",
+            "x".join(map(str, SHAPE)),
+            "--modes",
+            "fp32",
+            "--batch",
+            "2",
+            "--infer-batch",
+            "2",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--aug-batch",
+            "2",
+            "--aug-repeats",
+            "1",
+            "--loader-cells",
+            "8",
+            "--workers",
+            "0",
+            "--peak-size",
+            "256",
+            "--json",
+            str(out),
+        ]
+    )
     assert speed.failures(report) == []
     saved = json.loads(out.read_text())
     assert saved["environment"]["command"].startswith("python benchmarks/speed.py --device cpu")
@@ -65,17 +98,35 @@ def test_bad_arguments_are_named(argv, message, capsys):
 
 @pytest.mark.slow
 def test_bench_net_compiled():
-    row = speed.bench_net("vit3d_tiny", SHAPE, "compile", modes=["fp32", "compile"], device=torch.device("cpu"),
-                          **ONE_STEP)
+    row = speed.bench_net(
+        "vit3d_tiny", SHAPE, "compile", modes=["fp32", "compile"], device=torch.device("cpu"), **ONE_STEP
+    )
     assert "error" not in row, row.get("error")
     assert row["compile"] and row["train_volumes_per_s"] > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_main_on_cuda(tmp_path):
-    report = speed.main([
-        "--device", "cuda", "--tiny", "--shapes", "x".join(map(str, SHAPE)), "--modes", "fp32,bf16,channels_last",
-        "--steps", "2", "--warmup", "1", "--loader-cells", "32", "--workers", "0,2", "--peak-size", "1024",
-    ])
+    report = speed.main(
+        [
+            "--device",
+            "cuda",
+            "--tiny",
+            "--shapes",
+            "x".join(map(str, SHAPE)),
+            "--modes",
+            "fp32,bf16,channels_last",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--loader-cells",
+            "32",
+            "--workers",
+            "0,2",
+            "--peak-size",
+            "1024",
+        ]
+    )
     assert speed.failures(report) == []
     assert "profiler_busy" in report["pipeline"][0], report["pipeline"][0]

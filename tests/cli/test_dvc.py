@@ -30,8 +30,10 @@ def env(repo: Path) -> dict[str, str]:
         "DVC_NO_ANALYTICS": "1",
         "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}",
         "OMP_NUM_THREADS": "2",
-        "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@example.org",
-        "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@example.org",
+        "GIT_AUTHOR_NAME": "test",
+        "GIT_AUTHOR_EMAIL": "test@example.org",
+        "GIT_COMMITTER_NAME": "test",
+        "GIT_COMMITTER_EMAIL": "test@example.org",
     }
 
 
@@ -90,8 +92,9 @@ def test_dvc_config_has_a_default_local_remote():
 
 def test_params_section_becomes_command_line_options():
     prepare = next(a for a in build_parser()._actions if hasattr(a, "choices") and a.choices).choices["prepare"]
-    tokens = section_tokens(prepare, "prepare", {"shape": [16, 24, 24], "classes": ["a", "b"], "voxel_size": None,
-                                                 "skip_bad": True})
+    tokens = section_tokens(
+        prepare, "prepare", {"shape": [16, 24, 24], "classes": ["a", "b"], "voxel_size": None, "skip_bad": True}
+    )
     assert tokens == ["--shape", "16", "24", "24", "--classes", "a,b", "--skip-bad"]
     with pytest.raises(ParamsError, match=r"prepare\.shap is not an option of `leuko prepare`; known: .*shape"):
         section_tokens(prepare, "prepare", {"shap": [16]})
@@ -116,8 +119,23 @@ def test_command_line_wins_over_params(tiny_cohort, tmp_path):
     path = tmp_path / "params.yaml"
     path.write_text("prepare:\n  shape: [24, 24, 24]\n")
     out = tmp_path / "prepared"
-    assert main(["prepare", "--params", str(path), "--manifest", str(tiny_cohort), "--out", str(out), "--shape", "16",
-                 "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--params",
+                str(path),
+                "--manifest",
+                str(tiny_cohort),
+                "--out",
+                str(out),
+                "--shape",
+                "16",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "meta.json").read_text())["shape"] == [16, 16, 16]
 
 

@@ -9,8 +9,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from helpers.sweep import env_with, registered_model
 
+from helpers.sweep import env_with, registered_model
 from leuko.cli.app import _wants_model, main
 from leuko.deploy.predict import PredictError, find_cells
 
@@ -59,9 +59,23 @@ def test_predict_in_a_fresh_process_matches_the_prepared_data(registry, tiny_coh
     out = tmp_path / "pred" / "predictions.csv"
     env = env_with(MLFLOW_TRACKING_URI=registry["tracking_uri"], MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
     done = subprocess.run(
-        [sys.executable, "-m", "leuko.cli", "predict", "--model", "models:/leuko@champion",
-         "--input", str(tiny_cohort.parent), "--out", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "leuko.cli",
+            "predict",
+            "--model",
+            "models:/leuko@champion",
+            "--input",
+            str(tiny_cohort.parent),
+            "--out",
+            str(out),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "predict:" in done.stderr  # the progress bar
@@ -100,7 +114,10 @@ def test_unreadable_volumes_are_reported_and_skipped(registry, tiny_cohort, tmp_
     (folder / "P02" / "broken.npy").write_bytes(b"\x93NUMPY garbage")
     (folder / "P02" / "empty.npy").write_bytes(b"")
     out = tmp_path / "p.csv"
-    assert main(["predict", "--model", "models:/leuko@champion", "--input", str(folder), "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(["predict", "--model", "models:/leuko@champion", "--input", str(folder), "--out", str(out), "--quiet"])
+        == 0
+    )
     err = capsys.readouterr().err
     assert "skipped P02/broken" in err and "skipped P02/empty" in err
     cells = pd.read_csv(out)
@@ -115,6 +132,16 @@ def test_unreadable_volumes_are_reported_and_skipped(registry, tiny_cohort, tmp_
 @pytest.mark.slow
 def test_unknown_model_names_the_store_and_the_fix(registry, tiny_cohort, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["tracking_uri"])
-    code = main(["predict", "--model", "models:/nope@champion", "--input", str(tiny_cohort.parent), "--out", str(tmp_path / "p.csv")])
+    code = main(
+        [
+            "predict",
+            "--model",
+            "models:/nope@champion",
+            "--input",
+            str(tiny_cohort.parent),
+            "--out",
+            str(tmp_path / "p.csv"),
+        ]
+    )
     assert code == 1
     assert "set MLFLOW_TRACKING_URI" in capsys.readouterr().err

@@ -9,8 +9,8 @@ import urllib.request
 import mlflow
 import numpy as np
 import pytest
-from helpers.sweep import REPO, BIN, env_with, free_port, registered_model, stop, wait_http, write_base, write_space
 
+from helpers.sweep import BIN, REPO, env_with, free_port, registered_model, stop, wait_http, write_base, write_space
 from leuko.cli import main
 from leuko.data.io import read_volume
 
@@ -21,7 +21,9 @@ def registry(tmp_path_factory, tiny_prepared):
 
 
 def _post(url: str, payload: dict) -> dict:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.loads(response.read())
 
@@ -32,9 +34,23 @@ def test_mlflow_models_serve_answers_with_class_probabilities(registry, tiny_coh
     port = free_port()
     env = env_with(MLFLOW_TRACKING_URI=registry["tracking_uri"], MLFLOW_ALLOW_PICKLE_DESERIALIZATION="false")
     server = subprocess.Popen(
-        [str(BIN / "mlflow"), "models", "serve", "-m", "models:/leuko@champion", "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port)],
-        cwd=tmp_path, env=env, stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT,
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            "models:/leuko@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=open(tmp_path / "serve.log", "w"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:
@@ -51,13 +67,20 @@ def test_mlflow_models_serve_answers_with_class_probabilities(registry, tiny_coh
         # the same answer as the library on the same volumes
         mlflow.set_tracking_uri(registry["tracking_uri"])
         local = mlflow.pyfunc.load_model("models:/leuko@champion").predict(raw)
-        assert np.allclose([[r[f"prob_{c}"] for c in classes] for r in answer], local[[f"prob_{c}" for c in classes]], atol=1e-5)
+        assert np.allclose(
+            [[r[f"prob_{c}"] for c in classes] for r in answer], local[[f"prob_{c}" for c in classes]], atol=1e-5
+        )
         # volumes already prepared (normalised, cropped) go in with preprocess=false
         prepared = np.asarray(np.load(tiny_prepared / "volumes.npy", mmap_mode="r")[:2])
-        answer = _post(f"http://127.0.0.1:{port}/invocations", {"inputs": prepared.tolist(), "params": {"preprocess": False}})
+        answer = _post(
+            f"http://127.0.0.1:{port}/invocations", {"inputs": prepared.tolist(), "params": {"preprocess": False}}
+        )
         local = mlflow.pyfunc.load_model("models:/leuko@champion").predict(prepared, params={"preprocess": False})
-        assert np.allclose([[r[f"prob_{c}"] for c in classes] for r in answer["predictions"]],
-                           local[[f"prob_{c}" for c in classes]], atol=1e-5)
+        assert np.allclose(
+            [[r[f"prob_{c}"] for c in classes] for r in answer["predictions"]],
+            local[[f"prob_{c}" for c in classes]],
+            atol=1e-5,
+        )
     finally:
         stop(server)
     assert server.returncode is not None
@@ -70,16 +93,35 @@ def test_make_mlflow_server_takes_a_sweep_and_a_registration_over_http(tiny_prep
     db = tmp_path / "server" / "mlflow.db"
     artifacts = tmp_path / "server" / "artifacts"
     server = subprocess.Popen(
-        ["make", "--no-print-directory", "-C", str(REPO), "-o", ".venv/.installed", "mlflow-server", f"BIN={BIN}",
-         f"MLFLOW_PORT={port}", f"MLFLOW_BACKEND=sqlite:///{db}", f"MLFLOW_ARTIFACTS={artifacts}"],
-        env=env_with(), stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            "make",
+            "--no-print-directory",
+            "-C",
+            str(REPO),
+            "-o",
+            ".venv/.installed",
+            "mlflow-server",
+            f"BIN={BIN}",
+            f"MLFLOW_PORT={port}",
+            f"MLFLOW_BACKEND=sqlite:///{db}",
+            f"MLFLOW_ARTIFACTS={artifacts}",
+        ],
+        env=env_with(),
+        stdout=open(tmp_path / "server.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{uri}/health", server, timeout=180)
         base = write_base(tmp_path, tiny_prepared)
-        space = write_space(tmp_path, base, study="remote", trials=1,
-                            fixed={"tracking.experiment": "t_remote", "trainer.log_every_n_steps": 50})
+        space = write_space(
+            tmp_path,
+            base,
+            study="remote",
+            trials=1,
+            fixed={"tracking.experiment": "t_remote", "trainer.log_every_n_steps": 50},
+        )
         monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
         monkeypatch.chdir(tmp_path)
         assert main(["sweep", "--space", str(space)]) == 0

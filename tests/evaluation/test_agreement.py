@@ -24,26 +24,36 @@ def _cells(n_samples=6, per_sample=40, error=0.0, seed=0):
         p = rng.dirichlet(np.ones(len(CLASSES)) * 2)
         for label in rng.choice(CLASSES, size=per_sample, p=p):
             pred = rng.choice(CLASSES) if rng.random() < error else label
-            rows.append({"patient_id": f"P{s // 2}", "sample_type": ["BALF", "blood"][s % 2],
-                         "label": label, "pred_label": pred})
+            rows.append(
+                {
+                    "patient_id": f"P{s // 2}",
+                    "sample_type": ["BALF", "blood"][s % 2],
+                    "label": label,
+                    "pred_label": pred,
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def test_differentials_sum_to_100_per_sample():
     d = differentials(_cells(error=0.3), CLASSES)
-    assert list(d.columns) == (["patient_id", "sample_type", "n_cells"] + [f"ref_{c}" for c in CLASSES]
-                               + [f"pred_{c}" for c in CLASSES])
+    assert list(d.columns) == (
+        ["patient_id", "sample_type", "n_cells"] + [f"ref_{c}" for c in CLASSES] + [f"pred_{c}" for c in CLASSES]
+    )
     assert len(d) == 6 and (d["n_cells"] == 40).all()
     np.testing.assert_allclose(d[[f"ref_{c}" for c in CLASSES]].sum(axis=1), 100.0)
     np.testing.assert_allclose(d[[f"pred_{c}" for c in CLASSES]].sum(axis=1), 100.0)
 
 
 def test_differential_values():
-    cells = pd.DataFrame({
-        "patient_id": ["A", "A", "A", "A", "B"], "sample_type": ["blood"] * 5,
-        "label": ["neutrophil", "neutrophil", "lymphocyte", "monocyte", "eosinophil"],
-        "pred_label": ["neutrophil", "lymphocyte", "lymphocyte", "monocyte", "eosinophil"],
-    })
+    cells = pd.DataFrame(
+        {
+            "patient_id": ["A", "A", "A", "A", "B"],
+            "sample_type": ["blood"] * 5,
+            "label": ["neutrophil", "neutrophil", "lymphocyte", "monocyte", "eosinophil"],
+            "pred_label": ["neutrophil", "lymphocyte", "lymphocyte", "monocyte", "eosinophil"],
+        }
+    )
     d = differentials(cells, CLASSES).set_index("patient_id")
     assert d.loc["A", "ref_neutrophil"] == 50.0 and d.loc["A", "pred_neutrophil"] == 25.0
     assert d.loc["A", "ref_eosinophil"] == 0.0  # a class absent from a sample counts as 0%
@@ -131,9 +141,12 @@ def _write(tmp_path, text, name="counts.csv"):
 
 
 def test_reference_from_counts_rescales_to_percent(tmp_path):
-    path = _write(tmp_path, "patient_id,sample_type,neutrophil,eosinophil,lymphocyte,monocyte,basophil\n"
-                            "P0,BALF,10,5,60,25,3\n"
-                            "P0,blood,55.5,2.5,30,12,0\n")
+    path = _write(
+        tmp_path,
+        "patient_id,sample_type,neutrophil,eosinophil,lymphocyte,monocyte,basophil\n"
+        "P0,BALF,10,5,60,25,3\n"
+        "P0,blood,55.5,2.5,30,12,0\n",
+    )
     ref = reference_from_counts(path, CLASSES)
     assert list(ref.columns) == ["patient_id", "sample_type", "n_counted"] + [f"ref_{c}" for c in CLASSES]
     assert ref.loc[0, "ref_lymphocyte"] == pytest.approx(60.0) and ref.loc[0, "n_counted"] == 100
@@ -142,8 +155,10 @@ def test_reference_from_counts_rescales_to_percent(tmp_path):
 
 def test_counts_replace_the_manifest_labels_as_reference(tmp_path):
     cells = _cells(n_samples=2, error=0.0)
-    path = _write(tmp_path, "patient_id,sample_type,neutrophil,eosinophil,lymphocyte,monocyte\n"
-                            "P0,BALF,25,25,25,25\nP0,blood,10,20,30,40\n")
+    path = _write(
+        tmp_path,
+        "patient_id,sample_type,neutrophil,eosinophil,lymphocyte,monocyte\nP0,BALF,25,25,25,25\nP0,blood,10,20,30,40\n",
+    )
     d = differentials(cells.drop(columns="label"), CLASSES, reference=reference_from_counts(path, CLASSES))
     assert d.set_index("sample_type").loc["blood", "ref_monocyte"] == pytest.approx(40.0)
     missing = cells.assign(patient_id="P9")
@@ -157,8 +172,11 @@ def test_counts_file_errors_name_file_and_column(tmp_path):
     path = _write(tmp_path, "patient_id,neutrophil,eosinophil,lymphocyte\nP0,1,2,3\n")
     with pytest.raises(ValueError, match=r"counts\.csv: missing column\(s\) sample_type, monocyte \(found"):
         reference_from_counts(path, CLASSES)
-    path = _write(tmp_path, "patient_id,sample_type,neutrophil,eosinophil,lymphocyte,monocyte\n"
-                            "P0,BALF,10,x,60,25\nP1,BALF,0,0,0,0\nP0,BALF,1,1,1,1\nP2,blood,-1,1,1,1\n")
+    path = _write(
+        tmp_path,
+        "patient_id,sample_type,neutrophil,eosinophil,lymphocyte,monocyte\n"
+        "P0,BALF,10,x,60,25\nP1,BALF,0,0,0,0\nP0,BALF,1,1,1,1\nP2,blood,-1,1,1,1\n",
+    )
     with pytest.raises(ValueError) as info:
         reference_from_counts(path, CLASSES)
     message = str(info.value)

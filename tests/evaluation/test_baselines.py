@@ -9,6 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from leuko.cli import main
+from leuko.data.folds import make_splits
 from leuko.evaluation.baselines import (
     CLASSICAL,
     align,
@@ -27,8 +29,6 @@ from leuko.evaluation.baselines import (
     write_outputs,
 )
 from leuko.evaluation.morphology import FEATURES
-from leuko.cli import main
-from leuko.data.folds import make_splits
 
 CLASSES = ["neutrophil", "eosinophil", "lymphocyte", "monocyte"]
 
@@ -43,16 +43,33 @@ def _features(n_patients=8, per_patient=15, separation=3.0, seed=0):
             values = rng.normal(0, 1, len(FEATURES))
             values[0] += separation * k
             values[5] += separation * (k % 2)
-            rows.append({"cell_id": f"P{p}_{i}", "patient_id": f"P{p}", "label": CLASSES[k],
-                         "sample_type": ["BALF", "blood"][p % 2], "modality": "ri", **dict(zip(FEATURES, values))})
+            rows.append(
+                {
+                    "cell_id": f"P{p}_{i}",
+                    "patient_id": f"P{p}",
+                    "label": CLASSES[k],
+                    "sample_type": ["BALF", "blood"][p % 2],
+                    "modality": "ri",
+                    **dict(zip(FEATURES, values)),
+                }
+            )
     return pd.DataFrame(rows)
 
 
 def test_scores_and_summary_use_the_sample_std():
     s = scores(["a", "a", "b", "b"], ["a", "b", "b", "b"])
     assert s["accuracy"] == 0.75 and s["balanced_accuracy"] == 0.75
-    per_fold = pd.DataFrame({"method": "m", "key": "k", "input": "x", "fold": ["0", "1", "2"],
-                             "balanced_accuracy": [0.5, 0.6, 0.7], "accuracy": 0.5, "macro_f1": 0.4})
+    per_fold = pd.DataFrame(
+        {
+            "method": "m",
+            "key": "k",
+            "input": "x",
+            "fold": ["0", "1", "2"],
+            "balanced_accuracy": [0.5, 0.6, 0.7],
+            "accuracy": 0.5,
+            "macro_f1": 0.4,
+        }
+    )
     row = summarise(per_fold).iloc[0]
     assert row["balanced_accuracy_mean"] == pytest.approx(0.6)
     assert row["balanced_accuracy_std"] == pytest.approx(0.1)  # ddof=1, as cv_summary.json
@@ -131,12 +148,13 @@ def test_mip_net_trains_and_predicts():
 
 
 def test_compare_on_prepared_folds_matches_the_datamodule(tiny_cohort, tiny_prepared):
-    from leuko.evaluation.morphology import features_table
     from leuko.data.datamodule import LeukoDataModule
+    from leuko.evaluation.morphology import features_table
 
     features = features_table(tiny_cohort, progress=False)
-    table, per_fold, settings = compare(features, prepared_dir=tiny_prepared, k=2, test_fraction=0.2, seed=0,
-                                        mip_epochs=1, progress=None)
+    table, per_fold, settings = compare(
+        features, prepared_dir=tiny_prepared, k=2, test_fraction=0.2, seed=0, mip_epochs=1, progress=None
+    )
     assert list(table["key"]) == [k for k, _ in CLASSICAL] + ["mip2d_resnet10t"]
     assert (table["n_folds"] == 2).all() and settings["folds"] == ["0", "1"]
     dm = LeukoDataModule(prepared_dir=str(tiny_prepared), k=2, test_fraction=0.2, seed=0, fold=0)
@@ -150,8 +168,15 @@ def test_cv_rows_and_logging(tmp_path):
     cv = tmp_path / "runs" / "mycv"
     (cv / "fold_0").mkdir(parents=True)
     (cv / "fold_0" / "config.yaml").write_text("model:\n  net: vit3d_tiny\n")
-    pd.DataFrame({"fold": [0, 1], "balanced_accuracy": [0.8, 0.9], "accuracy": [0.85, 0.95],
-                  "macro_f1": [0.7, 0.8], "loss": [0.5, 0.4]}).to_csv(cv / "cv_metrics.csv", index=False)
+    pd.DataFrame(
+        {
+            "fold": [0, 1],
+            "balanced_accuracy": [0.8, 0.9],
+            "accuracy": [0.85, 0.95],
+            "macro_f1": [0.7, 0.8],
+            "loss": [0.5, 0.4],
+        }
+    ).to_csv(cv / "cv_metrics.csv", index=False)
     rows = cv_rows(cv)
     assert set(rows["method"]) == {"3D vit3d_tiny (mycv)"} and set(rows["key"]) == {"cv3d_vit3d_tiny_mycv"}
     table = summarise(rows)
@@ -166,7 +191,8 @@ def test_cv_rows_and_logging(tmp_path):
     assert logged == pytest.approx(metric_dict(table))
     assert logged["baselines/cv3d_vit3d_tiny_mycv/balanced_accuracy_std"] == pytest.approx(np.std([0.8, 0.9], ddof=1))
     assert {"baselines/baselines.csv", "baselines/baselines_folds.csv"} <= {
-        a.path for a in client.list_artifacts(run_id, "baselines")}
+        a.path for a in client.list_artifacts(run_id, "baselines")
+    }
     with pytest.raises(ValueError, match="no cv_metrics.csv"):
         cv_rows(tmp_path)
 
@@ -181,13 +207,46 @@ def test_cli_needs_folds_and_features(tmp_path, monkeypatch, capsys, tiny_prepar
 
 def test_cli_on_prepared_data_without_the_mip_net(tiny_cohort, tiny_prepared, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    assert main(["baselines", "--prepared", str(tiny_prepared), "--manifest", str(tiny_cohort), "--k", "2",
-                 "--no-mip", "--no-mlflow", "--quiet", "--out", "bl"]) == 0
+    assert (
+        main(
+            [
+                "baselines",
+                "--prepared",
+                str(tiny_prepared),
+                "--manifest",
+                str(tiny_cohort),
+                "--k",
+                "2",
+                "--no-mip",
+                "--no-mlflow",
+                "--quiet",
+                "--out",
+                "bl",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "SVM (RBF)" in out and "MIP" not in out
     assert (tmp_path / "bl" / "features.csv").is_file() and (tmp_path / "bl" / "baselines.csv").is_file()
     assert not (tmp_path / "mlflow.db").exists()
     # the features just written are reused when named with --features
-    assert main(["baselines", "--prepared", str(tiny_prepared), "--features", "bl/features.csv", "--k", "2",
-                 "--no-mip", "--no-mlflow", "--out", "bl2"]) == 0
+    assert (
+        main(
+            [
+                "baselines",
+                "--prepared",
+                str(tiny_prepared),
+                "--features",
+                "bl/features.csv",
+                "--k",
+                "2",
+                "--no-mip",
+                "--no-mlflow",
+                "--out",
+                "bl2",
+            ]
+        )
+        == 0
+    )
     assert "features from bl/features.csv" in capsys.readouterr().err

@@ -25,8 +25,14 @@ def test_penultimate_features_are_the_nets_forward_features():
 def test_embedding_plot_draws_one_colour_per_group(tmp_path):
     rng = np.random.default_rng(0)
     coords = rng.normal(size=(60, 2))
-    path = embedding_plot(coords, np.repeat(["b", "a", "c"], 20), tmp_path / "u.png", title="t", legend_title="class",
-                          order=["c", "b", "a"])
+    path = embedding_plot(
+        coords,
+        np.repeat(["b", "a", "c"], 20),
+        tmp_path / "u.png",
+        title="t",
+        legend_title="class",
+        order=["c", "b", "a"],
+    )
     assert path.stat().st_size > 5000 and path.read_bytes()[:4] == b"\x89PNG"
     # many patients: colours repeat with other markers, and the legend is left out beyond 40
     embedding_plot(coords, [f"P{i}" for i in range(60)], tmp_path / "p.png", title="t", legend_title="patient")

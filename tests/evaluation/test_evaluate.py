@@ -8,11 +8,11 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from helpers.evaluation import CLASSES, curve_value, fake_cv
 from sklearn.metrics import balanced_accuracy_score, recall_score
 
-from leuko.evaluation.agreement import bland_altman_table, differentials
+from helpers.evaluation import CLASSES, curve_value, fake_cv
 from leuko.cli import main
+from leuko.evaluation.agreement import bland_altman_table, differentials
 from leuko.evaluation.evaluate import OUTPUTS, evaluate, load_cv, load_predictions
 
 
@@ -137,6 +137,8 @@ def test_cli_runs_and_reports_errors(tmp_path, monkeypatch, capsys):
 def test_counts_file_problems_name_the_file(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     cv = fake_cv(tmp_path / "runs")
-    pd.DataFrame({"patient_id": ["P0"], "sample_type": ["BALF"], "neutrophil": [1]}).to_csv(tmp_path / "c.csv", index=False)
+    pd.DataFrame({"patient_id": ["P0"], "sample_type": ["BALF"], "neutrophil": [1]}).to_csv(
+        tmp_path / "c.csv", index=False
+    )
     assert main(["evaluate", "--cv", str(cv), "--counts", str(tmp_path / "c.csv"), "--no-umap"]) == 1
     assert "c.csv: missing column(s) eosinophil" in capsys.readouterr().err

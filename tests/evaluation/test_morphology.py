@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from leuko.evaluation.morphology import FEATURES, cell_features, feature_plot, features_table
 from leuko.data.io import write_volume
+from leuko.evaluation.morphology import FEATURES, cell_features, feature_plot, features_table
 
 N_MEDIUM = 1.337
 N_CELL = 1.37
@@ -144,8 +144,19 @@ def _write_cohort(tmp_path, volumes, modality="ri"):
     manifest = tmp_path / "manifest.csv"
     with open(manifest, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["cell_id", "path", "label", "patient_id", "sample_type",
-                    "voxel_size_z", "voxel_size_y", "voxel_size_x", "modality"])
+        w.writerow(
+            [
+                "cell_id",
+                "path",
+                "label",
+                "patient_id",
+                "sample_type",
+                "voxel_size_z",
+                "voxel_size_y",
+                "voxel_size_x",
+                "modality",
+            ]
+        )
         w.writerows(rows)
     return manifest
 
@@ -153,8 +164,11 @@ def _write_cohort(tmp_path, volumes, modality="ri"):
 def test_features_table_and_plot(tmp_path):
     manifest = _write_cohort(
         tmp_path,
-        [("lymphocyte", _ellipsoid(2.0, 2.0, 2.0)), ("monocyte", _ellipsoid(2.5, 3.0, 3.5)),
-         ("lymphocyte", _ellipsoid(2.2, 2.0, 2.0, n_cell=1.365))],
+        [
+            ("lymphocyte", _ellipsoid(2.0, 2.0, 2.0)),
+            ("monocyte", _ellipsoid(2.5, 3.0, 3.5)),
+            ("lymphocyte", _ellipsoid(2.2, 2.0, 2.0, n_cell=1.365)),
+        ],
     )
     table = features_table(manifest, progress=False)
     assert list(table.columns) == ["cell_id", "patient_id", "label", "sample_type", "modality", *FEATURES]
@@ -166,8 +180,9 @@ def test_features_table_and_plot(tmp_path):
 
 
 def test_features_table_hhg(tmp_path):
-    manifest = _write_cohort(tmp_path, [("lymphocyte", _thg_shell(2.5, 0.4)), ("monocyte", _thg_shell(3.5, 0.4))],
-                             modality="hhg")
+    manifest = _write_cohort(
+        tmp_path, [("lymphocyte", _thg_shell(2.5, 0.4)), ("monocyte", _thg_shell(3.5, 0.4))], modality="hhg"
+    )
     table = features_table(manifest, hhg_threshold=0.5, progress=False)
     assert (table["modality"] == "hhg").all()
     assert table.loc[1, "volume_fl"] > table.loc[0, "volume_fl"] > 0

@@ -9,10 +9,10 @@ from importlib import resources
 import mlflow
 import pandas as pd
 import pytest
-from helpers.evaluation import fake_cv
 
-from leuko.evaluation.baselines import log_baselines, metric_dict, summarise, write_outputs
+from helpers.evaluation import fake_cv
 from leuko.cli import main
+from leuko.evaluation.baselines import log_baselines, metric_dict, summarise, write_outputs
 from leuko.evaluation.evaluate import evaluate, load_cv
 from leuko.evaluation.report import write_report
 
@@ -28,11 +28,21 @@ def _numbers(html: str) -> dict:
 
 
 def _baselines(cv, client, run_id):
-    per_fold = pd.DataFrame([
-        {"method": m, "key": k, "input": "6 morphology features", "fold": str(f), "balanced_accuracy": 0.5 + 0.1 * f,
-         "accuracy": 0.6, "macro_f1": 0.4 + 0.01 * f}
-        for k, m in (("svm", "SVM (RBF)"), ("lda", "LDA")) for f in range(3)
-    ])
+    per_fold = pd.DataFrame(
+        [
+            {
+                "method": m,
+                "key": k,
+                "input": "6 morphology features",
+                "fold": str(f),
+                "balanced_accuracy": 0.5 + 0.1 * f,
+                "accuracy": 0.6,
+                "macro_f1": 0.4 + 0.01 * f,
+            }
+            for k, m in (("svm", "SVM (RBF)"), ("lda", "LDA"))
+            for f in range(3)
+        ]
+    )
     table = summarise(per_fold)
     write_outputs(cv / "baselines", table, per_fold, {"mip_net": None})
     log_baselines(client, run_id, cv / "baselines", table)
@@ -58,8 +68,14 @@ def test_the_template_is_package_data():
 def test_report_is_self_contained_with_every_section(reported):
     _, _, html, result = reported
     assert result["has_eval"] and result["has_baselines"]
-    for title in ("Metrics across folds", "Confusion matrix and per-class recall", "Bland-Altman per class",
-                  "3D networks beside classical and 2D baselines", "Learning curves", "Provenance"):
+    for title in (
+        "Metrics across folds",
+        "Confusion matrix and per-class recall",
+        "Bland-Altman per class",
+        "3D networks beside classical and 2D baselines",
+        "Learning curves",
+        "Provenance",
+    ):
         assert title in html
     assert "http://" not in html and "https://" not in html  # no external assets, scripts or fonts
     assert "<link" not in html and "<script src" not in html
@@ -81,7 +97,10 @@ def test_numbers_shown_match_mlflow(reported, store):
         assert f"{logged[f'ba/{c}/bias']:.2f}" in html and f"{logged[f'ba/{c}/loa_low']:.2f}" in html
     table = pd.read_csv(cv / "baselines" / "baselines.csv")
     assert set(metric_dict(table)) <= set(numbers)
-    assert f"{logged['baselines/svm/balanced_accuracy_mean']:.3f} ± {logged['baselines/svm/balanced_accuracy_std']:.3f}" in html
+    assert (
+        f"{logged['baselines/svm/balanced_accuracy_mean']:.3f} ± {logged['baselines/svm/balanced_accuracy_std']:.3f}"
+        in html
+    )
     assert "match the metrics logged to run" in html
 
 
@@ -147,8 +166,14 @@ def test_cv_features_baselines_report_end_to_end(tiny_cohort, tiny_prepared, tmp
     assert "all match" in capsys.readouterr().out
 
     html = (tmp_path / "report.html").read_text()
-    for piece in ("3D fishnet3d_tiny (e2e)", "SVM (RBF)", "2D resnet10t on MIP", "UMAP by class", "UMAP by patient",
-                  "Bland-Altman plots per class"):
+    for piece in (
+        "3D fishnet3d_tiny (e2e)",
+        "SVM (RBF)",
+        "2D resnet10t on MIP",
+        "UMAP by class",
+        "UMAP by patient",
+        "Bland-Altman plots per class",
+    ):
         assert piece in html
     run_id = (cv / "mlflow_run_id").read_text().strip()
     client = mlflow.MlflowClient(uri)
@@ -157,4 +182,5 @@ def test_cv_features_baselines_report_end_to_end(tiny_cohort, tiny_prepared, tmp
         assert logged[key] == pytest.approx(value, rel=1e-12), key
     fold_run = (cv / "fold_0" / "mlflow_run_id").read_text().strip()
     assert {"embedding/umap_class.png", "embedding/umap_patient.png"} <= {
-        a.path for a in client.list_artifacts(fold_run, "embedding")}
+        a.path for a in client.list_artifacts(fold_run, "embedding")
+    }

@@ -38,9 +38,17 @@ def fake_cv(
             logits = rng.normal(0, 0.3, len(CLASSES))
             logits[CLASSES.index(pred)] += 2.0
             probs = np.exp(logits) / np.exp(logits).sum()
-            rows.append({"cell_id": f"P{p}_C{i:03d}", "patient_id": f"P{p}", "sample_type": ["BALF", "blood"][p % 2],
-                         "fold": p % folds, "label": label, "pred_label": CLASSES[int(np.argmax(probs))],
-                         **{f"prob_{c}": float(v) for c, v in zip(CLASSES, probs)}})
+            rows.append(
+                {
+                    "cell_id": f"P{p}_C{i:03d}",
+                    "patient_id": f"P{p}",
+                    "sample_type": ["BALF", "blood"][p % 2],
+                    "fold": p % folds,
+                    "label": label,
+                    "pred_label": CLASSES[int(np.argmax(probs))],
+                    **{f"prob_{c}": float(v) for c, v in zip(CLASSES, probs)},
+                }
+            )
     oof = pd.DataFrame(rows)
     out = Path(root) / name
     out.mkdir(parents=True)
@@ -48,17 +56,24 @@ def fake_cv(
     metric_rows = []
     for f, part in oof.groupby("fold"):
         recall = recall_score(part["label"], part["pred_label"], labels=CLASSES, average=None, zero_division=0)
-        metric_rows.append({
-            "fold": f, "accuracy": accuracy_score(part["label"], part["pred_label"]),
-            "balanced_accuracy": balanced_accuracy_score(part["label"], part["pred_label"]),
-            "macro_f1": f1_score(part["label"], part["pred_label"], average="macro"),
-            "auroc": 0.8 + 0.01 * f, "loss": 1.0 - 0.1 * f,
-            **{f"recall_{c}": r for c, r in zip(CLASSES, recall)},
-        })
+        metric_rows.append(
+            {
+                "fold": f,
+                "accuracy": accuracy_score(part["label"], part["pred_label"]),
+                "balanced_accuracy": balanced_accuracy_score(part["label"], part["pred_label"]),
+                "macro_f1": f1_score(part["label"], part["pred_label"], average="macro"),
+                "auroc": 0.8 + 0.01 * f,
+                "loss": 1.0 - 0.1 * f,
+                **{f"recall_{c}": r for c, r in zip(CLASSES, recall)},
+            }
+        )
     metrics = pd.DataFrame(metric_rows)
     metrics.to_csv(out / "cv_metrics.csv", index=False)
-    summary = {c: {"mean": float(metrics[c].mean()), "std": float(metrics[c].std(ddof=1))}
-               for c in metrics.columns if c != "fold"}
+    summary = {
+        c: {"mean": float(metrics[c].mean()), "std": float(metrics[c].std(ddof=1))}
+        for c in metrics.columns
+        if c != "fold"
+    }
     (out / "cv_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     (out / "fold_0").mkdir()
     (out / "fold_0" / "config.yaml").write_text(
@@ -85,8 +100,9 @@ def _log_runs(out: Path, uri: str, experiment: str, name: str, summary: dict, fo
     client.log_text(parent, (out / "fold_0" / "config.yaml").read_text(), "config.yaml")
     steps_per_epoch = 10
     for f in range(folds):
-        child = client.create_run(exp_id, run_name=f"{name}/fold_{f}",
-                                  tags={"mlflow.parentRunId": parent, "leuko.fold": str(f)}).info.run_id
+        child = client.create_run(
+            exp_id, run_name=f"{name}/fold_{f}", tags={"mlflow.parentRunId": parent, "leuko.fold": str(f)}
+        ).info.run_id
         for e in range(epochs):
             step = (e + 1) * steps_per_epoch - 1
             client.log_metric(child, "epoch", e, step=step - 3)  # a training step inside the epoch

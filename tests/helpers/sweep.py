@@ -125,8 +125,8 @@ def registered_model(root: Path, prepared: Path) -> dict:
     """
     if "result" in _REGISTRY:
         return _REGISTRY
-    from leuko.tracking.registry import register, source_from_study
     from leuko.sweep import run_sweep
+    from leuko.tracking.registry import register, source_from_study
 
     folder = root / "registry"
     folder.mkdir(parents=True, exist_ok=True)

@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 import yaml
 from optuna.trial import TrialState
-from helpers.sweep import REPO, env_with, write_base, write_space
 
+from helpers.sweep import REPO, env_with, write_base, write_space
 from leuko.cli import main
 from leuko.nets import NETS
 from leuko.sweep.core import (
@@ -63,8 +63,10 @@ def test_shipped_sweep_files_load(name):
         ({"space": {"model.lr": {"low": 0.0, "high": 0.01, "log": True}}}, "log: true` needs low > 0"),
         ({"space": {"model.lr": {"choices": []}}}, "non-empty list"),
         ({"space": {"model.lr": {"low": 1, "high": 2, "scale": 3}}}, "unknown field(s) scale"),
-        ({"space": {"model.net_kwargs.drop_path_rate": {"low": 0.0, "high": 0.1, "when": {"model.net": ["vit3d"]}}}},
-         "not a categorical parameter listed above it"),
+        (
+            {"space": {"model.net_kwargs.drop_path_rate": {"low": 0.0, "high": 0.1, "when": {"model.net": ["vit3d"]}}}},
+            "not a categorical parameter listed above it",
+        ),
         ({"fixed": {"model.lr": 0.1}}, "both in `fixed` and in `space`"),
         ({"pruner": {"type": "sometimes"}}, "pruner.type: sometimes"),
         ({"heartbeat": {"interval": 10, "grace": 5}}, "0 < interval < grace"),
@@ -89,7 +91,12 @@ def test_missing_sweep_file_says_which_and_how(tmp_path):
 
 def test_overrides_are_config_keys_and_net_kwargs_one_json_value():
     fixed = {"trainer.max_epochs": 3, "trainer.enable_progress_bar": False, "model.net_kwargs.drop_rate": 0.1}
-    params = {"model.lr": 0.002, "model.net": "vit3d_tiny", "model.net_kwargs.drop_path_rate": 0.05, "data.batch_size": 16}
+    params = {
+        "model.lr": 0.002,
+        "model.net": "vit3d_tiny",
+        "model.net_kwargs.drop_path_rate": 0.05,
+        "data.batch_size": 16,
+    }
     args = overrides_for(fixed, params)
     pairs = dict(zip(args[::2], args[1::2]))
     assert pairs["--trainer.max_epochs"] == "3"
@@ -139,8 +146,14 @@ def test_sweep_logs_trials_prunes_and_resumes(tmp_path, tiny_prepared, monkeypat
     assert _states(study) == ["COMPLETE", "COMPLETE"]
 
     # The same study again, now with a pruner that stops every trial after its second epoch.
-    pruning = write_space(tmp_path, base, study="s1", name="prune.yaml", fixed=fixed,
-                          pruner={"type": "threshold", "lower": 2.0, "n_warmup_steps": 1})
+    pruning = write_space(
+        tmp_path,
+        base,
+        study="s1",
+        name="prune.yaml",
+        fixed=fixed,
+        pruner={"type": "threshold", "lower": 2.0, "n_warmup_steps": 1},
+    )
     assert main(["sweep", "--space", str(pruning), "--trials", "1"]) == 0
     study = _study("s1", "sweeps/s1.journal")
     assert _states(study) == ["COMPLETE", "COMPLETE", "PRUNED"]  # resumed: earlier trials stay
@@ -172,8 +185,20 @@ def _run_workers_and_kill_one(tmp_path, space: Path, storage: str, trials: int) 
     """Start `leuko sweep --workers 2` as a real process, SIGKILL worker 1 during its first trial.
 
     Returns (study after the sweep ended, number of the killed worker's trial, sweep output)."""
-    cmd = [sys.executable, "-m", "leuko.cli", "sweep", "--space", str(space), "--trials", str(trials),
-           "--workers", "2", "--storage", storage]
+    cmd = [
+        sys.executable,
+        "-m",
+        "leuko.cli",
+        "sweep",
+        "--space",
+        str(space),
+        "--trials",
+        str(trials),
+        "--workers",
+        "2",
+        "--storage",
+        storage,
+    ]
     log = open(tmp_path / "sweep.log", "w")
     main_proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env_with())
     killed = None
@@ -240,8 +265,13 @@ def test_ddp_trial_on_two_cpu_processes(tmp_path, tiny_prepared, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     base = write_base(tmp_path, tiny_prepared, max_epochs=2)
-    space = write_space(tmp_path, base, study="ddp", fixed={"tracking.experiment": "t_ddp"},
-                        pruner={"type": "threshold", "lower": 2.0, "n_warmup_steps": 1})
+    space = write_space(
+        tmp_path,
+        base,
+        study="ddp",
+        fixed={"tracking.experiment": "t_ddp"},
+        pruner={"type": "threshold", "lower": 2.0, "n_warmup_steps": 1},
+    )
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
     # 1 epoch: nothing to prune (step 0 is in the warm-up); 2 epochs: pruned after the second
     assert main(["sweep", "--space", str(space), "--trials", "1", *ddp, "--trainer.max_epochs", "1"]) == 0

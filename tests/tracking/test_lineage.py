@@ -21,9 +21,15 @@ from leuko.tracking.lineage import _data_version, data_version_tags
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
-ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-       "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.org", "GIT_COMMITTER_NAME": "t",
-       "GIT_COMMITTER_EMAIL": "t@example.org"}
+ENV = {
+    **os.environ,
+    "DVC_NO_ANALYTICS": "1",
+    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@example.org",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@example.org",
+}
 
 
 def sh(*cmd: str, cwd: Path) -> str:

@@ -8,8 +8,8 @@ import json
 import mlflow
 import pytest
 import yaml
-from helpers.sweep import registered_model
 
+from helpers.sweep import registered_model
 from leuko.tracking.registry import CHALLENGER, CHAMPION, RegisterError, Source, decide, register, source_from_study
 
 
@@ -20,7 +20,10 @@ def registry(tmp_path_factory, tiny_prepared):
 
 def test_decide_champion_only_when_strictly_better():
     assert decide(0.7, None, None, "balanced_accuracy")[0] == CHAMPION
-    assert decide(0.8, "3", 0.7, "balanced_accuracy") == (CHAMPION, "test balanced_accuracy 0.8000 > 0.7000 of champion v3")
+    assert decide(0.8, "3", 0.7, "balanced_accuracy") == (
+        CHAMPION,
+        "test balanced_accuracy 0.8000 > 0.7000 of champion v3",
+    )
     assert decide(0.7, "3", 0.7, "balanced_accuracy")[0] == CHALLENGER  # a tie keeps the champion
     assert decide(0.6, "3", 0.7, "balanced_accuracy")[0] == CHALLENGER
     alias, reason = decide(0.9, "3", None, "balanced_accuracy")
@@ -29,7 +32,9 @@ def test_decide_champion_only_when_strictly_better():
 
 def test_register_without_a_study_says_what_to_run(tmp_path):
     space = tmp_path / "s.yaml"
-    space.write_text(yaml.safe_dump({"study": "none", "config": ["x.yaml"], "space": {"model.lr": {"low": 0.001, "high": 0.01}}}))
+    space.write_text(
+        yaml.safe_dump({"study": "none", "config": ["x.yaml"], "space": {"model.lr": {"low": 0.001, "high": 0.01}}})
+    )
     with pytest.raises(RegisterError, match="run `leuko sweep --space"):
         source_from_study(space, storage=str(tmp_path / "none.journal"))
 
@@ -44,7 +49,12 @@ def test_best_trial_is_refit_tested_logged_and_champion(registry):
     assert float(version.tags["leuko.score"]) == pytest.approx(result["test"]["balanced_accuracy"], abs=1e-6)
     assert version.tags["leuko.metric"] == "test/balanced_accuracy"
     assert version.tags["leuko.compared_to"] == "none"
-    for tag in ("leuko.git_commit", "leuko.manifest_sha256", "leuko.prepared_fingerprint", "leuko.cv_balanced_accuracy"):
+    for tag in (
+        "leuko.git_commit",
+        "leuko.manifest_sha256",
+        "leuko.prepared_fingerprint",
+        "leuko.cv_balanced_accuracy",
+    ):
         assert tag in version.tags
 
     # the version links to the refit run, a child of the sweep run, with CV and test metrics
@@ -69,7 +79,9 @@ def test_best_trial_is_refit_tested_logged_and_champion(registry):
     signature = mlmodel["signature"]
     inputs = json.loads(signature["inputs"])
     assert inputs[0]["tensor-spec"]["shape"] == [-1, 1, -1, -1, -1]
-    assert [c["name"] for c in json.loads(signature["outputs"])] == ["pred_label"] + [f"prob_{c}" for c in config["classes"]]
+    assert [c["name"] for c in json.loads(signature["outputs"])] == ["pred_label"] + [
+        f"prob_{c}" for c in config["classes"]
+    ]
 
 
 @pytest.mark.slow
@@ -94,7 +106,9 @@ def test_register_a_config_by_hand(registry, tiny_prepared, monkeypatch, tmp_pat
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["tracking_uri"])
     base = write_base(tmp_path, tiny_prepared)
-    result = register(Source(configs=[str(base)], overrides=["--model.lr", "0.002"]), name="leuko-manual", out=tmp_path / "runs")
+    result = register(
+        Source(configs=[str(base)], overrides=["--model.lr", "0.002"]), name="leuko-manual", out=tmp_path / "runs"
+    )
     assert result["alias"] == CHAMPION and result["cv"] == {}
     client = mlflow.MlflowClient(registry["tracking_uri"])
     assert str(client.get_model_version_by_alias("leuko-manual", "champion").version) == "1"

@@ -10,12 +10,25 @@ from leuko.cli import main
 
 
 @pytest.mark.slow
-def test_cv_writes_out_of_fold_predictions_and_nested_runs(tiny_config, tiny_prepared, tracking_uri, experiment, tmp_path, monkeypatch):
+def test_cv_writes_out_of_fold_predictions_and_nested_runs(
+    tiny_config, tiny_prepared, tracking_uri, experiment, tmp_path, monkeypatch
+):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     monkeypatch.chdir(tmp_path)
     code = main(
-        ["cv", "--config", str(tiny_config), "--name", "cvtest", "--out", str(tmp_path / "runs"),
-         "--tracking.experiment", experiment, "--trainer.max_epochs", "1"]
+        [
+            "cv",
+            "--config",
+            str(tiny_config),
+            "--name",
+            "cvtest",
+            "--out",
+            str(tmp_path / "runs"),
+            "--tracking.experiment",
+            experiment,
+            "--trainer.max_epochs",
+            "1",
+        ]
     )
     assert code == 0
     out = tmp_path / "runs" / "cvtest"

@@ -15,13 +15,34 @@ HERE = Path(__file__).resolve().parents[1]  # tests/: the helpers package lives 
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes(tiny_config, tiny_prepared, tracking_uri, experiment, tmp_path):
-    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "MLFLOW_TRACKING_URI": tracking_uri, "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "OMP_NUM_THREADS": "1",
+    }
     record = '{"class_path": "helpers.record_cells.RecordCells", "init_args": {"out": "%s"}}' % (tmp_path / "cells")
-    cmd = [sys.executable, "-m", "leuko.cli", "fit", "--config", str(tiny_config),
-           "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
-           "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "run"),
-           "--tracking.experiment", experiment, f"--trainer.callbacks+={record}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "leuko.cli",
+        "fit",
+        "--config",
+        str(tiny_config),
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.default_root_dir",
+        str(tmp_path / "run"),
+        "--tracking.experiment",
+        experiment,
+        f"--trainer.callbacks+={record}",
+    ]
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
 

@@ -20,7 +20,14 @@ def test_fit_then_test_and_predict(tiny_config, tracking_uri, experiment, tmp_pa
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     monkeypatch.chdir(tmp_path)
     root = tmp_path / "run"
-    common = ["--config", str(tiny_config), "--trainer.default_root_dir", str(root), "--tracking.experiment", experiment]
+    common = [
+        "--config",
+        str(tiny_config),
+        "--trainer.default_root_dir",
+        str(root),
+        "--tracking.experiment",
+        experiment,
+    ]
     assert main(["fit", *common]) == 0
     assert (root / "checkpoints" / "best.ckpt").is_file()
     assert (root / "checkpoints" / "last.ckpt").is_file()
@@ -43,7 +50,9 @@ def test_fit_then_test_and_predict(tiny_config, tracking_uri, experiment, tmp_pa
 
     out = tmp_path / "preds.csv"
     ckpt = str(root / "checkpoints" / "best.ckpt")
-    assert main(["predict", *common, "--ckpt_path", ckpt, "--predictions", str(out), "--data.predict_split", "test"]) == 0
+    assert (
+        main(["predict", *common, "--ckpt_path", ckpt, "--predictions", str(out), "--data.predict_split", "test"]) == 0
+    )
     preds = pd.read_csv(out)
     probs = preds.filter(like="prob_")
     assert list(probs.columns) == ["prob_neutrophil", "prob_eosinophil", "prob_lymphocyte", "prob_monocyte"]
@@ -73,17 +82,27 @@ def test_unknown_key_is_an_error(tiny_config, capsys):
 
 
 def test_missing_prepared_dir_stops_before_training(tiny_config, tmp_path, capsys):
-    code = main(["fit", "--config", str(tiny_config), "--data.prepared_dir", str(tmp_path / "nope"), "--tracking.enabled", "false"])
+    code = main(
+        [
+            "fit",
+            "--config",
+            str(tiny_config),
+            "--data.prepared_dir",
+            str(tmp_path / "nope"),
+            "--tracking.enabled",
+            "false",
+        ]
+    )
     assert code == 1
     err = capsys.readouterr().err
     assert "nope" in err and "leuko prepare" in err
 
 
 def test_in_channels_mismatch_is_named(tiny_prepared):
-    from leuko.training.module import VolumeClassifier
-    from leuko.data.datamodule import LeukoDataModule
-
     import lightning as L
+
+    from leuko.data.datamodule import LeukoDataModule
+    from leuko.training.module import VolumeClassifier
 
     dm = LeukoDataModule(prepared_dir=str(tiny_prepared), k=2, num_workers=0)
     model = VolumeClassifier(net="vit3d_tiny", in_channels=2, num_classes=4, input_shape=(16, 16, 16))

@@ -12,8 +12,21 @@ HERE = Path(__file__).resolve().parents[1]  # tests/: the helpers package lives 
 
 
 def fit(config, root, *extra, env=None):
-    cmd = [sys.executable, "-m", "leuko.cli", "fit", "--config", str(config), "--trainer.default_root_dir", str(root),
-           "--trainer.max_epochs", "3", "--tracking.enabled", "false", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "leuko.cli",
+        "fit",
+        "--config",
+        str(config),
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.max_epochs",
+        "3",
+        "--tracking.enabled",
+        "false",
+        *extra,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
 
 
