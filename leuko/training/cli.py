@@ -20,6 +20,7 @@ from leuko.cli.params import COMMAND_SECTIONS
 from leuko.data.datamodule import LeukoDataModule
 from leuko.tracking.runs import DEFAULT_EXPERIMENT, TrackingCallback, config_params, lineage_tags, make_logger
 from leuko.training.module import VolumeClassifier
+from leuko.training.predictions import predictions_frame
 
 MONITOR = "val/balanced_accuracy"
 
@@ -55,18 +56,6 @@ class CSVPredictionWriter(BasePredictionWriter):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             pd.concat(gathered).drop_duplicates("cell_id").to_csv(self.path, index=False)
             print(f"predictions for {sum(len(f) for f in gathered)} cells -> {self.path}", file=sys.stderr)
-
-
-def predictions_frame(predictions: list[dict], class_names: list[str]) -> pd.DataFrame:
-    if not predictions:
-        return pd.DataFrame(columns=["cell_id", "pred_label", *[f"prob_{c}" for c in class_names]])
-    probs = torch.cat([p["probs"] for p in predictions]).numpy()
-    pred = probs.argmax(1)
-    frame = pd.DataFrame({"cell_id": [c for p in predictions for c in p["cell_id"]]})
-    frame["pred_label"] = [class_names[i] for i in pred]
-    for i, name in enumerate(class_names):
-        frame[f"prob_{name}"] = probs[:, i]
-    return frame
 
 
 class LeukoCLI(LightningCLI):

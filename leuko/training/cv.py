@@ -136,7 +136,7 @@ def _log_params(client, run_id: str, cfg) -> None:
 
 
 def _fold_predictions(preds, datamodule, class_names: list[str], fold: int) -> pd.DataFrame:
-    from leuko.training.cli import predictions_frame
+    from leuko.training.predictions import predictions_frame
 
     frame = predictions_frame(preds or [], class_names)
     index = datamodule.index.set_index("cell_id")
