@@ -20,7 +20,7 @@ MLFLOW_PORT ?= 5001
 MLFLOW_BACKEND ?= sqlite:///mlflow-server/mlflow.db
 MLFLOW_ARTIFACTS ?= mlflow-server/artifacts
 
-.PHONY: setup data prepared sweep test test-fast mlflow-ui mlflow-server clean help
+.PHONY: setup postgres lint data prepared sweep test test-fast mlflow-ui mlflow-server clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -31,6 +31,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)  ## create .venv and install leuko with everything in pyproject.toml
+
+# The cluster-path tests start a real PostgreSQL server on loopback: Debian's package provides it.
+POSTGRES_INITDB = $(firstword $(shell command -v initdb 2>/dev/null) $(wildcard /usr/lib/postgresql/*/bin/initdb))
+postgres:  ## install the PostgreSQL server (Debian package) when it is missing; the tests start one on loopback
+	@if [ -z "$(POSTGRES_INITDB)" ]; then \
+	  echo "installing Debian's postgresql package (server binaries for the database tests)"; \
+	  $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq postgresql >/dev/null; \
+	fi
 
 $(DATA)/manifest.csv: $(STAMP)
 	$(BIN)/leuko phantoms --out $(DATA)
@@ -54,10 +63,16 @@ sweep: $(PREPARED)/meta.json  ## Optuna sweep over the model families, then regi
 	$(BIN)/leuko sweep --space $(SWEEP) --workers $(WORKERS) $(if $(TRIALS),--trials $(TRIALS)) $(foreach c,$(CONFIG),--config $(c)) $(if $(STORAGE),--storage $(STORAGE)) --data.prepared_dir $(PREPARED)
 	$(BIN)/leuko register --space $(SWEEP) --name $(MODEL_NAME) $(if $(STORAGE),--storage $(STORAGE))
 
-test: $(STAMP)  ## run the whole test suite (slow tests included)
+lint: $(STAMP)  ## ruff lint and format check, and the import contracts (no circles, layers)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-cache
+
+# pytest exits 5 when it collected no test: make treats that as a failure, as it should.
+test: $(STAMP) postgres lint  ## lint, then the whole test suite (slow tests included)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: $(STAMP)  ## run the tests not marked slow
+test-fast: $(STAMP) lint  ## lint, then the tests not marked slow
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 mlflow-ui: $(STAMP)  ## open the MLflow UI on the project's store (http://127.0.0.1:5000)

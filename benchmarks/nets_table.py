@@ -20,8 +20,7 @@ from leuko.nets import NETS, build_net
 
 def count(name: str, *, shape: tuple[int, int, int], in_channels: int, num_classes: int) -> tuple[int, int]:
     with torch.device("meta"):
-        kwargs = {"img_size": shape} if name.startswith("vit3d") else {}
-        net = build_net(name, in_channels=in_channels, num_classes=num_classes, **kwargs).eval()
+        net = build_net(name, in_channels=in_channels, num_classes=num_classes, input_shape=shape).eval()
         x = torch.empty(1, in_channels, *shape)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():

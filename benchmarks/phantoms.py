@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from leuko.data.phantoms import _acquisition, _Grid, _render_cell, make_cohort, voxel_size_for
+from leuko.data.phantom_cells import Grid, render_cell
+from leuko.data.phantoms import _acquisition, make_cohort, voxel_size_for
 
 
 def time_cohorts(shapes, *, n_patients: int, cells_per_patient: int, modality: str, fmt: str) -> list[dict]:
@@ -61,7 +62,7 @@ def draw_gallery(path: Path, *, shape=(32, 32, 32), per_class: int = 5) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grid = _Grid(shape, voxel_size_for(shape))
+    grid = Grid(shape, voxel_size_for(shape))
     rows = [
         ("neutrophil", "blood"),
         ("eosinophil", "blood"),
@@ -74,7 +75,7 @@ def draw_gallery(path: Path, *, shape=(32, 32, 32), per_class: int = 5) -> None:
         for j in range(per_class):
             # one acquisition per column, like cells from different patients
             acq_seed, cell_seed = [2024, j], [2024, i, j]
-            ri = _render_cell(
+            ri = render_cell(
                 label,
                 sample_type,
                 "ri",
@@ -82,7 +83,7 @@ def draw_gallery(path: Path, *, shape=(32, 32, 32), per_class: int = 5) -> None:
                 grid,
                 np.random.default_rng(cell_seed),
             )[0]
-            thg = _render_cell(
+            thg = render_cell(
                 label,
                 sample_type,
                 "hhg",

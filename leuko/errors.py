@@ -9,3 +9,7 @@ so `except ValueError` in user code keeps working.
 
 class LeukoError(Exception):
     """An input error: the message names the bad file, key or value and what would fix it."""
+
+
+class ConfigError(LeukoError, ValueError):
+    """A config value (a model, data or net setting) that cannot be used; the message names it and the fix."""

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from leuko.errors import ConfigError
+
 # Out-of-volume samples (elastic pulls at the border) read 0: in normalised volumes the medium around a cell is 0
 # (RI minus n_medium; dark HHG background), so zero padding continues it, where "border" would smear edge voxels.
 _PADDING_MODE = "zeros"
@@ -86,18 +88,18 @@ class BatchAugment(torch.nn.Module):
         super().__init__()
         for name, value in (("elastic", elastic), ("noise", noise), ("gain", gain)):
             if not value >= 0.0:
-                raise ValueError(f"BatchAugment: {name}={value!r} must be >= 0 (0 switches it off)")
+                raise ConfigError(f"BatchAugment: {name}={value!r} must be >= 0 (0 switches it off)")
         for name, value in (("flip", flip), ("rot90", rot90)):
             if not 0.0 <= value <= 1.0:
-                raise ValueError(f"BatchAugment: {name}={value!r} is a probability; use a value in [0, 1]")
+                raise ConfigError(f"BatchAugment: {name}={value!r} is a probability; use a value in [0, 1]")
         if not 0.0 <= crop < 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"BatchAugment: crop={crop!r} is the largest fraction of each side removed; use a value in [0, 1)"
             )
         if gain >= 1.0:
-            raise ValueError(f"BatchAugment: gain={gain!r} would allow a factor <= 0; use a value in [0, 1)")
+            raise ConfigError(f"BatchAugment: gain={gain!r} would allow a factor <= 0; use a value in [0, 1)")
         if elastic_grid < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"BatchAugment: elastic_grid={elastic_grid!r} control points per axis; use at least 2 "
                 "(4 gives a smooth warp on 32^3 to 96^3 volumes)"
             )
@@ -129,7 +131,7 @@ class BatchAugment(torch.nn.Module):
         spatial = tuple(x.shape[2:])
         turns = _quarter_turns(spatial) if self.rot90 > 0 else []
         if self.rot90 > 0 and not turns:
-            raise ValueError(
+            raise ConfigError(
                 f"BatchAugment: rot90={self.rot90} needs two equal spatial sides, but the volumes are {spatial} "
                 "(D, H, W); set rot90=0 or prepare volumes with H == W."
             )

@@ -13,8 +13,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from leuko.data.augment import BatchAugment
-from leuko.data.folds import TEST, fold_masks, fold_names, make_splits, read_splits
-from leuko.data.prepare import load_prepared
+from leuko.data.folds import TEST, SplitError, fold_masks, fold_names, make_splits, read_splits
+from leuko.data.prepared import VOLUMES, load_prepared
 
 
 @dataclass
@@ -108,7 +108,7 @@ class LeukoDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.prepared_dir = Path(prepared_dir)
         _, self.index, self.meta = load_prepared(self.prepared_dir)
-        self.volumes_path = self.prepared_dir / "volumes.npy"
+        self.volumes_path = self.prepared_dir / VOLUMES
         self._augment_generators: dict[torch.device, torch.Generator] = {}
         self.classes: list[str] = list(self.meta["classes"])
         self.augment = BatchAugment(**asdict(augment)) if isinstance(augment, Augmentation) else BatchAugment(**augment)
@@ -144,7 +144,7 @@ class LeukoDataModule(L.LightningDataModule):
         by_id = splits.set_index("cell_id")["fold"]
         unknown = sorted(set(self.index["cell_id"]) - set(by_id.index))
         if unknown:
-            raise ValueError(
+            raise SplitError(
                 f"splits {hp.splits} do not cover {len(unknown)} prepared cell(s) (e.g. {unknown[:3]}); "
                 f"remake them from the same manifest with `leuko folds`"
             )
@@ -160,7 +160,7 @@ class LeukoDataModule(L.LightningDataModule):
     def _dataset(self, name: str) -> MemmapVolumes:
         rows = self.subset(name)
         if len(rows) == 0:
-            raise ValueError(
+            raise SplitError(
                 f"fold {self.hparams.fold} has no {name} cells in {self.prepared_dir}; "
                 f"check the splits (`leuko folds` prints cells per fold) or choose another fold"
             )

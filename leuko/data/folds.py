@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+
 from leuko.errors import LeukoError
 
 SPLIT_COLUMNS = ("cell_id", "patient_id", "label", "sample_type", "fold")
@@ -133,7 +134,7 @@ def summarize(splits: pd.DataFrame) -> pd.DataFrame:
     table = pd.crosstab(splits["fold"], splits["label"]).rename_axis(index="fold", columns=None)
     table.insert(0, "cells", table.sum(axis=1))
     table.insert(0, "patients", splits.groupby("fold")["patient_id"].nunique())
-    order = [f for f in fold_names(splits)] + [f for f in (TRAIN_ONLY, TEST) if f in table.index]
+    order = list(fold_names(splits)) + [f for f in (TRAIN_ONLY, TEST) if f in table.index]
     return table.loc[order]
 
 
@@ -155,6 +156,14 @@ def read_splits(path: str | Path) -> pd.DataFrame:
     if missing:
         raise SplitError(f"{path}: columns {missing} are missing; expected {list(SPLIT_COLUMNS)}")
     return splits
+
+
+def require_cells(ids: pd.Series, known: pd.Index, problem: str, fix: str) -> None:
+    """Raise SplitError naming the cells of the folds (ids) that a table (known ids) lacks: problem says how
+    they are missing, fix what to do."""
+    absent = sorted(set(ids) - set(known))
+    if absent:
+        raise SplitError(f"{len(absent)} cell(s) of the folds {problem} (e.g. {', '.join(absent[:3])}); {fix}")
 
 
 def fold_masks(splits: pd.DataFrame, fold: int | str) -> dict[str, np.ndarray]:

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from leuko.errors import LeukoError
+
 SPLITS = ("train", "val", "test")
 # Class names per dataset, from the MedMNIST v2 INFO table (medmnist/info.py); index = label value.
 KNOWN_CLASSES = {
@@ -33,6 +35,10 @@ KNOWN_CLASSES = {
 }
 SAMPLE_TYPES = {"vesselmnist3d": "vessel", "adrenalmnist3d": "adrenal", "nodulemnist3d": "lung nodule",
                 "fracturemnist3d": "rib", "synapsemnist3d": "synapse", "organmnist3d": "abdomen"}
+
+
+class MedMNISTError(LeukoError, ValueError):
+    """A MedMNIST .npz, class list or --out folder that cannot be imported; the message says the fix."""
 
 
 def dataset_name(path: str | Path) -> str:
@@ -63,13 +69,15 @@ def import_medmnist(
         data = np.load(npz)
         keys = set(data.files)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{npz}: not a readable .npz file ({exc})") from exc
+        raise MedMNISTError(f"{npz}: not a readable .npz file ({exc})") from exc
     missing = [f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels") if f"{s}_{kind}" not in keys]
     if missing:
-        raise ValueError(f"{npz}: lacks array(s) {', '.join(missing)} (has {', '.join(sorted(keys))}); "
-                         "a MedMNIST file holds train/val/test _images and _labels")
+        raise MedMNISTError(f"{npz}: lacks array(s) {', '.join(missing)} (has {', '.join(sorted(keys))}); "
+                            "a MedMNIST file holds train/val/test _images and _labels")
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / "medmnist.json").is_file())):
-        raise ValueError(f"{out_dir} exists and is not an earlier MedMNIST import; choose a new or empty folder for --out")
+        raise MedMNISTError(
+            f"{out_dir} exists and is not an earlier MedMNIST import; choose a new or empty folder for --out"
+        )
 
     name = dataset_name(npz)
     arrays = {}
@@ -78,11 +86,11 @@ def import_medmnist(
         if images.ndim == 5 and images.shape[-1] in (1, 3):  # (N, D, H, W, C): channels last in MedMNIST+
             images = np.moveaxis(images, -1, 1)
         if images.ndim not in (4, 5):
-            raise ValueError(f"{npz}: {split}_images has shape {images.shape}; expected (N, D, H, W) volumes")
+            raise MedMNISTError(f"{npz}: {split}_images has shape {images.shape}; expected (N, D, H, W) volumes")
         labels = np.asarray(labels).reshape(len(labels), -1)
         if labels.shape[1] != 1 or len(labels) != len(images):
-            raise ValueError(f"{npz}: {split}_labels has shape {data[f'{split}_labels'].shape}; expected "
-                             f"({len(images)}, 1) single labels (multi-label MedMNIST sets are not supported)")
+            raise MedMNISTError(f"{npz}: {split}_labels has shape {data[f'{split}_labels'].shape}; expected "
+                                f"({len(images)}, 1) single labels (multi-label MedMNIST sets are not supported)")
         keep = slice(None) if limit is None else slice(0, limit)
         arrays[split] = (images[keep], labels[keep, 0].astype(int))
     n_classes = 1 + max(int(lab.max()) for _, lab in arrays.values() if len(lab))
@@ -90,8 +98,8 @@ def import_medmnist(
         classes = KNOWN_CLASSES.get(name, tuple(f"class_{i}" for i in range(n_classes)))
     classes = [str(c) for c in classes]
     if len(classes) < n_classes:
-        raise ValueError(f"{npz}: labels go up to {n_classes - 1} but {len(classes)} class name(s) were given "
-                         f"({', '.join(classes)}); give one name per label value")
+        raise MedMNISTError(f"{npz}: labels go up to {n_classes - 1} but {len(classes)} class name(s) were given "
+                            f"({', '.join(classes)}); give one name per label value")
     sample_type = sample_type or SAMPLE_TYPES.get(name, name)
 
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"

@@ -1,10 +1,7 @@
-"""The prepared cache: every cell normalised and cropped to one shape in one memory-mapped array.
+"""`leuko prepare`: every cell of a manifest checked, normalised and cropped into one prepared folder.
 
-    out_dir/volumes.npy   (N, C, D, H, W) float32, np.load(..., mmap_mode="r")
-    out_dir/index.csv     row, cell_id, label, label_index, patient_id, sample_type[, split],
-                          voxel_size_z, voxel_size_y, voxel_size_x (of the prepared voxels, um)
-    out_dir/meta.json     shape, channels, classes, modality, normalisation, fingerprint, ...
-    out_dir/skipped.csv   cell_id, line, reason (only with skip_bad)
+The folder's layout and its reader are in leuko.data.prepared (volumes.npy, index.csv, meta.json,
+skipped.csv); how one cell is normalised and cropped is in leuko.data.preprocess.
 
 One streaming pass reads, checks and writes each cell into a temporary sibling folder, which
 replaces out_dir only when the whole pass succeeded; out_dir is never left half written.
@@ -12,7 +9,6 @@ replaces out_dir only when the whole pass succeeded; out_dir is never left half 
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import os
@@ -26,11 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 from tqdm import tqdm
 
 from leuko import __version__
-from leuko.data.optics import DEFAULT_CLASSES
 from leuko.data.io import VolumeError, read_volume
 from leuko.data.manifest import (
     DEFAULT_MODALITY,
@@ -40,34 +34,22 @@ from leuko.data.manifest import (
     read_manifest_table,
     validate_manifest,
 )
-from leuko.errors import LeukoError
+from leuko.data.optics import DEFAULT_CLASSES, N_MEDIUM
+from leuko.data.prepared import FORMAT_VERSION, INDEX, META, SKIPPED, VOLUMES, check_out_dir, read_meta, write_skipped
+from leuko.data.prepared import PrepareError as PrepareError
+from leuko.data.prepared import load_prepared as load_prepared
+from leuko.data.preprocess import RI_SCALE, normalisation_meta, process_cell
+from leuko.data.preprocess import centre_crop_or_pad as centre_crop_or_pad
+from leuko.data.preprocess import resample as resample
 
-VOLUMES = "volumes.npy"
-INDEX = "index.csv"
-META = "meta.json"
-SKIPPED = "skipped.csv"
-FORMAT_VERSION = 1  # bump when the output layout or the processing changes
+# The `X as X` imports keep names importable from here: the pyfunc_model.py stored with each registered
+# model imports process_cell from this module, and older code load_prepared and PrepareError.
 
-# Refractive index of the medium and the cell threshold follow Ryu et al. (2021): medium 1.337,
-# voxels above 1.35 are the cell.
-N_MEDIUM = 1.337
-RI_CELL_THRESHOLD = 1.35
-# Cell RI lies about 0.01-0.05 above the medium (cytoplasm ~1.36, nucleus ~1.37-1.38), so
-# dividing the contrast by 0.01 puts cell voxels at O(1) (nucleus 1.37 -> 3.3), medium at 0.
-RI_SCALE = 0.01
 # Absolute refractive indices of cells and media lie well inside this range; a median outside
 # it means the file holds something else (RI differences, raw intensities).
 RI_PLAUSIBLE = (1.0, 2.0)
-# HHG: per volume and channel, (v - median) / (p99.5 - p0.5); percentiles rather than min/max
-# so a few hot pixels do not set the scale. Foreground: channel mean above half its p99.5.
-HHG_PERCENTILES = (0.5, 50.0, 99.5)
-HHG_FOREGROUND_FRACTION = 0.5
 READ_OPTIONS = ("key", "dataset")  # the read_volume options a manifest-wide setting may give
 _COPY_CHUNK = 64  # cells per block when compacting after skipped cells
-
-
-class PrepareError(LeukoError, ValueError):
-    """A prepared folder that cannot be written or read; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -104,17 +86,56 @@ def prepare(
     out_dir = Path(out_dir)
     shape = _check_shape(shape)
     target = _check_voxel_size(target_voxel_size)
-    read_options = dict(read_options or {})
-    unknown = sorted(set(read_options) - set(READ_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown read option(s) {', '.join(unknown)}; use {', '.join(READ_OPTIONS)}")
+    read_options = _check_read_options(read_options)
     if not ri_scale > 0:
         raise ValueError(f"ri_scale must be positive, got {ri_scale}")
-    _check_out_dir(out_dir)
+    check_out_dir(out_dir)
 
     manifest_bytes = manifest.read_bytes() if manifest.is_file() else b""
     table = read_manifest_table(manifest)
-    settings = {
+    settings = _settings(shape, classes, skip_bad, target, n_medium, ri_scale, read_options)
+    fingerprint = _fingerprint(manifest_bytes, table, settings)
+    previous = read_meta(out_dir)
+    if previous is not None and previous.get("fingerprint") == fingerprint and (out_dir / VOLUMES).is_file():
+        return PrepareResult(out_dir, int(previous["n_cells"]), int(previous.get("n_skipped", 0)), True)
+
+    problems = validate_manifest(table, manifest.parent, classes)
+    fatal = [p for p in problems if not p.is_row]
+    if fatal:
+        raise ManifestError(manifest, problems)
+    bad_lines = {p.line for p in problems}
+    modality = _modality(table, bad_lines)
+
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        written, cell_problems, n_clipped = _stream_cells(
+            table, tmp, bad_lines=bad_lines, modality=modality, settings=settings, progress=progress
+        )
+        problems = sorted(problems + cell_problems, key=lambda p: p.line)
+        _check_problems(manifest, out_dir, problems, written, skip_bad)
+        meta = _write_index_and_meta(
+            tmp,
+            written,
+            problems,
+            modality=modality,
+            settings=settings,
+            n_clipped=n_clipped,
+            manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
+            fingerprint=fingerprint,
+        )
+        _swap_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _warn_about_geometry(meta, shape, target)
+    return PrepareResult(out_dir, meta["n_cells"], meta["n_skipped"], False)
+
+
+def _settings(shape, classes, skip_bad, target, n_medium, ri_scale, read_options) -> dict:
+    """What the output depends on besides the manifest and its files (part of the fingerprint and meta.json)."""
+    return {
         "format_version": FORMAT_VERSION,
         "shape": list(shape),
         "classes": None if classes is None else list(classes),
@@ -125,221 +146,102 @@ def prepare(
         "read_options": read_options,
         "leuko_version": __version__,
     }
-    fingerprint = _fingerprint(manifest_bytes, table, settings)
-    previous = _read_meta(out_dir)
-    if previous is not None and previous.get("fingerprint") == fingerprint and (out_dir / VOLUMES).is_file():
-        return PrepareResult(out_dir, int(previous["n_cells"]), int(previous.get("n_skipped", 0)), True)
 
-    problems = validate_manifest(table, manifest.parent, classes)
-    fatal = [p for p in problems if not p.is_row]
-    if fatal:
-        raise ManifestError(manifest, problems)
-    bad_lines = {p.line for p in problems}
+
+def _modality(table: pd.DataFrame, bad_lines: set[int]) -> str:
+    """The one modality of the good rows (validate_manifest rejects a mix)."""
     modalities = {m.lower() for m, line in zip(table.get("modality", []), table["line"]) if line not in bad_lines}
-    modality = modalities.pop() if modalities else DEFAULT_MODALITY
+    return modalities.pop() if modalities else DEFAULT_MODALITY
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        written, cell_problems, n_clipped = _stream_cells(
-            table,
-            tmp,
-            bad_lines=bad_lines,
-            shape=shape,
-            modality=modality,
-            target=target,
-            n_medium=n_medium,
-            ri_scale=ri_scale,
-            read_options=read_options,
-            progress=progress,
+
+def _check_problems(
+    manifest: Path, out_dir: Path, problems: list[Problem], written: list[dict], skip_bad: bool
+) -> None:
+    """Stop (nothing written) on bad rows unless skip_bad, and when no usable cell is left."""
+    if problems and not skip_bad:
+        raise ManifestError(
+            manifest,
+            problems,
+            hint=f"Fix these rows in {manifest}, or pass --skip-bad to leave them out"
+            f" (they are then listed in {out_dir / SKIPPED}). Nothing was written.",
         )
-        problems = sorted(problems + cell_problems, key=lambda p: p.line)
-        if problems and not skip_bad:
-            raise ManifestError(
-                manifest,
-                problems,
-                hint=f"Fix these rows in {manifest}, or pass --skip-bad to leave them out"
-                f" (they are then listed in {out_dir / SKIPPED}). Nothing was written.",
-            )
-        if not written:
-            raise ManifestError(manifest, problems, hint="No usable cells are left; nothing was written.")
-        if classes is None:
-            classes = sorted({cell["label"] for cell in written})
-        source_voxel_sizes = sorted({cell.pop("source_voxel_size") for cell in written})
-        index = pd.DataFrame(written)
-        index.insert(3, "label_index", [list(classes).index(label) for label in index["label"]])
-        index.to_csv(tmp / INDEX, index=False, lineterminator="\n")
-        if skip_bad:
-            _write_skipped(tmp / SKIPPED, problems)
-        channels = int(np.load(tmp / VOLUMES, mmap_mode="r").shape[1])
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "shape": list(shape),
-            "channels": channels,
-            "classes": list(classes),
-            "modality": modality,
-            "normalisation": _normalisation_meta(modality, n_medium, ri_scale),
-            "voxel_size": {
-                "resampled_to": None if target is None else list(target),
-                "manifest_values": source_voxel_sizes,
-            },
-            "n_cells": len(index),
-            "n_skipped": len({p.line for p in problems}),
-            "n_clipped": n_clipped,
-            "label_counts": dict(sorted(Counter(index["label"]).items())),
-            "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
-            "fingerprint": fingerprint,
-            "settings": settings,
-            "leuko_version": __version__,
-        }
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-        _swap_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if n_clipped:
+    if not written:
+        raise ManifestError(manifest, problems, hint="No usable cells are left; nothing was written.")
+
+
+def _write_index_and_meta(
+    tmp: Path,
+    written: list[dict],
+    problems: list[Problem],
+    *,
+    modality: str,
+    settings: dict,
+    n_clipped: int,
+    manifest_sha256: str,
+    fingerprint: str,
+) -> dict:
+    """index.csv, skipped.csv (with skip_bad) and meta.json beside tmp's volumes.npy; returns the meta."""
+    classes = settings["classes"]
+    if classes is None:
+        classes = sorted({cell["label"] for cell in written})
+    source_voxel_sizes = sorted({cell.pop("source_voxel_size") for cell in written})
+    index = pd.DataFrame(written)
+    index.insert(3, "label_index", [list(classes).index(label) for label in index["label"]])
+    index.to_csv(tmp / INDEX, index=False, lineterminator="\n")
+    if settings["skip_bad"]:
+        write_skipped(tmp / SKIPPED, problems)
+    channels = int(np.load(tmp / VOLUMES, mmap_mode="r").shape[1])
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "shape": settings["shape"],
+        "channels": channels,
+        "classes": list(classes),
+        "modality": modality,
+        "normalisation": normalisation_meta(modality, settings["n_medium"], settings["ri_scale"]),
+        "voxel_size": {
+            "resampled_to": settings["target_voxel_size"],
+            "manifest_values": source_voxel_sizes,
+        },
+        "n_cells": len(index),
+        "n_skipped": len({p.line for p in problems}),
+        "n_clipped": n_clipped,
+        "label_counts": dict(sorted(Counter(index["label"]).items())),
+        "manifest_sha256": manifest_sha256,
+        "fingerprint": fingerprint,
+        "settings": settings,
+        "leuko_version": __version__,
+    }
+    (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def _warn_about_geometry(meta: dict, shape: tuple[int, int, int], target: tuple[float, float, float] | None) -> None:
+    # stacklevel=3: the warning points at the caller of prepare()
+    if meta["n_clipped"]:
         warnings.warn(
-            f"{n_clipped} of {meta['n_cells']} cells reach beyond the crop shape {tuple(shape)} and were cut;"
+            f"{meta['n_clipped']} of {meta['n_cells']} cells reach beyond the crop shape {tuple(shape)} and were cut;"
             " use a larger --shape or a coarser --voxel-size to keep whole cells",
-            stacklevel=2,
+            stacklevel=3,
         )
+    source_voxel_sizes = meta["voxel_size"]["manifest_values"]
     if target is None and len(source_voxel_sizes) > 1:
         warnings.warn(
             f"cells have {len(source_voxel_sizes)} different voxel sizes and were not resampled;"
             " pass --voxel-size Z Y X to bring them to one grid",
-            stacklevel=2,
+            stacklevel=3,
         )
-    return PrepareResult(out_dir, meta["n_cells"], meta["n_skipped"], False)
-
-
-def load_prepared(out_dir: str | Path) -> tuple[np.memmap, pd.DataFrame, dict]:
-    """(volumes (N, C, D, H, W) memmap opened read-only, index table, meta) of a prepared folder."""
-    out_dir = Path(out_dir)
-    fix = f"run `leuko prepare --manifest MANIFEST --out {out_dir}` first"
-    if not out_dir.is_dir():
-        raise PrepareError(f"{out_dir}: no prepared data here (folder not found); {fix}")
-    missing = [name for name in (VOLUMES, INDEX, META) if not (out_dir / name).is_file()]
-    if missing:
-        raise PrepareError(f"{out_dir}: prepared data is incomplete (missing {', '.join(missing)}); {fix}")
-    try:
-        volumes = np.load(out_dir / VOLUMES, mmap_mode="r")
-        text = {"cell_id": str, "label": str, "patient_id": str, "sample_type": str, "split": str}
-        index = pd.read_csv(out_dir / INDEX, dtype=text, keep_default_na=False)
-        meta = json.loads((out_dir / META).read_text())
-    except (ValueError, OSError) as exc:
-        raise PrepareError(f"{out_dir}: prepared data is damaged ({exc}); {fix}") from exc
-    expected = (meta.get("n_cells"), meta.get("channels"), *meta.get("shape", ()))
-    if volumes.shape != expected or len(index) != volumes.shape[0]:
-        raise PrepareError(
-            f"{out_dir}: {VOLUMES} has shape {volumes.shape}, {INDEX} {len(index)} rows, but {META} says"
-            f" {expected}; the folder is inconsistent, {fix}"
-        )
-    return volumes, index, meta
-
-
-# ---------------------------------------------------------------- one cell
-
-
-def resample(volume: np.ndarray, voxel_size: Sequence[float], target: Sequence[float]) -> np.ndarray:
-    """(C, D, H, W) at voxel_size (z, y, x) -> (C, D', H', W') at target, linear interpolation."""
-    factors = [v / t for v, t in zip(voxel_size, target)]
-    if all(abs(f - 1.0) < 1e-9 for f in factors):
-        return volume
-    return np.stack([ndimage.zoom(channel, factors, order=1, mode="nearest") for channel in volume])
-
-
-def foreground(volume: np.ndarray, modality: str, hhg_scale: np.ndarray | None = None) -> np.ndarray:
-    """(D, H, W) boolean mask of the cell in a raw (C, D, H, W) volume."""
-    if modality == "ri":
-        return volume.max(axis=0) > RI_CELL_THRESHOLD
-    offset, scale = hhg_scale
-    mean = ((volume - offset[:, None, None, None]) / scale[:, None, None, None]).mean(axis=0)
-    return mean > HHG_FOREGROUND_FRACTION * np.percentile(mean, HHG_PERCENTILES[-1])
-
-
-def hhg_scaling(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel (median, p99.5 - p0.5) of a (C, D, H, W) volume, each shape (C,)."""
-    low, median, high = np.percentile(volume.reshape(len(volume), -1), HHG_PERCENTILES, axis=1)
-    scale = high - low
-    # A channel whose central 99% is flat: fall back to its full range, then to 1.
-    full = volume.reshape(len(volume), -1).max(axis=1) - volume.reshape(len(volume), -1).min(axis=1)
-    scale = np.where(scale > 0, scale, np.where(full > 0, full, 1.0))
-    return median.astype(np.float32), scale.astype(np.float32)
-
-
-def centre_crop_or_pad(
-    volume: np.ndarray, centre: Sequence[float], shape: Sequence[int], fill: np.ndarray
-) -> np.ndarray:
-    """(C, D, H, W) -> (C, *shape) window centred on centre (voxels); outside voxels get fill[c]."""
-    out = np.empty((len(volume), *shape), dtype=np.float32)
-    out[:] = np.asarray(fill, dtype=np.float32)[:, None, None, None]
-    src, dst = [slice(None)], [slice(None)]
-    for c, size, n in zip(centre, shape, volume.shape[1:]):
-        start = int(np.floor(c - (size - 1) / 2 + 0.5))
-        lo, hi = max(start, 0), min(start + size, n)
-        src.append(slice(lo, max(hi, lo)))
-        dst.append(slice(lo - start, lo - start + max(hi - lo, 0)))
-    out[tuple(dst)] = volume[tuple(src)]
-    return out
-
-
-def process_cell(
-    volume: np.ndarray,
-    voxel_size: Sequence[float],
-    *,
-    modality: str,
-    shape: Sequence[int],
-    target_voxel_size: Sequence[float] | None = None,
-    n_medium: float = N_MEDIUM,
-    ri_scale: float = RI_SCALE,
-) -> tuple[np.ndarray, bool]:
-    """Raw (C, D, H, W) -> normalised (C, *shape) float32 centred on the cell, and whether the
-    cell reached beyond the crop."""
-    if target_voxel_size is not None:
-        volume = resample(volume, voxel_size, target_voxel_size)
-    channels = len(volume)
-    if modality == "ri":
-        offset = np.full(channels, n_medium, dtype=np.float32)
-        scale = np.full(channels, ri_scale, dtype=np.float32)
-        mask = foreground(volume, "ri")
-    else:
-        offset, scale = hhg_scaling(volume)
-        # generic volumes hold no single cell to centre on: keep the field of view centred.
-        mask = foreground(volume, "hhg", (offset, scale)) if modality == "hhg" else None
-    if mask is not None and mask.any():
-        centre = ndimage.center_of_mass(mask)
-        extent = [np.flatnonzero(mask.any(axis=axes)) for axes in ((1, 2), (0, 2), (0, 1))]
-        clipped = any(e[-1] - e[0] + 1 > size for e, size in zip(extent, shape))
-    else:
-        centre = [(n - 1) / 2 for n in volume.shape[1:]]
-        clipped = mask is None and any(n > size for n, size in zip(volume.shape[1:], shape))
-    # Pad with the value that normalises to 0: the medium (RI) or the background median (HHG).
-    window = centre_crop_or_pad(volume, centre, shape, fill=offset)  # (C, D, H, W)
-    window -= offset[:, None, None, None]
-    window /= scale[:, None, None, None]
-    return window, clipped
 
 
 # ---------------------------------------------------------------- the pass over all cells
 
 
 def _stream_cells(
-    table: pd.DataFrame,
-    tmp: Path,
-    *,
-    bad_lines: set[int],
-    shape: tuple[int, int, int],
-    modality: str,
-    target: tuple[float, float, float] | None,
-    n_medium: float,
-    ri_scale: float,
-    read_options: dict,
-    progress: bool,
+    table: pd.DataFrame, tmp: Path, *, bad_lines: set[int], modality: str, settings: dict, progress: bool
 ) -> tuple[list[dict], list[Problem], int]:
     """Write every readable cell into tmp/VOLUMES; returns (index rows, problems, clipped count)."""
     candidates = [i for i, line in enumerate(table["line"]) if line not in bad_lines]
-    has_split = "split" in table.columns
+    shape = tuple(settings["shape"])
+    target = settings["target_voxel_size"]
     written: list[dict] = []
     problems: list[Problem] = []
     volumes = None
@@ -349,23 +251,9 @@ def _stream_cells(
         row = table.iloc[i]
         line, cell_id = int(row["line"]), row["cell_id"]
         voxel_size = tuple(float(row[c]) for c in VOXEL_SIZE_COLUMNS)
-        try:
-            volume = read_volume(row["abs_path"], **read_options)
-        except VolumeError as exc:
-            problems.append(Problem(line, cell_id, str(exc)))
+        volume = _read_cell(row, modality, settings, problems)
+        if volume is None:
             continue
-        if modality == "ri":
-            median = float(np.median(volume))
-            if not RI_PLAUSIBLE[0] <= median <= RI_PLAUSIBLE[1]:
-                problems.append(
-                    Problem(
-                        line,
-                        cell_id,
-                        f"{row['abs_path']}: median value {median:g} does not look like a refractive index"
-                        f" (medium {n_medium}); store absolute RI, or set modality hhg for intensity volumes",
-                    )
-                )
-                continue
         if first is None:
             first = (line, cell_id, len(volume))
             volumes = np.lib.format.open_memmap(
@@ -386,31 +274,59 @@ def _stream_cells(
             voxel_size,
             modality=modality,
             shape=shape,
-            target_voxel_size=target,
-            n_medium=n_medium,
-            ri_scale=ri_scale,
+            target_voxel_size=None if target is None else tuple(target),
+            n_medium=settings["n_medium"],
+            ri_scale=settings["ri_scale"],
         )
         volumes[len(written)] = window
         n_clipped += clipped
-        out_size = target if target is not None else voxel_size
-        cell = {
-            "row": len(written),
-            "cell_id": cell_id,
-            "label": row["label"],
-            "patient_id": row["patient_id"],
-            "sample_type": row["sample_type"],
-        }
-        if has_split:
-            cell["split"] = row["split"].lower()
-        cell.update(zip(VOXEL_SIZE_COLUMNS, out_size))
-        cell["source_voxel_size"] = voxel_size
-        written.append(cell)
+        written.append(_index_row(row, len(written), voxel_size, target))
     if volumes is not None:
         volumes.flush()
         del volumes
         if 0 < len(written) < len(candidates):
             _truncate(tmp / VOLUMES, len(written))
     return written, problems, n_clipped
+
+
+def _read_cell(row: pd.Series, modality: str, settings: dict, problems: list[Problem]) -> np.ndarray | None:
+    """A cell's raw (C, D, H, W) volume, or None after adding to problems why it cannot be used."""
+    line, cell_id = int(row["line"]), row["cell_id"]
+    try:
+        volume = read_volume(row["abs_path"], **settings["read_options"])
+    except VolumeError as exc:
+        problems.append(Problem(line, cell_id, str(exc)))
+        return None
+    if modality == "ri":
+        median = float(np.median(volume))
+        if not RI_PLAUSIBLE[0] <= median <= RI_PLAUSIBLE[1]:
+            problems.append(
+                Problem(
+                    line,
+                    cell_id,
+                    f"{row['abs_path']}: median value {median:g} does not look like a refractive index"
+                    f" (medium {settings['n_medium']}); store absolute RI, or set modality hhg for intensity volumes",
+                )
+            )
+            return None
+    return volume
+
+
+def _index_row(row: pd.Series, position: int, voxel_size: tuple, target: list[float] | None) -> dict:
+    """One index.csv row (and the manifest's voxel size, which meta.json summarises)."""
+    out_size = tuple(target) if target is not None else voxel_size
+    cell = {
+        "row": position,
+        "cell_id": row["cell_id"],
+        "label": row["label"],
+        "patient_id": row["patient_id"],
+        "sample_type": row["sample_type"],
+    }
+    if "split" in row.index:
+        cell["split"] = row["split"].lower()
+    cell.update(zip(VOXEL_SIZE_COLUMNS, out_size))
+    cell["source_voxel_size"] = voxel_size
+    return cell
 
 
 def _truncate(path: Path, n: int) -> None:
@@ -431,7 +347,7 @@ def _truncate(path: Path, n: int) -> None:
 def _check_shape(shape: Sequence[int]) -> tuple[int, int, int]:
     shape = tuple(shape)
     if len(shape) != 3 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in shape):
-        raise ValueError(f"shape must be three positive integers (D, H, W), got {shape}")
+        raise PrepareError(f"shape must be three positive integers (D, H, W), got {shape}")
     return tuple(int(s) for s in shape)
 
 
@@ -440,26 +356,16 @@ def _check_voxel_size(voxel_size: Sequence[float] | None) -> tuple[float, float,
         return None
     voxel_size = tuple(float(v) for v in voxel_size)
     if len(voxel_size) != 3 or not all(np.isfinite(v) and v > 0 for v in voxel_size):
-        raise ValueError(f"target voxel size must be three positive numbers (z, y, x) in um, got {voxel_size}")
+        raise PrepareError(f"target voxel size must be three positive numbers (z, y, x) in um, got {voxel_size}")
     return voxel_size
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    """Refuse to replace anything that is not an earlier prepared folder."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise PrepareError(f"{out_dir} is a file; give --out a folder")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / META).is_file():
-        raise PrepareError(
-            f"{out_dir} exists and is not a leuko prepared folder (no {META}); prepare would replace it,"
-            " so choose a new or empty folder for --out"
-        )
-
-
-def _read_meta(out_dir: Path) -> dict | None:
-    try:
-        return json.loads((out_dir / META).read_text())
-    except (OSError, ValueError):
-        return None
+def _check_read_options(read_options: Mapping[str, str] | None) -> dict:
+    read_options = dict(read_options or {})
+    unknown = sorted(set(read_options) - set(READ_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown read option(s) {', '.join(unknown)}; use {', '.join(READ_OPTIONS)}")
+    return read_options
 
 
 def _fingerprint(manifest_bytes: bytes, table: pd.DataFrame, settings: dict) -> str:
@@ -473,36 +379,6 @@ def _fingerprint(manifest_bytes: bytes, table: pd.DataFrame, settings: dict) -> 
             digest.update(f"{path}\0missing\n".encode())
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
-
-
-def _normalisation_meta(modality: str, n_medium: float, ri_scale: float) -> dict:
-    if modality == "ri":
-        return {
-            "method": "ri_contrast",
-            "formula": "x = (n - n_medium) / ri_scale",
-            "n_medium": n_medium,
-            "ri_scale": ri_scale,
-            "foreground": f"n > {RI_CELL_THRESHOLD}",
-            "pad_value": 0.0,
-        }
-    return {
-        "method": "robust_per_volume_per_channel",
-        "formula": f"x = (v - p{HHG_PERCENTILES[1]:g}) / (p{HHG_PERCENTILES[2]:g} - p{HHG_PERCENTILES[0]:g})",
-        "foreground": f"channel mean of x > {HHG_FOREGROUND_FRACTION} * its p{HHG_PERCENTILES[2]:g}"
-        if modality == "hhg" else "none: the crop stays centred on the field of view",
-        "pad_value": 0.0,
-    }
-
-
-def _write_skipped(path: Path, problems: list[Problem]) -> None:
-    reasons: dict[int, tuple[str, list[str]]] = {}
-    for p in problems:
-        reasons.setdefault(p.line, (p.cell_id or "", []))[1].append(p.message)
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["cell_id", "line", "reason"])
-        for line, (cell_id, messages) in sorted(reasons.items()):
-            writer.writerow([cell_id, line, "; ".join(messages)])
 
 
 def _swap_into_place(tmp: Path, out_dir: Path) -> None:

@@ -10,7 +10,8 @@ A registered leuko model is an MLflow pyfunc in the models-from-code format:
 
 Trust boundary. Loading a model runs code in two places, and nothing else:
 - pyfunc_model.py from the registry, executed as a Python module (that is how MLflow loads
-  models-from-code). It imports leuko.nets and leuko.data.prepare from the installed leuko package.
+  models-from-code). It imports leuko.nets, leuko.data.preprocess and leuko.training.predictions
+  (older registered models: leuko.nets and leuko.data.prepare) from the installed leuko package.
 - leuko itself, from the Python environment that loads the model.
 The weights are read with safetensors (no pickle), model_config.json with json, and nothing is
 unpickled: loading works with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false. So trust a registry as far

@@ -6,7 +6,7 @@ Writes, next to each other:
                                    n_cells, pred_<class> percent [, ref_<class> percent from the labels]
     predictions_skipped.csv        cell_id, path, reason: volumes that could not be read (only if any)
 Each volume is read with leuko.data.io.read_volume and prepared with the model's own copy of the
-settings `leuko prepare` used for its training data (leuko.data.prepare.process_cell).
+settings `leuko prepare` used for its training data (leuko.data.preprocess.process_cell).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from tqdm import tqdm
 from leuko.data.io import SUPPORTED_SUFFIXES, VolumeError, read_volume, volume_suffix
 from leuko.data.manifest import VOXEL_SIZE_COLUMNS, read_manifest_table
 from leuko.errors import LeukoError
+from leuko.training.predictions import PRED, prob_columns, probability_table
 
 MANIFEST = "manifest.csv"
 SAMPLE_KEYS = ("patient_id", "sample_type")
@@ -104,8 +105,9 @@ def load_model(model_uri: str):
         model = mlflow.pyfunc.load_model(model_uri)
     except mlflow.exceptions.MlflowException as exc:
         raise PredictError(
-            f"--model {model_uri}: cannot load it from {uri} ({exc.message.splitlines()[0]}); set MLFLOW_TRACKING_URI to "
-            "the store the model was registered in, and check the name, version or alias (`leuko register` prints them)"
+            f"--model {model_uri}: cannot load it from {uri} ({exc.message.splitlines()[0]}); set "
+            "MLFLOW_TRACKING_URI to the store the model was registered in, and check the name, version or alias "
+            "(`leuko register` prints them)"
         ) from exc
     impl = model.unwrap_python_model()
     if not hasattr(impl, "preprocess"):
@@ -136,16 +138,40 @@ def predict(
             f"the model resamples to {settings['target_voxel_size']} um, so it needs each volume's voxel size: "
             "give a manifest with voxel_size_z/y/x, or --voxel-size Z Y X"
         )
-    read_options = settings.get("read_options") or {}
     classes = impl.classes
+    kept, probs, skipped = _run(cells, model, impl, batch_size=batch_size, progress=progress)
 
+    out.parent.mkdir(parents=True, exist_ok=True)
+    base = out.with_suffix("")
+    paths = {
+        "predictions": out,
+        "differential": Path(f"{base}_differential.csv"),
+        "skipped": Path(f"{base}_skipped.csv"),
+    }
+    if skipped:
+        pd.DataFrame(skipped).to_csv(paths["skipped"], index=False)
+    elif paths["skipped"].exists():
+        os.remove(paths["skipped"])  # from an earlier run: it would describe other inputs
+    if not kept:
+        raise PredictError(f"none of the {len(cells)} volume(s) could be read (see {paths['skipped']})")
+    table = pd.DataFrame(kept).drop(columns=list(VOXEL_SIZE_COLUMNS))
+    table = pd.concat([table, probability_table(np.concatenate(probs), classes)], axis=1)
+    table.to_csv(out, index=False)
+    differential(table, classes, groups).to_csv(paths["differential"], index=False)
+    return {"n_cells": len(table), "n_skipped": len(skipped), "paths": paths, "groups": groups, "classes": classes}
+
+
+def _run(cells: pd.DataFrame, model, impl, *, batch_size: int, progress: bool) -> tuple[list, list, list[dict]]:
+    """(cells read, their (b, classes) probability batches, {cell_id, path, reason} of the skipped ones)."""
+    read_options = impl.config["preprocessing"].get("read_options") or {}
+    classes = impl.classes
     kept, probs, skipped = [], [], []
     batch: list[np.ndarray] = []
 
     def flush() -> None:
         if batch:
             frame = model.predict(np.stack(batch), params={"preprocess": False})
-            probs.append(frame[[f"prob_{c}" for c in classes]].to_numpy())
+            probs.append(frame[prob_columns(classes)].to_numpy())
             batch.clear()
 
     bar = tqdm(
@@ -171,28 +197,7 @@ def predict(
         if len(batch) == batch_size:
             flush()
     flush()
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    base = out.with_suffix("")
-    paths = {
-        "predictions": out,
-        "differential": Path(f"{base}_differential.csv"),
-        "skipped": Path(f"{base}_skipped.csv"),
-    }
-    if skipped:
-        pd.DataFrame(skipped).to_csv(paths["skipped"], index=False)
-    elif paths["skipped"].exists():
-        os.remove(paths["skipped"])  # from an earlier run: it would describe other inputs
-    if not kept:
-        raise PredictError(f"none of the {len(cells)} volume(s) could be read (see {paths['skipped']})")
-    table = pd.DataFrame(kept).drop(columns=list(VOXEL_SIZE_COLUMNS))
-    p = np.concatenate(probs)
-    table["pred_label"] = [classes[i] for i in p.argmax(1)]
-    for i, name in enumerate(classes):
-        table[f"prob_{name}"] = p[:, i]
-    table.to_csv(out, index=False)
-    differential(table, classes, groups).to_csv(paths["differential"], index=False)
-    return {"n_cells": len(table), "n_skipped": len(skipped), "paths": paths, "groups": groups, "classes": classes}
+    return kept, probs, skipped
 
 
 def differential(cells: pd.DataFrame, classes: Sequence[str], groups: list[str]) -> pd.DataFrame:
@@ -203,9 +208,7 @@ def differential(cells: pd.DataFrame, classes: Sequence[str], groups: list[str])
     if labels is not None and set(labels) <= set(classes):
         return differentials(cells, classes, by=groups)
     keys = cells[groups].astype(str)
-    counts = pd.crosstab(
-        [keys[g] for g in groups], pd.Categorical(cells["pred_label"], categories=list(classes)), dropna=False
-    )
+    counts = pd.crosstab([keys[g] for g in groups], pd.Categorical(cells[PRED], categories=list(classes)), dropna=False)
     table = (100.0 * counts.div(counts.sum(axis=1), axis=0)).add_prefix("pred_")
     table.insert(0, "n_cells", counts.sum(axis=1))
     table.columns.name = None

@@ -2,7 +2,7 @@
 
 Input: float32 volumes (B, C, D, H, W), or one volume (C, D, H, W).
 - params preprocess=true (default): raw volumes as read from files (absolute refractive index, or raw
-  HHG intensities), any size; each goes through leuko.data.prepare.process_cell with the settings the
+  HHG intensities), any size; each goes through leuko.data.preprocess.process_cell with the settings the
   training data was prepared with, so a served model sees exactly what training saw. voxel_size
   (z, y, x um) is needed only when the training data was resampled.
 - preprocess=false: volumes already prepared (normalised and cropped to the training shape).
@@ -19,6 +19,11 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
+from safetensors.torch import load_file
+
+from leuko.data.preprocess import process_cell
+from leuko.nets import build_net
+from leuko.training.predictions import probability_table
 
 BATCH = 32  # volumes per forward pass; 32 tiny-net 32^3 volumes need well under 1 GB
 
@@ -29,10 +34,6 @@ class LeukoModel(PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
-        from safetensors.torch import load_file
-
-        from leuko.nets import build_net
-
         self.config = json.loads(Path(context.artifacts["model_config"]).read_text())
         config = self.config
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config["net_kwargs"].items()}
@@ -48,8 +49,6 @@ class LeukoModel(PythonModel):
 
     def preprocess(self, volume: np.ndarray, voxel_size=None) -> np.ndarray:
         """A raw (C, D, H, W) volume -> (C, *shape) float32, exactly as `leuko prepare` did for training."""
-        from leuko.data.prepare import process_cell
-
         settings = self.config["preprocessing"]
         volume = np.asarray(volume, dtype=np.float32)
         if volume.ndim == 3:
@@ -98,11 +97,7 @@ class LeukoModel(PythonModel):
         if params.get("preprocess", True):
             voxel_size = params.get("voxel_size") or None
             x = np.stack([self.preprocess(v, voxel_size) for v in x]) if len(x) else x
-        probs = self.predict_proba(x)
-        frame = pd.DataFrame({"pred_label": [self.classes[i] for i in probs.argmax(1)]})
-        for i, name in enumerate(self.classes):
-            frame[f"prob_{name}"] = probs[:, i].astype(np.float64)
-        return frame
+        return probability_table(self.predict_proba(x), self.classes)
 
 
 mlflow.models.set_model(LeukoModel())

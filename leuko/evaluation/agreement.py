@@ -17,9 +17,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from leuko.errors import LeukoError
+
 SAMPLE_KEYS = ("patient_id", "sample_type")
 LOA_SDS = 1.96  # 95% of differences fall within bias +- 1.96 sd if they are normal
 BA_COLUMNS = ("class", "bias", "sd", "loa_low", "loa_high", "n")
+# The artifact names log_agreement gives the two tables (also their names in `leuko evaluate`'s eval/).
+DIFFERENTIALS = "differentials.csv"
+BLAND_ALTMAN = "bland_altman.csv"
+
+
+class CountsError(LeukoError, ValueError):
+    """A reference count file (--counts) that cannot be used; the message names the file, line or sample."""
 
 
 def differentials(
@@ -75,15 +84,15 @@ def reference_from_counts(path: str | Path, classes: Sequence[str], *, by: Seque
     path = Path(path)
     by, classes = list(by), list(classes)
     if not path.is_file():
-        raise ValueError(f"{path}: reference count file not found; check the path")
+        raise CountsError(f"{path}: reference count file not found; check the path")
     try:
         table = pd.read_csv(path, dtype=str, keep_default_na=False, skipinitialspace=True)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not a readable CSV file ({' '.join(str(exc).split())})") from exc
+        raise CountsError(f"{path}: not a readable CSV file ({' '.join(str(exc).split())})") from exc
     table.columns = [str(c).strip() for c in table.columns]
     missing = [c for c in by + classes if c not in table.columns]
     if missing:
-        raise ValueError(
+        raise CountsError(
             f"{path}: missing column(s) {', '.join(missing)} (found {', '.join(table.columns)}); "
             f"the file needs {', '.join(by)} and one count or percent column per class ({', '.join(classes)})"
         )
@@ -107,7 +116,7 @@ def reference_from_counts(path: str | Path, classes: Sequence[str], *, by: Seque
     if len(table) == 0:
         problems.append("no samples (only a header)")
     if problems:
-        raise ValueError(
+        raise CountsError(
             f"{path}: {len(problems)} problem(s):\n"
             + "\n".join(f"  {p}" for p in problems)
             + f"\nFix {'these' if len(problems) > 1 else 'this'} in {path} and run again."
@@ -234,7 +243,7 @@ def log_agreement(
 
     group_col = table.columns[0] if table.columns[0] != "class" else None
     with tempfile.TemporaryDirectory() as tmp:
-        for name, frame in (("differentials.csv", diffs), ("bland_altman.csv", table)):
+        for name, frame in ((DIFFERENTIALS, diffs), (BLAND_ALTMAN, table)):
             frame.to_csv(Path(tmp) / name, index=False)
             client.log_artifact(run_id, str(Path(tmp) / name), artifact_path)
     if plot is not None:
@@ -242,14 +251,14 @@ def log_agreement(
     now = int(time.time() * 1000)
     metrics = []
     for row in table.to_dict("records"):
-        prefix = "ba/" + (f"{_metric_part(row[group_col])}/" if group_col else "") + _metric_part(row["class"])
+        prefix = "ba/" + (f"{metric_part(row[group_col])}/" if group_col else "") + metric_part(row["class"])
         for stat in ("bias", "sd", "loa_low", "loa_high"):
             if np.isfinite(row[stat]):  # a group with one sample has no sd
                 metrics.append(Metric(f"{prefix}/{stat}", float(row[stat]), now, 0))
     client.log_batch(run_id, metrics=metrics)
 
 
-def _metric_part(name) -> str:
+def metric_part(name) -> str:
     """MLflow metric names allow letters, digits, _ - . space and /; other characters become _."""
     return re.sub(r"[^\w\-. ]", "_", str(name))
 
@@ -274,7 +283,7 @@ def _reference_by_sample(reference: pd.DataFrame, by: list[str], classes: list[s
     absent = [s for s in samples if s not in ref.index]
     if absent:
         shown = "; ".join(", ".join(s) if isinstance(s, tuple) else s for s in absent[:5])
-        raise ValueError(
+        raise CountsError(
             f"{len(absent)} sample(s) with predictions have no reference count ({shown}"
             f"{' ...' if len(absent) > 5 else ''}); add them to the counts file or leave their cells out"
         )

@@ -10,7 +10,6 @@ folds, as in leuko.training.cv.
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
 import time
@@ -19,12 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score
 
-from leuko.data.folds import fold_masks, fold_names
+from leuko.data.folds import fold_masks, fold_names, make_splits, read_splits, require_cells
+from leuko.data.prepared import load_prepared
+from leuko.errors import LeukoError
+from leuko.evaluation.metrics import SCORES, mean_std, scores
+from leuko.evaluation.mip import DEFAULT_MIP_NET, mip_cv
 from leuko.evaluation.morphology import FEATURES
+from leuko.training.run_dir import BASELINES, FOLD_METRICS, fold_configs
 
-METRICS = ("balanced_accuracy", "accuracy", "macro_f1")
+METRICS = SCORES
 TABLE_COLUMNS = (
     "method",
     "key",
@@ -41,8 +44,16 @@ CLASSICAL = (
     ("decision_tree", "decision tree"),
 )
 FEATURE_INPUT = "6 morphology features"
-MIP_INPUT = "2D max. intensity projection"
-DEFAULT_MIP_NET = "resnet10t"  # the smallest timm ResNet: the 2D counterpart of the tiny 3D nets on CPU
+# The files write_outputs writes (runs/<name>/baselines/ for a CV) and log_baselines logs.
+TABLE = "baselines.csv"
+FOLDS_TABLE = "baselines_folds.csv"
+SETTINGS = "baselines.json"
+OUTPUTS = (TABLE, FOLDS_TABLE, SETTINGS)
+
+
+class BaselineError(LeukoError, ValueError):
+    """Features, a CV folder or CVs on other folds that the baselines cannot use; the message says the fix.
+    (Cells missing from the folds' tables raise leuko.data.folds.SplitError, an unknown MIP net ConfigError.)"""
 
 
 def log(message: str) -> None:
@@ -55,24 +66,14 @@ def _key(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- scores
-def scores(y_true: Sequence, y_pred: Sequence) -> dict[str, float]:
-    """Accuracy, balanced accuracy (mean per-class recall) and macro F1 of one fold."""
-    return {
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
-    }
-
-
 def summarise(per_fold: pd.DataFrame) -> pd.DataFrame:
     """Per-fold rows (method, key, input, fold, METRICS) -> one row per method with mean and std."""
     rows = []
     for (key, method, source), part in per_fold.groupby(["key", "method", "input"], sort=False):
         row = {"method": method, "key": key, "input": source, "n_folds": len(part)}
         for m in METRICS:
-            values = part[m].to_numpy(dtype=float)
-            row[f"{m}_mean"] = float(values.mean())
-            row[f"{m}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            stats = mean_std(part[m].to_numpy(dtype=float))
+            row[f"{m}_mean"], row[f"{m}_std"] = stats["mean"], stats["std"]
         rows.append(row)
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
 
@@ -104,16 +105,16 @@ def feature_columns(features: pd.DataFrame) -> list[str]:
     """The morphology features that are measured for every cell (HHG cells have no RI features)."""
     missing = [c for c in ("cell_id", "label", *FEATURES) if c not in features.columns]
     if missing:
-        raise ValueError(f"feature table lacks column(s) {', '.join(missing)}; make it with `leuko features`")
+        raise BaselineError(f"feature table lacks column(s) {', '.join(missing)}; make it with `leuko features`")
     usable = [c for c in FEATURES if features[c].notna().all()]
     partly = [c for c in FEATURES if c not in usable and features[c].notna().any()]
     if partly:
-        raise ValueError(
+        raise BaselineError(
             f"feature(s) {', '.join(partly)} are missing for some cells but not others; "
             "measure every cell of one modality (recompute with `leuko features`)"
         )
     if not usable:
-        raise ValueError("no morphology feature is measured for every cell; recompute with `leuko features`")
+        raise BaselineError("no morphology feature is measured for every cell; recompute with `leuko features`")
     return usable
 
 
@@ -147,18 +148,12 @@ def classical_cv(features: pd.DataFrame, splits: pd.DataFrame, folds: Sequence[s
     return pd.DataFrame(rows)
 
 
-def _require_cells(ids: pd.Series, known: pd.Index, problem: str, fix: str) -> None:
-    absent = sorted(set(ids) - set(known))
-    if absent:
-        raise ValueError(f"{len(absent)} cell(s) of the folds {problem} (e.g. {', '.join(absent[:3])}); {fix}")
-
-
 def align(features: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
     """The features of exactly the cells in splits, in the splits' order, with their fold."""
     by_id = features.assign(cell_id=features["cell_id"].astype(str)).drop_duplicates("cell_id")
     by_id = by_id.set_index("cell_id", drop=False)
     ids = splits["cell_id"].astype(str)
-    _require_cells(
+    require_cells(
         ids,
         by_id.index,
         "have no morphology features",
@@ -170,155 +165,17 @@ def align(features: pd.DataFrame, splits: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-# ---------------------------------------------------------------------------------------------- 2D MIP
-def mip(volumes: np.ndarray) -> np.ndarray:
-    """(N, C, D, H, W) -> (N, C, H, W): the maximum along z, the projection the RI study's 2D network saw."""
-    if volumes.ndim != 5:
-        raise ValueError(f"expected volumes (N, C, D, H, W), got shape {volumes.shape}")
-    return np.asarray(volumes).max(axis=2)
-
-
-def build_mip_net(name: str, *, in_chans: int, num_classes: int):
-    import timm
-
-    if name not in timm.list_models():
-        close = [m for m in timm.list_models(f"*{name.split('_')[0]}*")][:8]
-        raise ValueError(
-            f"unknown timm model {name!r}; try {DEFAULT_MIP_NET} or resnet18"
-            + (f" (names like it: {', '.join(close)})" if close else "")
-        )
-    # pretrained=False: ImageNet weights would need a download, and the MIP of an RI tomogram is no photo.
-    return timm.create_model(name, pretrained=False, in_chans=in_chans, num_classes=num_classes)
-
-
-def fit_predict_mip(
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    test_x: np.ndarray,
-    *,
-    num_classes: int,
-    net: str = DEFAULT_MIP_NET,
-    epochs: int = 10,
-    batch_size: int = 32,
-    lr: float = 1e-3,
-    seed: int = 0,
-    device: str = "cpu",
-) -> np.ndarray:
-    """Train a timm 2D net on (N, C, H, W) projections, return the predicted class index of test_x.
-
-    Adam with cosine decay over `epochs`; random flips and 90-degree rotations, because a cell lies on
-    the slide in any orientation."""
-    import torch
-    import torch.nn.functional as F
-
-    torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    model = build_mip_net(net, in_chans=train_x.shape[1], num_classes=num_classes).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    steps = max(epochs * math.ceil(len(train_x) / batch_size), 1)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-    x_all = torch.as_tensor(np.ascontiguousarray(train_x), dtype=torch.float32)  # (N, C, H, W)
-    y_all = torch.as_tensor(train_y, dtype=torch.long)
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(x_all), generator=generator)
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            if len(idx) < 2:  # batch norm needs two samples
-                continue
-            x = _augment_2d(x_all[idx], generator).to(device)
-            loss = F.cross_entropy(model(x), y_all[idx].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    model.eval()
-    preds = []
-    with torch.no_grad():
-        test = torch.as_tensor(np.ascontiguousarray(test_x), dtype=torch.float32)
-        for start in range(0, len(test), 256):
-            preds.append(model(test[start : start + 256].to(device)).argmax(-1).cpu())
-    return torch.cat(preds).numpy()
-
-
-def _augment_2d(x, generator):
-    import torch
-
-    if torch.rand((), generator=generator) < 0.5:
-        x = x.flip(-1)
-    if torch.rand((), generator=generator) < 0.5:
-        x = x.flip(-2)
-    return torch.rot90(x, int(torch.randint(4, (), generator=generator)), dims=(-2, -1))
-
-
-def mip_cv(
-    prepared_dir: str | Path,
-    splits: pd.DataFrame,
-    folds: Sequence[str],
-    *,
-    net: str = DEFAULT_MIP_NET,
-    epochs: int = 10,
-    batch_size: int = 32,
-    lr: float = 1e-3,
-    seed: int = 0,
-    device: str = "cpu",
-    progress: Callable[[str], None] | None = None,
-) -> pd.DataFrame:
-    """Per-fold scores of the 2D MIP baseline on a prepared folder (same normalisation as the 3D nets)."""
-    from leuko.data.prepare import load_prepared
-
-    volumes, index, meta = load_prepared(prepared_dir)
-    classes = list(meta["classes"])
-    rows_by_id = pd.Series(index["row"].to_numpy(), index=index["cell_id"].astype(str))
-    ids = splits["cell_id"].astype(str)
-    _require_cells(ids, rows_by_id.index, f"are not in {prepared_dir}", "use the prepared folder the CV trained on")
-    every = np.concatenate([mip(volumes[i : i + 256]) for i in range(0, len(volumes), 256)])  # (N, C, H, W)
-    projections = every[rows_by_id.loc[ids].to_numpy()]  # in the splits' order
-    labels = index.set_index(index["cell_id"].astype(str)).loc[ids, "label_index"].to_numpy()
-    table = splits.reset_index(drop=True)
-    out = []
-    for f in folds:
-        started = time.perf_counter()
-        masks = fold_masks(table, f)
-        pred = fit_predict_mip(
-            projections[masks["train"]],
-            labels[masks["train"]],
-            projections[masks["val"]],
-            num_classes=len(classes),
-            net=net,
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            seed=seed + int(f) if str(f).isdigit() else seed,
-            device=device,
-        )
-        row = {
-            "method": f"2D {net} on MIP",
-            "key": f"mip2d_{_key(net)}",
-            "input": MIP_INPUT,
-            "fold": str(f),
-            **scores(labels[masks["val"]], pred),
-        }
-        out.append(row)
-        if progress:
-            progress(
-                f"MIP {net} fold {f}: balanced accuracy {row['balanced_accuracy']:.3f} "
-                f"({time.perf_counter() - started:.0f} s, {epochs} epochs)"
-            )
-    return pd.DataFrame(out)
-
-
 # ---------------------------------------------------------------------------------------------- 3D rows
 def cv_rows(cv_dir: str | Path) -> pd.DataFrame:
     """The per-fold scores of a `leuko cv` output folder, as baseline rows (its net names the method)."""
     cv_dir = Path(cv_dir)
-    metrics_path = cv_dir / "cv_metrics.csv"
+    metrics_path = cv_dir / FOLD_METRICS
     if not metrics_path.is_file():
-        raise ValueError(f"{cv_dir}: no cv_metrics.csv; give --cv the output folder of `leuko cv` (runs/<name>)")
+        raise BaselineError(f"{cv_dir}: no {FOLD_METRICS}; give --cv the output folder of `leuko cv` (runs/<name>)")
     metrics = pd.read_csv(metrics_path)
     missing = [m for m in METRICS if m not in metrics.columns]
     if missing:
-        raise ValueError(f"{metrics_path}: lacks column(s) {', '.join(missing)}")
+        raise BaselineError(f"{metrics_path}: lacks column(s) {', '.join(missing)}")
     net = cv_config(cv_dir).get("model", {}).get("net", "3D net")
     rows = metrics[["fold", *METRICS]].copy()
     rows.insert(0, "input", "3D volume")
@@ -332,8 +189,7 @@ def cv_config(cv_dir: str | Path) -> dict:
     """The resolved config of a CV (the first fold's config.yaml; every fold shares it but the fold)."""
     import yaml
 
-    cv_dir = Path(cv_dir)
-    configs = sorted(cv_dir.glob("fold_*/config.yaml"))
+    configs = fold_configs(cv_dir)
     if not configs:
         return {}
     return yaml.safe_load(configs[0].read_text()) or {}
@@ -341,14 +197,11 @@ def cv_config(cv_dir: str | Path) -> dict:
 
 def cv_splits(cv_dir: str | Path) -> tuple[pd.DataFrame, list[str], Path]:
     """(splits, folds the CV ran, prepared_dir) of a CV output folder: the same cells per fold as its DataModule."""
-    from leuko.data.folds import make_splits, read_splits
-    from leuko.data.prepare import load_prepared
-
     cv_dir = Path(cv_dir)
     config = cv_config(cv_dir)
     data = config.get("data")
     if not data:
-        raise ValueError(
+        raise BaselineError(
             f"{cv_dir}: no fold_*/config.yaml with a data section, so the folds cannot be rebuilt; "
             "pass --prepared, --k, --seed and --test-fraction instead of --cv"
         )
@@ -363,7 +216,7 @@ def cv_splits(cv_dir: str | Path) -> tuple[pd.DataFrame, list[str], Path]:
             test_fraction=float(data.get("test_fraction", 0.2)),
             seed=int(data.get("seed", 0)),
         )
-    metrics = pd.read_csv(cv_dir / "cv_metrics.csv") if (cv_dir / "cv_metrics.csv").is_file() else None
+    metrics = pd.read_csv(cv_dir / FOLD_METRICS) if (cv_dir / FOLD_METRICS).is_file() else None
     folds = [str(f) for f in metrics["fold"]] if metrics is not None else fold_names(splits)
     return splits.reset_index(drop=True), folds, prepared
 
@@ -389,32 +242,8 @@ def compare(
     every CV must share them. Without, folds come from make_splits over the prepared index with k,
     test_fraction and seed: the split `leuko folds` and the DataModule make with the same values.
     mip_net=None leaves the 2D baseline out."""
-    from leuko.data.folds import make_splits
-    from leuko.data.prepare import load_prepared
-
     cv_dirs = [Path(c) for c in cv_dirs]
-    if cv_dirs:
-        splits, folds, cv_prepared = cv_splits(cv_dirs[0])
-        for other in cv_dirs[1:]:
-            other_splits, other_folds, _ = cv_splits(other)
-            same = dict(zip(splits["cell_id"].astype(str), splits["fold"].astype(str)))
-            if (
-                other_folds != folds
-                or dict(zip(other_splits["cell_id"].astype(str), other_splits["fold"].astype(str))) != same
-            ):
-                raise ValueError(
-                    f"{other} was cross-validated on other folds than {cv_dirs[0]} (folds {other_folds} vs "
-                    f"{folds}); compare CVs of one split in one table"
-                )
-        prepared_dir = Path(prepared_dir) if prepared_dir is not None else cv_prepared
-        source = f"folds of {cv_dirs[0]}"
-    else:
-        if prepared_dir is None:
-            raise ValueError("give --prepared (the prepared folder), or --cv runs/<name> to take its folds")
-        _, index, _ = load_prepared(prepared_dir)
-        splits = make_splits(index, k=k, test_fraction=test_fraction, seed=seed).reset_index(drop=True)
-        folds = fold_names(splits)
-        source = f"make_splits(k={k}, test_fraction={test_fraction}, seed={seed})"
+    splits, folds, prepared_dir, source = _common_folds(cv_dirs, prepared_dir, k, test_fraction, seed)
     if progress:
         progress(
             f"baselines on {len(folds)} fold(s) ({source}): "
@@ -438,6 +267,7 @@ def compare(
                 seed=seed,
                 device=device,
                 progress=progress,
+                key=f"mip2d_{_key(mip_net)}",
             )
         )
     per_fold = pd.concat(parts, ignore_index=True)
@@ -454,6 +284,37 @@ def compare(
         "device": device,
     }
     return summarise(per_fold), per_fold, settings
+
+
+def _common_folds(
+    cv_dirs: list[Path], prepared_dir: str | Path | None, k: int, test_fraction: float, seed: int
+) -> tuple[pd.DataFrame, list[str], Path, str]:
+    """(splits, folds, prepared_dir, where the folds come from) that every method is scored on."""
+    if not cv_dirs:
+        if prepared_dir is None:
+            raise BaselineError("give --prepared (the prepared folder), or --cv runs/<name> to take its folds")
+        _, index, _ = load_prepared(prepared_dir)
+        splits = make_splits(index, k=k, test_fraction=test_fraction, seed=seed).reset_index(drop=True)
+        return (
+            splits,
+            fold_names(splits),
+            prepared_dir,
+            f"make_splits(k={k}, test_fraction={test_fraction}, seed={seed})",
+        )
+    splits, folds, cv_prepared = cv_splits(cv_dirs[0])
+    for other in cv_dirs[1:]:
+        other_splits, other_folds, _ = cv_splits(other)
+        same = dict(zip(splits["cell_id"].astype(str), splits["fold"].astype(str)))
+        if (
+            other_folds != folds
+            or dict(zip(other_splits["cell_id"].astype(str), other_splits["fold"].astype(str))) != same
+        ):
+            raise BaselineError(
+                f"{other} was cross-validated on other folds than {cv_dirs[0]} (folds {other_folds} vs "
+                f"{folds}); compare CVs of one split in one table"
+            )
+    prepared_dir = Path(prepared_dir) if prepared_dir is not None else cv_prepared
+    return splits, folds, prepared_dir, f"folds of {cv_dirs[0]}"
 
 
 # ---------------------------------------------------------------------------------------------- the table
@@ -483,21 +344,22 @@ def metric_dict(table: pd.DataFrame) -> dict[str, float]:
 def write_outputs(out_dir: str | Path, table: pd.DataFrame, per_fold: pd.DataFrame, settings: dict) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_dir / "baselines.csv", index=False)
-    per_fold.to_csv(out_dir / "baselines_folds.csv", index=False)
-    (out_dir / "baselines.json").write_text(json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
+    table.to_csv(out_dir / TABLE, index=False)
+    per_fold.to_csv(out_dir / FOLDS_TABLE, index=False)
+    (out_dir / SETTINGS).write_text(json.dumps(settings, indent=2, sort_keys=True, default=str) + "\n")
     return out_dir
 
 
 def log_baselines(client, run_id: str, out_dir: str | Path, table: pd.DataFrame) -> None:
     """Artifacts baselines/{baselines.csv, baselines_folds.csv, baselines.json} and the metric_dict metrics."""
+    # heavy imports here: mlflow and leuko.tracking.runs (Lightning) take seconds to load
     from mlflow.entities import Metric
 
+    from leuko.tracking.runs import log_batch
+
     out_dir = Path(out_dir)
-    for name in ("baselines.csv", "baselines_folds.csv", "baselines.json"):
+    for name in OUTPUTS:
         if (out_dir / name).is_file():
-            client.log_artifact(run_id, str(out_dir / name), "baselines")
+            client.log_artifact(run_id, str(out_dir / name), BASELINES)
     now = int(time.time() * 1000)
-    metrics = [Metric(k, v, now, 0) for k, v in metric_dict(table).items() if np.isfinite(v)]
-    for i in range(0, len(metrics), 500):
-        client.log_batch(run_id, metrics=metrics[i : i + 500])
+    log_batch(client, run_id, metrics=[Metric(k, v, now, 0) for k, v in metric_dict(table).items() if np.isfinite(v)])

@@ -13,7 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
-UMAP_FILES = ("umap_class.png", "umap_patient.png", "umap.csv")
+from leuko.data.prepared import load_prepared
+from leuko.errors import LeukoError
+from leuko.training.run_dir import BEST, CHECKPOINTS, FOLD_PREFIX, best_checkpoints, fold_dir, read_run_id
+
+UMAP_CLASS = "umap_class.png"
+UMAP_PATIENT = "umap_patient.png"
+UMAP_CSV = "umap.csv"  # cell_id, label, patient_id, sample_type, umap_1, umap_2, fold
+UMAP_FILES = (UMAP_CLASS, UMAP_PATIENT, UMAP_CSV)
+
+
+class EmbeddingError(LeukoError, ValueError):
+    """A CV folder or --umap-fold with no checkpoint to embed; the message lists the folds that have one."""
 
 
 def penultimate_features(model, volumes: np.ndarray, rows: Sequence[int], *, batch_size: int = 64) -> np.ndarray:
@@ -127,23 +138,65 @@ def embed_cv_fold(
     cells: "val" (the fold's validation patients, which the model never saw), "dev" (every non-test cell)
     or "all". Writes UMAP_FILES into out_dir; returns {"fold", "checkpoint", "n_cells", "paths", "run_id"}
     where run_id is the fold's MLflow run (from fold_<f>/mlflow_run_id) or None."""
-    from leuko.data.folds import TEST, fold_masks
-    from leuko.data.prepare import load_prepared
-    from leuko.evaluation.baselines import cv_splits
-
     cv_dir, out_dir = Path(cv_dir), Path(out_dir)
     if cells not in ("val", "dev", "all"):
         raise ValueError(f"cells={cells!r}: use val, dev or all")
-    checkpoints = {
-        p.parent.parent.name.removeprefix("fold_"): p for p in sorted(cv_dir.glob("fold_*/checkpoints/best.ckpt"))
-    }
+    checkpoints = best_checkpoints(cv_dir)
     if not checkpoints:
-        raise ValueError(f"{cv_dir}: no fold_*/checkpoints/best.ckpt; run `leuko cv` with validation folds first")
+        raise EmbeddingError(
+            f"{cv_dir}: no {FOLD_PREFIX}*/{CHECKPOINTS}/{BEST}; run `leuko cv` with validation folds first"
+        )
     fold = str(fold) if fold is not None else sorted(checkpoints, key=lambda f: (len(f), f))[0]
     if fold not in checkpoints:
-        raise ValueError(
+        raise EmbeddingError(
             f"{cv_dir}: fold {fold} has no best checkpoint; folds with one: {', '.join(sorted(checkpoints))}"
         )
+    table, volumes, classes = _cells_to_embed(cv_dir, fold, cells)
+    model = load_classifier(checkpoints[fold])
+    print(f"UMAP: {len(table)} {cells} cells of fold {fold} through {checkpoints[fold]}", file=sys.stderr)
+    features = penultimate_features(model, volumes, table["row"].to_numpy())
+    coords = umap_2d(features, n_neighbors=n_neighbors, seed=seed)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    net = model.hparams.net
+    what = {"val": f"validation cells of fold {fold}", "dev": "all non-test cells", "all": "all cells"}[cells]
+    paths = [
+        embedding_plot(
+            coords,
+            table["label"],
+            out_dir / UMAP_CLASS,
+            order=classes,
+            legend_title="class",
+            title=f"{net} penultimate features, {what}: by class",
+        ),
+        embedding_plot(
+            coords,
+            table["patient_id"],
+            out_dir / UMAP_PATIENT,
+            legend_title="patient",
+            title=f"{net} penultimate features, {what}: by patient",
+        ),
+    ]
+    frame = table.drop(columns="row").assign(umap_1=coords[:, 0], umap_2=coords[:, 1], fold=fold)
+    frame.to_csv(out_dir / UMAP_CSV, index=False)
+    paths.append(out_dir / UMAP_CSV)
+    return {
+        "fold": fold,
+        "checkpoint": str(checkpoints[fold]),
+        "n_cells": len(table),
+        "paths": paths,
+        "run_id": read_run_id(fold_dir(cv_dir, fold)),
+        "cells": cells,
+        "net": net,
+    }
+
+
+def _cells_to_embed(cv_dir: Path, fold: str, cells: str):
+    """(cells: cell_id, label, patient_id, sample_type, row; the prepared volumes; the classes) of a CV fold."""
+    # heavy imports here: the folds and baselines modules load scikit-learn and scikit-image
+    from leuko.data.folds import TEST, fold_masks
+    from leuko.evaluation.baselines import cv_splits
+
     splits, _, prepared = cv_splits(cv_dir)
     volumes, index, meta = load_prepared(prepared)
     by_id = index.set_index(index["cell_id"].astype(str))
@@ -154,44 +207,4 @@ def embed_cv_fold(
     else:
         chosen = splits
     table = by_id.loc[chosen["cell_id"].astype(str), ["label", "patient_id", "sample_type", "row"]].reset_index()
-
-    model = load_classifier(checkpoints[fold])
-    print(f"UMAP: {len(table)} {cells} cells of fold {fold} through {checkpoints[fold]}", file=sys.stderr)
-    features = penultimate_features(model, volumes, table["row"].to_numpy())
-    coords = umap_2d(features, n_neighbors=n_neighbors, seed=seed)
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    net = model.hparams.net
-    what = {"val": f"validation cells of fold {fold}", "dev": "all non-test cells", "all": "all cells"}[cells]
-    classes = list(meta["classes"])
-    paths = [
-        embedding_plot(
-            coords,
-            table["label"],
-            out_dir / UMAP_FILES[0],
-            order=classes,
-            legend_title="class",
-            title=f"{net} penultimate features, {what}: by class",
-        ),
-        embedding_plot(
-            coords,
-            table["patient_id"],
-            out_dir / UMAP_FILES[1],
-            legend_title="patient",
-            title=f"{net} penultimate features, {what}: by patient",
-        ),
-    ]
-    frame = table.drop(columns="row").assign(umap_1=coords[:, 0], umap_2=coords[:, 1], fold=fold)
-    frame.to_csv(out_dir / UMAP_FILES[2], index=False)
-    paths.append(out_dir / UMAP_FILES[2])
-    marker = cv_dir / f"fold_{fold}" / "mlflow_run_id"
-    run_id = marker.read_text().strip() if marker.is_file() else None
-    return {
-        "fold": fold,
-        "checkpoint": str(checkpoints[fold]),
-        "n_cells": len(table),
-        "paths": paths,
-        "run_id": run_id or None,
-        "cells": cells,
-        "net": net,
-    }
+    return table, volumes, list(meta["classes"])

@@ -31,17 +31,47 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from leuko.data.prepared import load_prepared
+from leuko.errors import LeukoError
+from leuko.evaluation.agreement import (
+    BLAND_ALTMAN,
+    DIFFERENTIALS,
+    bland_altman_plot,
+    bland_altman_table,
+    differentials,
+    log_agreement,
+    metric_part,
+    reference_from_counts,
+)
+from leuko.evaluation.metrics import confusion, per_class_table, pooled_metrics
+from leuko.training.predictions import PRED, PROB_PREFIX, classes_from_columns
+from leuko.training.run_dir import EVAL, FOLD_PREFIX, OOF, RUN_ID, SUMMARY, read_run_id
+
+# DIFFERENTIALS and BLAND_ALTMAN (differentials.csv, bland_altman.csv) are named in leuko.evaluation.agreement,
+# whose log_agreement logs those two tables under eval/ in MLflow.
+METRICS_JSON = "metrics.json"
+BLAND_ALTMAN_PLOT = "bland_altman.png"
+BLAND_ALTMAN_BY_SAMPLE_TYPE = "bland_altman_by_sample_type.csv"  # only with more than one sample type
+CONFUSION = "confusion.csv"
+CONFUSION_PLOT = "confusion_matrix.png"
+PER_CLASS = "per_class.csv"
+LEARNING_CURVES = "learning_curves.csv"
 OUTPUTS = (
-    "metrics.json",
-    "differentials.csv",
-    "bland_altman.csv",
-    "bland_altman.png",
-    "confusion.csv",
-    "confusion_matrix.png",
-    "per_class.csv",
-    "learning_curves.csv",
+    METRICS_JSON,
+    DIFFERENTIALS,
+    BLAND_ALTMAN,
+    BLAND_ALTMAN_PLOT,
+    CONFUSION,
+    CONFUSION_PLOT,
+    PER_CLASS,
+    LEARNING_CURVES,
 )
 CURVE_METRIC = "val/balanced_accuracy"
+TEXT_COLUMNS = {"cell_id": str, "patient_id": str, "sample_type": str, "label": str, PRED: str}
+
+
+class EvaluateError(LeukoError, ValueError):
+    """A predictions file that cannot be evaluated; the message names the file and what it lacks."""
 
 
 @dataclass
@@ -63,16 +93,14 @@ def log(message: str) -> None:
 def load_cv(cv_dir: str | Path) -> Predictions:
     """oof_predictions.csv and cv_summary.json of a `leuko cv` output folder."""
     cv_dir = Path(cv_dir)
-    path = cv_dir / "oof_predictions.csv"
+    path = cv_dir / OOF
     if not path.is_file():
         hint = "" if cv_dir.is_dir() else " (the folder does not exist)"
         raise FileNotFoundError(
             f"{path} not found{hint}; give --cv the output folder of `leuko cv` (runs/<name>), after the CV finished"
         )
-    cells = pd.read_csv(
-        path, dtype={"cell_id": str, "patient_id": str, "sample_type": str, "label": str, "pred_label": str}
-    )
-    summary_path = cv_dir / "cv_summary.json"
+    cells = pd.read_csv(path, dtype=TEXT_COLUMNS)
+    summary_path = cv_dir / SUMMARY
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     return Predictions(_check_cells(cells, path), _classes(cells, path), path, cv_dir, summary)
 
@@ -83,23 +111,19 @@ def load_predictions(path: str | Path, prepared_dir: str | Path | None = None) -
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: predictions file not found")
-    cells = pd.read_csv(
-        path, dtype={"cell_id": str, "patient_id": str, "sample_type": str, "label": str, "pred_label": str}
-    )
+    cells = pd.read_csv(path, dtype=TEXT_COLUMNS)
     needed = [c for c in ("label", "patient_id", "sample_type") if c not in cells.columns]
     if needed:
         if prepared_dir is None:
-            raise ValueError(
+            raise EvaluateError(
                 f"{path} lacks column(s) {', '.join(needed)}; pass --prepared (the prepared folder the cells "
                 "came from) so they can be looked up by cell_id"
             )
-        from leuko.data.prepare import load_prepared
-
         _, index, _ = load_prepared(prepared_dir)
         by_id = index.set_index(index["cell_id"].astype(str))
         absent = sorted(set(cells["cell_id"]) - set(by_id.index))
         if absent:
-            raise ValueError(
+            raise EvaluateError(
                 f"{len(absent)} predicted cell(s) are not in {prepared_dir} (e.g. {', '.join(absent[:3])})"
             )
         for column in needed:
@@ -108,62 +132,22 @@ def load_predictions(path: str | Path, prepared_dir: str | Path | None = None) -
 
 
 def _classes(cells: pd.DataFrame, path: Path) -> list[str]:
-    classes = [c.removeprefix("prob_") for c in cells.columns if c.startswith("prob_")]
+    classes = classes_from_columns(cells.columns)
     if not classes:
-        raise ValueError(f"{path}: no prob_<class> columns, so the class list is unknown")
+        raise EvaluateError(f"{path}: no {PROB_PREFIX}<class> columns, so the class list is unknown")
     return classes
 
 
 def _check_cells(cells: pd.DataFrame, path: Path) -> pd.DataFrame:
-    missing = [c for c in ("cell_id", "patient_id", "sample_type", "label", "pred_label") if c not in cells.columns]
+    missing = [c for c in ("cell_id", "patient_id", "sample_type", "label", PRED) if c not in cells.columns]
     if missing:
-        raise ValueError(f"{path}: lacks column(s) {', '.join(missing)} (has {', '.join(cells.columns)})")
+        raise EvaluateError(f"{path}: lacks column(s) {', '.join(missing)} (has {', '.join(cells.columns)})")
     if len(cells) == 0:
-        raise ValueError(f"{path}: no predictions (only a header)")
+        raise EvaluateError(f"{path}: no predictions (only a header)")
     return cells
 
 
 # ---------------------------------------------------------------------------------------------- numbers
-def confusion(cells: pd.DataFrame, classes: list[str]) -> np.ndarray:
-    """(K, K) counts, rows the true class, columns the predicted one."""
-    lookup = {c: i for i, c in enumerate(classes)}
-    matrix = np.zeros((len(classes), len(classes)), dtype=int)
-    for true, pred in zip(cells["label"], cells["pred_label"]):
-        matrix[lookup[true], lookup[pred]] += 1
-    return matrix
-
-
-def per_class_table(matrix: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    support = matrix.sum(axis=1)
-    predicted = matrix.sum(axis=0)
-    tp = np.diag(matrix).astype(float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        recall = np.where(support > 0, tp / support, np.nan)
-        precision = np.where(predicted > 0, tp / predicted, np.nan)
-        f1 = np.where(recall + precision > 0, 2 * recall * precision / (recall + precision), 0.0)
-    return pd.DataFrame({"class": classes, "support": support, "recall": recall, "precision": precision, "f1": f1})
-
-
-def pooled_metrics(cells: pd.DataFrame, classes: list[str]) -> dict[str, float]:
-    """Accuracy, balanced accuracy, macro F1 and macro one-vs-rest AUROC over all cells at once."""
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, roc_auc_score
-
-    y, pred = cells["label"].astype(str), cells["pred_label"].astype(str)
-    out = {
-        "accuracy": float(accuracy_score(y, pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)),
-        "macro_f1": float(f1_score(y, pred, average="macro", zero_division=0)),
-    }
-    probs = cells[[f"prob_{c}" for c in classes]].to_numpy(dtype=float)
-    # Macro one-vs-rest AUROC over the classes that have cells (and cells of other classes), as torchmetrics.
-    aucs = [
-        roc_auc_score((y == c).to_numpy(), probs[:, i]) for i, c in enumerate(classes) if 0 < (y == c).sum() < len(y)
-    ]
-    if aucs:
-        out["auroc"] = float(np.mean(aucs))
-    return out
-
-
 def metrics_json(pred: Predictions, pooled: dict, per_class: pd.DataFrame, ba: pd.DataFrame) -> dict[str, float]:
     """The flat dictionary written to metrics.json (finite numbers only, so every DVC and JSON tool reads it)."""
     out: dict[str, float] = {}
@@ -174,14 +158,8 @@ def metrics_json(pred: Predictions, pooled: dict, per_class: pd.DataFrame, ba: p
     out.update({f"recall/{c}": r for c, r in zip(per_class["class"], per_class["recall"])})
     for row in ba.to_dict("records"):
         for stat in ("bias", "sd", "loa_low", "loa_high"):
-            out[f"ba/{_metric_part(row['class'])}/{stat}"] = row[stat]
+            out[f"ba/{metric_part(row['class'])}/{stat}"] = row[stat]
     return {k: float(v) for k, v in out.items() if v is not None and np.isfinite(v)}
-
-
-def _metric_part(name) -> str:
-    from leuko.evaluation.agreement import _metric_part as part
-
-    return part(name)
 
 
 # ---------------------------------------------------------------------------------------------- MLflow
@@ -195,6 +173,7 @@ def tracking_client(cv_dir: Path | None, uri: str | None = None):
     from leuko.tracking.runs import resolve_tracking_uri
 
     if uri is None and cv_dir is not None:
+        # heavy import here: baselines loads scikit-learn and scikit-image
         from leuko.evaluation.baselines import cv_config
 
         uri = (cv_config(cv_dir).get("tracking") or {}).get("uri")
@@ -206,9 +185,9 @@ def tracking_client(cv_dir: Path | None, uri: str | None = None):
 
 def cv_run_id(cv_dir: Path, client) -> str | None:
     """The CV's parent run: from runs/<name>/mlflow_run_id, else the newest cv run named after the folder."""
-    marker = cv_dir / "mlflow_run_id"
-    if marker.is_file() and marker.read_text().strip():
-        return marker.read_text().strip()
+    recorded = read_run_id(cv_dir)
+    if recorded:
+        return recorded
     if client is None:
         return None
     experiments = [e.experiment_id for e in client.search_experiments()]
@@ -249,7 +228,7 @@ def learning_curves(client, parent_run_id: str, metric: str = CURVE_METRIC) -> p
                 by_step.setdefault(m.step, m.value)
         values = {epoch_at.get(step, i): value for i, (step, value) in enumerate(sorted(by_step.items()))}
         if values:
-            curves[f"fold_{fold}"] = pd.Series(values)
+            curves[f"{FOLD_PREFIX}{fold}"] = pd.Series(values)
     if not curves:
         return pd.DataFrame(columns=["epoch", "mean"])
     table = pd.DataFrame(curves).sort_index()
@@ -263,19 +242,20 @@ def _fold_sort_key(fold: str):
 
 def log_evaluation(client, run_id: str, out_dir: Path, *, diffs, ba, metrics: dict[str, float]) -> None:
     """Artifacts under eval/ and the metrics of metrics.json except cv/* (the CV logged those itself)."""
+    # heavy imports here: mlflow and leuko.tracking.runs (Lightning) take seconds to load
     from mlflow.entities import Metric
 
-    from leuko.evaluation.agreement import log_agreement
+    from leuko.tracking.runs import log_batch
 
-    plot = out_dir / "bland_altman.png"
-    log_agreement(client, run_id, diffs=diffs, table=ba, plot=plot if plot.is_file() else None, artifact_path="eval")
+    plot = out_dir / BLAND_ALTMAN_PLOT
+    log_agreement(client, run_id, diffs=diffs, table=ba, plot=plot if plot.is_file() else None, artifact_path=EVAL)
     for name in sorted(p.name for p in out_dir.iterdir() if p.is_file()):
-        if name not in ("differentials.csv", "bland_altman.csv", "bland_altman.png"):
-            client.log_artifact(run_id, str(out_dir / name), "eval")
+        if name not in (DIFFERENTIALS, BLAND_ALTMAN, BLAND_ALTMAN_PLOT):
+            client.log_artifact(run_id, str(out_dir / name), EVAL)
     now = int(time.time() * 1000)
-    batch = [Metric(k, v, now, 0) for k, v in metrics.items() if not k.startswith(("cv/", "ba/"))]
-    for i in range(0, len(batch), 500):
-        client.log_batch(run_id, metrics=batch[i : i + 500])
+    log_batch(
+        client, run_id, metrics=[Metric(k, v, now, 0) for k, v in metrics.items() if not k.startswith(("cv/", "ba/"))]
+    )
 
 
 # ---------------------------------------------------------------------------------------------- all of it
@@ -292,80 +272,20 @@ def evaluate(
     log_to_mlflow: bool = True,
 ) -> dict:
     """Write every file of the module docstring into out_dir and log them; return a summary dict."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from leuko.evaluation.agreement import (
-        bland_altman_plot,
-        bland_altman_table,
-        differentials,
-        reference_from_counts,
-    )
-    from leuko.tracking.runs import confusion_figure
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cells, classes = pred.cells, pred.classes
-    reference = reference_from_counts(counts, classes) if counts else None
-    diffs = differentials(cells, classes, reference=reference)
-    diffs.to_csv(out_dir / "differentials.csv", index=False)
-    ba = bland_altman_table(diffs, classes)
-    ba.to_csv(out_dir / "bland_altman.csv", index=False)
-    if diffs["sample_type"].nunique() > 1:
-        bland_altman_table(diffs, classes, by="sample_type").to_csv(
-            out_dir / "bland_altman_by_sample_type.csv", index=False
-        )
-    reference_name = f"manual counts ({Path(counts).name})" if counts else "manifest labels"
-    bland_altman_plot(
-        diffs,
-        classes,
-        out_dir / "bland_altman.png",
-        title=f"Bland-Altman: predicted vs {reference_name}, {len(diffs)} samples",
-    )
-
-    matrix = confusion(cells, classes)
-    pd.DataFrame({"actual": cells["label"], "predicted": cells["pred_label"]}).to_csv(
-        out_dir / "confusion.csv", index=False
-    )
-    what = "out-of-fold" if pred.cv_dir is not None else pred.source.name
-    fig = confusion_figure(matrix, classes, f"{what} confusion matrix ({len(cells)} cells)")
-    fig.savefig(out_dir / "confusion_matrix.png", dpi=120)
-    plt.close(fig)
-    per_class = per_class_table(matrix, classes)
-    per_class.to_csv(out_dir / "per_class.csv", index=False)
-    pooled = pooled_metrics(cells, classes)
-
-    client = tracking_client(pred.cv_dir, tracking_uri) if log_to_mlflow else None
-    if client is not None and run_id is None and pred.cv_dir is not None:
-        run_id = cv_run_id(pred.cv_dir, client)
-    if run_id is not None and client is not None:
-        try:
-            client.get_run(run_id)
-        except Exception as exc:
-            warnings.warn(f"MLflow run {run_id} not found in {client.tracking_uri} ({exc}); not logging", stacklevel=2)
-            run_id = None
+    diffs, ba = write_agreement(pred, out_dir, counts)
+    per_class, pooled = write_confusion(pred, out_dir)
+    client, run_id = _mlflow_run(pred, tracking_uri, run_id, log_to_mlflow)
     curves = pd.DataFrame(columns=["epoch", "mean"])
     if client is not None and run_id is not None:
         curves = learning_curves(client, run_id)
-    curves.to_csv(out_dir / "learning_curves.csv", index=False)
+    curves.to_csv(out_dir / LEARNING_CURVES, index=False)
     if curves.empty:
         log("learning curves: no fold runs with a validation history in MLflow; learning_curves.csv has only a header")
-
-    embedding = None
-    if umap and pred.cv_dir is not None:
-        from leuko.evaluation.embedding import embed_cv_fold
-
-        try:
-            embedding = embed_cv_fold(pred.cv_dir, out_dir, fold=umap_fold, cells=umap_cells)
-        except ValueError as exc:
-            if umap_fold is not None:
-                raise
-            log(f"UMAP skipped: {exc}")
-
+    embedding = _embedding(pred, out_dir, umap=umap, fold=umap_fold, cells=umap_cells)
     metrics = metrics_json(pred, pooled, per_class, ba)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    (out_dir / METRICS_JSON).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
     if client is not None and run_id is not None:
         log_evaluation(client, run_id, out_dir, diffs=diffs, ba=ba, metrics=metrics)
@@ -373,11 +293,11 @@ def evaluate(
             for path in embedding["paths"]:
                 client.log_artifact(embedding["run_id"], str(path), "embedding")
         log(f"logged to MLflow run {run_id} ({client.tracking_uri})")
-    elif log_to_mlflow and pred.cv_dir is not None and (pred.cv_dir / "mlflow_run_id").is_file():
-        from leuko.tracking.runs import resolve_tracking_uri
+    elif log_to_mlflow and pred.cv_dir is not None and (pred.cv_dir / RUN_ID).is_file():
+        from leuko.tracking.runs import resolve_tracking_uri  # heavy import (Lightning): only for this message
 
         log(
-            f"{pred.cv_dir / 'mlflow_run_id'} names an MLflow run, but it is not in {resolve_tracking_uri(tracking_uri)}: "
+            f"{pred.cv_dir / RUN_ID} names an MLflow run, but it is not in {resolve_tracking_uri(tracking_uri)}: "
             "wrote files only. Run from the folder the CV ran in, or set MLFLOW_TRACKING_URI / --tracking-uri"
         )
     elif log_to_mlflow:
@@ -392,3 +312,76 @@ def evaluate(
         "embedding": embedding,
         "curves": curves,
     }
+
+
+def write_agreement(pred: Predictions, out_dir: Path, counts: str | Path | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(differentials, Bland-Altman table): differentials.csv, bland_altman*.csv and bland_altman.png."""
+    cells, classes = pred.cells, pred.classes
+    reference = reference_from_counts(counts, classes) if counts else None
+    diffs = differentials(cells, classes, reference=reference)
+    diffs.to_csv(out_dir / DIFFERENTIALS, index=False)
+    ba = bland_altman_table(diffs, classes)
+    ba.to_csv(out_dir / BLAND_ALTMAN, index=False)
+    if diffs["sample_type"].nunique() > 1:
+        bland_altman_table(diffs, classes, by="sample_type").to_csv(out_dir / BLAND_ALTMAN_BY_SAMPLE_TYPE, index=False)
+    reference_name = f"manual counts ({Path(counts).name})" if counts else "manifest labels"
+    bland_altman_plot(
+        diffs,
+        classes,
+        out_dir / BLAND_ALTMAN_PLOT,
+        title=f"Bland-Altman: predicted vs {reference_name}, {len(diffs)} samples",
+    )
+    return diffs, ba
+
+
+def write_confusion(pred: Predictions, out_dir: Path) -> tuple[pd.DataFrame, dict[str, float]]:
+    """(per-class table, pooled metrics): confusion.csv, confusion_matrix.png and per_class.csv."""
+    # heavy imports here: matplotlib takes half a second to load
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from leuko.tracking.figures import confusion_figure
+
+    cells, classes = pred.cells, pred.classes
+    matrix = confusion(cells, classes)
+    pd.DataFrame({"actual": cells["label"], "predicted": cells[PRED]}).to_csv(out_dir / CONFUSION, index=False)
+    what = "out-of-fold" if pred.cv_dir is not None else pred.source.name
+    fig = confusion_figure(matrix, classes, f"{what} confusion matrix ({len(cells)} cells)")
+    fig.savefig(out_dir / CONFUSION_PLOT, dpi=120)
+    plt.close(fig)
+    per_class = per_class_table(matrix, classes)
+    per_class.to_csv(out_dir / PER_CLASS, index=False)
+    return per_class, pooled_metrics(cells, classes)
+
+
+def _mlflow_run(pred: Predictions, tracking_uri: str | None, run_id: str | None, log_to_mlflow: bool):
+    """(client, run id) to log to, each None when there is nothing to log to."""
+    client = tracking_client(pred.cv_dir, tracking_uri) if log_to_mlflow else None
+    if client is not None and run_id is None and pred.cv_dir is not None:
+        run_id = cv_run_id(pred.cv_dir, client)
+    if run_id is not None and client is not None:
+        try:
+            client.get_run(run_id)
+        except Exception as exc:
+            # stacklevel=3: the warning points at the caller of evaluate()
+            warnings.warn(f"MLflow run {run_id} not found in {client.tracking_uri} ({exc}); not logging", stacklevel=3)
+            run_id = None
+    return client, run_id
+
+
+def _embedding(pred: Predictions, out_dir: Path, *, umap: bool, fold: str | None, cells: str) -> dict | None:
+    """The UMAP of a CV fold (leuko.evaluation.embedding), or None when not asked for or not possible."""
+    if not umap or pred.cv_dir is None:
+        return None
+    # heavy imports here: the embedding loads torch, Lightning and umap
+    from leuko.evaluation.embedding import embed_cv_fold
+
+    try:
+        return embed_cv_fold(pred.cv_dir, out_dir, fold=fold, cells=cells)
+    except ValueError as exc:
+        if fold is not None:
+            raise
+        log(f"UMAP skipped: {exc}")
+        return None

@@ -25,9 +25,9 @@ import pandas as pd
 from scipy import ndimage
 from skimage import measure
 
-N_MEDIUM = 1.337  # culture medium / PBS (Ryu et al. 2021)
-CELL_THRESHOLD_RI = 1.35  # voxels above this RI are the cell (Ryu et al. 2021)
-RI_INCREMENT_ML_PER_G = 0.2  # refractive index increment of protein (Ryu et al. 2021; Barer 1952)
+from leuko.data.optics import N_MEDIUM, RI_CELL_THRESHOLD, RI_INCREMENT_ML_PER_G
+from leuko.errors import LeukoError
+
 # Without a THG threshold: background median + this many noise sds, where 1.4826 * MAD estimates the
 # sd of the background that fills most of a single-cell field of view. The cell's own signal inflates
 # that estimate, so 3 estimated sds already sit clear of the noise. A rough default: THG units depend
@@ -39,6 +39,11 @@ HHG_NOISE_SDS = 3.0
 # volume-preserving iso-level the error is within +-1.5%, -2.4% for a 3-voxel radius and +3.3% for 4:1
 # anisotropic voxels. Below ~4 voxels radius sphericity can come out slightly above 1.
 SURFACE_SMOOTHING_VOXELS = 1.0
+
+
+class FeatureError(LeukoError, ValueError):
+    """Cells of a manifest whose features cannot be measured; the message lists each with its line and fix."""
+
 
 FEATURES = ("volume_fl", "surface_area_um2", "sphericity", "dry_mass_pg", "protein_density_g_dl", "mean_ri")
 FEATURE_TITLES = {  # (panel title, axis label with unit)
@@ -56,7 +61,7 @@ def cell_features(
     volume: np.ndarray,
     voxel_size_um: Sequence[float],
     *,
-    threshold: float = CELL_THRESHOLD_RI,
+    threshold: float = RI_CELL_THRESHOLD,
     n_medium: float = N_MEDIUM,
     increment: float = RI_INCREMENT_ML_PER_G,
     modality: str = "ri",
@@ -139,7 +144,7 @@ def surface_area(
 def features_table(
     manifest_path: str | Path,
     *,
-    threshold: float = CELL_THRESHOLD_RI,
+    threshold: float = RI_CELL_THRESHOLD,
     n_medium: float = N_MEDIUM,
     increment: float = RI_INCREMENT_ML_PER_G,
     hhg_threshold: float | None = None,
@@ -186,7 +191,7 @@ def features_table(
             }
         )
     if problems:
-        raise ValueError(
+        raise FeatureError(
             f"{manifest_path}: {len(problems)} of {len(cells)} cells could not be measured:\n"
             + "\n".join(f"  {p}" for p in problems)
             + "\nFix or leave out these cells (or change the threshold) and run again."

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leuko.errors import ConfigError
+
 # the paper names leaky ReLU without a slope: PyTorch's default
 NEGATIVE_SLOPE = 0.01
 
@@ -87,7 +89,7 @@ class FishNet3D(nn.Module):
         super().__init__()
         widths = tuple(widths)
         if len(widths) < 3:
-            raise ValueError(
+            raise ConfigError(
                 f"FishNet3D: widths={widths} needs at least 3 entries (stem width and two or more "
                 "downsampling steps), e.g. (8, 16, 32, 64)"
             )
@@ -115,6 +117,13 @@ class FishNet3D(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu", a=NEGATIVE_SLOPE)
+
+    @classmethod
+    def input_shape_kwargs(cls, input_shape: Sequence[int]) -> dict[str, Any]:
+        return {}  # convolutions and global average pooling take any volume shape
+
+    def no_weight_decay(self) -> set[str]:
+        return set()  # only the biases and norm weights, which every net leaves undecayed
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)  # (B, w0, D, H, W)

@@ -15,6 +15,8 @@ from monai.networks.nets import ResNet
 from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
 
+from leuko.errors import ConfigError
+
 _EXPANSION = {"basic": ResNetBlock.expansion, "bottleneck": ResNetBottleneck.expansion}
 
 
@@ -34,9 +36,9 @@ class ResNet3D(nn.Module):
     ) -> None:
         super().__init__()
         if block not in _EXPANSION:
-            raise ValueError(f"ResNet3D: block={block!r} is not one of {sorted(_EXPANSION)}")
+            raise ConfigError(f"ResNet3D: block={block!r} is not one of {sorted(_EXPANSION)}")
         if len(layers) != 4 or len(block_inplanes) != 4:
-            raise ValueError(
+            raise ConfigError(
                 f"ResNet3D: layers={tuple(layers)} and block_inplanes={tuple(block_inplanes)} "
                 "must have 4 entries each (one per stage)"
             )
@@ -60,6 +62,13 @@ class ResNet3D(nn.Module):
         self.num_features = block_inplanes[-1] * _EXPANSION[block]
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes)
+
+    @classmethod
+    def input_shape_kwargs(cls, input_shape: Sequence[int]) -> dict[str, Any]:
+        return {}  # convolutions and global average pooling take any volume shape
+
+    def no_weight_decay(self) -> set[str]:
+        return set()  # only the biases and norm weights, which every net leaves undecayed
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         # (B, C, D, H, W) -> stem /2 (max pool) -> stages /1, /2, /2, /2 -> global average pool

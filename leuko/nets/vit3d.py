@@ -18,13 +18,15 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from leuko.errors import ConfigError
+
 Size3 = tuple[int, int, int]
 
 
 def _triple(value: int | Sequence[int], name: str) -> Size3:
     out = (value,) * 3 if isinstance(value, int) else tuple(int(v) for v in value)
     if len(out) != 3 or min(out) < 1:
-        raise ValueError(f"ViT3D: {name}={value!r} must be a positive int or three positive ints (D, H, W)")
+        raise ConfigError(f"ViT3D: {name}={value!r} must be a positive int or three positive ints (D, H, W)")
     return out  # type: ignore[return-value]
 
 
@@ -47,7 +49,7 @@ class PatchEmbed3D(nn.Module):
         spatial = tuple(x.shape[-3:])
         if any(s % p for s, p in zip(spatial, self.patch_size, strict=True)):
             fits = tuple(max(p, round(s / p) * p) for s, p in zip(spatial, self.patch_size, strict=True))
-            raise ValueError(
+            raise ConfigError(
                 f"ViT3D: input spatial shape {spatial} is not a multiple of patch_size {self.patch_size}; "
                 f"crop or pad the volumes (e.g. to {fits}) or choose another patch_size"
             )
@@ -76,9 +78,9 @@ class ViT3D(nn.Module):
         super().__init__()
         img_size, patch_size = _triple(img_size, "img_size"), _triple(patch_size, "patch_size")
         if any(s % p for s, p in zip(img_size, patch_size, strict=True)):
-            raise ValueError(f"ViT3D: img_size {img_size} must be a multiple of patch_size {patch_size}")
+            raise ConfigError(f"ViT3D: img_size {img_size} must be a multiple of patch_size {patch_size}")
         if embed_dim % num_heads:
-            raise ValueError(f"ViT3D: embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
+            raise ConfigError(f"ViT3D: embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
         self.grid: Size3 = tuple(s // p for s, p in zip(img_size, patch_size, strict=True))  # type: ignore[assignment]
         self.num_features = embed_dim
 
@@ -118,6 +120,15 @@ class ViT3D(nn.Module):
                 trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+
+    @classmethod
+    def input_shape_kwargs(cls, input_shape: Sequence[int]) -> dict[str, Any]:
+        """The data's volume shape (D, H, W) sets img_size: the grid the position embedding is learned on."""
+        return {"img_size": tuple(int(s) for s in input_shape)}
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that AdamW leaves undecayed besides biases and norm weights (timm convention)."""
+        return {"pos_embed", "cls_token"}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x, grid = self.patch_embed(x)  # (B, C, D, H, W) -> (B, N, E)

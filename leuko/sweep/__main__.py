@@ -2,7 +2,7 @@
 
 import sys
 
-from leuko.sweep.core import run_trial
+from leuko.sweep.trial import run_trial
 
 if len(sys.argv) != 2:
     sys.exit("usage: python -m leuko.sweep TRIAL_DIR/trial.json (started by `leuko sweep`)")

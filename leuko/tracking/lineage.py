@@ -27,8 +27,14 @@ from pathlib import Path
 
 import yaml
 
+from leuko.errors import LeukoError
+
 UNTRACKED = "untracked"
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class LineageError(LeukoError, ValueError):
+    """A model URI or run id that names nothing in the tracking store; the message gives the accepted forms."""
 
 
 # ---------------------------------------------------------------------------------------------- recording
@@ -83,7 +89,7 @@ def _dvc_state(root: Path, dvc_file: Path) -> str:
     in its state database (keyed by inode, size and mtime), so after the first check this reads metadata only.
     """
     try:
-        from dvc.repo import Repo
+        from dvc.repo import Repo  # heavy import here: DVC loads in seconds, and only recording a run needs it
 
         with Repo(str(root)) as repo:
             (stage,) = repo.stage.collect(str(dvc_file))
@@ -125,6 +131,36 @@ def data_version_tags(manifest_sha256: str | None, start: str | Path = ".") -> d
     return dict(_data_version(str(root), manifest_sha256))
 
 
+def git_commit(path: str | Path = ".") -> str:
+    """HEAD of the git repository at path, with "-dirty" when tracked files have changes; "unknown" outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    commit = out.stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=path, capture_output=True, text=True
+    )
+    return commit + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def lineage_tags(prepared_dir: str | Path) -> dict[str, str]:
+    """Tags that tie a run to the code and the exact data it saw (see the module docstring)."""
+    # heavy import here: the prepared folder's reader loads pandas, which `leuko lineage` does not need
+    from leuko.data.prepared import read_meta
+
+    meta = read_meta(prepared_dir) or {}
+    return {
+        "leuko.git_commit": git_commit(),
+        "leuko.manifest_sha256": str(meta.get("manifest_sha256", "unknown")),
+        "leuko.prepared_fingerprint": str(meta.get("fingerprint", "unknown")),
+        "leuko.prepared_dir": str(Path(prepared_dir).resolve()),
+        **data_version_tags(meta.get("manifest_sha256")),
+    }
+
+
 # ---------------------------------------------------------------------------------------------- reading
 
 
@@ -140,6 +176,7 @@ class Lineage:
 
 def resolve(target: str, tracking_uri: str | None = None) -> Lineage:
     """models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID[/...] or a bare run id -> its lineage."""
+    # heavy imports here: mlflow, and runs (Lightning), load in seconds; recording tags needs neither
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -158,14 +195,16 @@ def resolve(target: str, tracking_uri: str | None = None) -> Lineage:
                 name, number = rest.split("/")
                 versions = [client.get_model_version(name, number)]
             else:
-                raise ValueError(f"{target}: give models:/NAME@ALIAS or models:/NAME/VERSION (models:/leuko@champion)")
+                raise LineageError(
+                    f"{target}: give models:/NAME@ALIAS or models:/NAME/VERSION (models:/leuko@champion)"
+                )
             run_id = versions[0].run_id
         else:
             run_id = target.removeprefix("runs:/").split("/")[0]
             if not RUN_ID.match(run_id):
-                raise ValueError(f"{target}: not a model URI (models:/NAME@ALIAS, models:/NAME/VERSION) or a run id")
+                raise LineageError(f"{target}: not a model URI (models:/NAME@ALIAS, models:/NAME/VERSION) or a run id")
     except MlflowException as exc:
-        raise ValueError(f"{target}: not found in the registry at {uri} ({exc.message.splitlines()[0]})") from exc
+        raise LineageError(f"{target}: not found in the registry at {uri} ({exc.message.splitlines()[0]})") from exc
 
     run = parent = experiment = None
     tags: dict[str, str] = {}
@@ -174,7 +213,7 @@ def resolve(target: str, tracking_uri: str | None = None) -> Lineage:
             run = client.get_run(run_id)
         except MlflowException as exc:
             if not versions:
-                raise ValueError(f"{target}: no such run in {uri}") from exc
+                raise LineageError(f"{target}: no such run in {uri}") from exc
     if run is not None:
         tags = dict(run.data.tags)
         experiment = client.get_experiment(run.info.experiment_id).name
@@ -222,7 +261,6 @@ def format_lineage(lineage: Lineage, start: str | Path = ".") -> str:
     dvc_file = tags.get("leuko.data_dvc_file", "data.dvc")
     data_path = tags.get("leuko.data_dvc_path", "data")
     full_commit = tags.get("leuko.git_commit", "unknown")
-    commit = full_commit.removesuffix("-dirty")
     run = lineage.run
     run_id = run.info.run_id if run is not None else (lineage.versions[0].run_id if lineage.versions else "?")
     run_name = run.info.run_name if run is not None else "(run not found)"
@@ -266,21 +304,32 @@ def format_lineage(lineage: Lineage, start: str | Path = ".") -> str:
         lines.append("  no registered version comes from this run")
 
     lines += ["", "to work with exactly this data:"]
+    lines += _restore_lines(tags, start)
+    return "\n".join(lines)
+
+
+def _restore_lines(tags: dict[str, str], start: str | Path) -> list[str]:
+    """The commands that bring back the data a run's tags record."""
+    md5 = tags.get("leuko.data_dvc_md5")
+    dvc_file = tags.get("leuko.data_dvc_file", "data.dvc")
+    data_path = tags.get("leuko.data_dvc_path", "data")
+    commit = tags.get("leuko.git_commit", "unknown").removesuffix("-dirty")
     if not md5 or md5 == UNTRACKED:
-        lines.append("  not possible from the tags: track the dataset with `dvc add` before training")
-        return "\n".join(lines)
-    if state == "modified":
+        return ["  not possible from the tags: track the dataset with `dvc add` before training"]
+    lines = []
+    if tags.get("leuko.data_dvc_state", "not recorded") == "modified":
         lines.append(
-            f"  warning: {data_path} had changes not yet `dvc add`ed when this ran; the md5 is of the last added version"
+            f"  warning: {data_path} had changes not yet `dvc add`ed when this ran; "
+            "the md5 is of the last added version"
         )
-    root = repo_root(start)
-    committed = _committed_md5(commit, dvc_file, root)
+    committed = _committed_md5(commit, dvc_file, repo_root(start))
     if committed == md5:
         lines.append(f"  git checkout {commit} -- {dvc_file}    # {dvc_file} there records md5 {_short(md5)}")
     else:
         if committed is not None:
             lines.append(
-                f"  note: {dvc_file} at {_short(commit)} records md5 {_short(committed)}, not {_short(md5)}: write it from the tag"
+                f"  note: {dvc_file} at {_short(commit)} records md5 {_short(committed)}, not {_short(md5)}: "
+                "write it from the tag"
             )
         elif commit and commit != "unknown":
             lines.append(
@@ -289,7 +338,7 @@ def format_lineage(lineage: Lineage, start: str | Path = ".") -> str:
         relative = os.path.relpath(data_path, Path(dvc_file).parent)  # a .dvc file's path is relative to it
         lines.append(f"  printf 'outs:\\n- md5: {md5}\\n  hash: md5\\n  path: {relative}\\n' > {dvc_file}")
     lines.append(f"  dvc pull {dvc_file}        # or `dvc checkout {dvc_file}` when the local cache has it")
-    return "\n".join(lines)
+    return lines
 
 
 _DATA_TAGS = ("leuko.git_commit", "leuko.manifest_sha256", "leuko.prepared_fingerprint")

@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 
 from leuko import __version__
@@ -21,7 +22,7 @@ from leuko.errors import LeukoError
 
 DEFAULT_NAME = "leuko"
 CHAMPION, CHALLENGER = "champion", "challenger"
-CODE = Path(__file__).parent / "deploy" / "pyfunc_model.py"
+CODE = Path(__file__).parents[1] / "deploy" / "pyfunc_model.py"  # leuko/deploy: the logged inference code
 
 
 class RegisterError(LeukoError, ValueError):
@@ -42,9 +43,12 @@ class Source:
 
 
 def source_from_study(space: str | Path, *, storage: str | None = None, trial: int | None = None) -> Source:
+    # heavy imports in this module's functions: optuna, mlflow and torch load in seconds, and `leuko --help`
+    # should stay instant
     import optuna
 
-    from leuko.sweep import A_CONFIG, A_OVERRIDES, load_sweep_config, open_storage
+    from leuko.sweep.space import load_sweep_config
+    from leuko.sweep.study import A_CONFIG, A_CV, A_OVERRIDES, open_storage
 
     cfg = load_sweep_config(space)
     url = cfg.storage_url(storage)
@@ -70,7 +74,7 @@ def source_from_study(space: str | Path, *, storage: str | None = None, trial: i
     return Source(
         configs=list(attrs[A_CONFIG]),
         overrides=list(attrs[A_OVERRIDES]),
-        cv=dict(attrs.get("leuko.training.cv", {})),
+        cv=dict(attrs.get(A_CV, {})),
         study=cfg.study,
         trial=chosen.number,
         sweep_run_id=study.user_attrs.get("leuko.sweep_run_id"),
@@ -91,6 +95,7 @@ def decide(score: float, champion_version: str | None, champion_score: float | N
 
 def register(source: Source, *, name: str = DEFAULT_NAME, metric: str | None = None, out: str | Path = "runs") -> dict:
     """Refit, test, log and register; returns {"version", "alias", "score", "run_id", "model_uri", ...}."""
+    # heavy imports here, as in source_from_study
     from leuko.training.cli import LeukoCLI
     from leuko.training.cv import is_rank_zero
 
@@ -123,17 +128,15 @@ def register(source: Source, *, name: str = DEFAULT_NAME, metric: str | None = N
 
 
 def _model_config(cli) -> dict:
-    from leuko.nets import net_kwargs as accepted
+    from leuko.nets import constructor_kwargs  # heavy import here (torch), as in source_from_study
 
     model, meta = cli.model, cli.datamodule.meta
     hp = model.hparams
-    kwargs = dict(hp.net_kwargs or {})
-    if hp.input_shape is not None and "img_size" in accepted(hp.net) and "img_size" not in kwargs:
-        kwargs["img_size"] = list(hp.input_shape)  # as VolumeClassifier builds it
     settings = meta.get("settings", {})
     return {
         "net": hp.net,
-        "net_kwargs": kwargs,
+        # what VolumeClassifier built the net with: net_kwargs plus what the net takes from the input shape
+        "net_kwargs": constructor_kwargs(hp.net, hp.net_kwargs, hp.input_shape),
         "in_channels": int(hp.in_channels),
         "classes": list(model.class_names),
         "preprocessing": {
@@ -152,94 +155,52 @@ def _model_config(cli) -> dict:
 
 
 def _signature(config: dict):
+    # heavy imports here, as in source_from_study
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
+    from leuko.training.predictions import PRED, prob_columns
+
     inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, config["in_channels"], -1, -1, -1))])
-    outputs = Schema([ColSpec("string", "pred_label")] + [ColSpec("double", f"prob_{c}") for c in config["classes"]])
+    outputs = Schema([ColSpec("string", PRED)] + [ColSpec("double", c) for c in prob_columns(config["classes"])])
     params = ParamSchema([ParamSpec("preprocess", "boolean", True), ParamSpec("voxel_size", "double", [], shape=(-1,))])
     return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def _requirements() -> list[str]:
-    from importlib.metadata import version
-
-    pins = [f"{p}=={version(p).split('+')[0]}" for p in ("mlflow", "torch", "numpy", "pandas", "scipy", "safetensors")]
+    packages = ("mlflow", "torch", "numpy", "pandas", "scipy", "safetensors")
+    pins = [f"{p}=={metadata.version(p).split('+')[0]}" for p in packages]
     return pins + [f"leuko=={__version__}"]
 
 
 def _log_and_register(cli, source: Source, test: dict, *, name: str, metric: str) -> dict:
+    # heavy imports here, as in source_from_study
     import mlflow
-    import numpy as np
-    from safetensors.torch import save_file
 
-    from leuko.tracking.runs import lineage_tags, resolve_tracking_uri
+    from leuko.tracking.lineage import lineage_tags
+    from leuko.tracking.runs import resolve_tracking_uri
 
     uri = resolve_tracking_uri(cli.config["tracking"].uri)
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     run_id = cli.trainer.logger.run_id
     config = _model_config(cli)
-    datamodule = cli.datamodule
-    test_rows = datamodule.subset("test")["row"].to_numpy()
-    volumes = np.load(datamodule.volumes_path, mmap_mode="r")
-    example = np.asarray(volumes[test_rows[:1]], dtype=np.float32)  # (1, C, D, H, W), one prepared test cell
     score = test[metric]
     lineage = lineage_tags(cli.config["data"]["prepared_dir"])
+    version = _log_model(cli, config, source, run_id, name)
 
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / "weights.safetensors"
-        state = {k: v.detach().cpu().contiguous() for k, v in cli.model.net.state_dict().items()}
-        save_file(state, str(weights))
-        config_path = Path(tmp) / "model_config.json"
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        with mlflow.start_run(run_id=run_id):
-            for key, stats in source.cv.items():
-                mlflow.log_metric(f"cv/{key}_mean", stats["mean"])
-                mlflow.log_metric(f"cv/{key}_std", stats["std"])
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(CODE),
-                artifacts={"weights": str(weights), "model_config": str(config_path)},
-                signature=_signature(config),
-                input_example=(example, {"preprocess": False}),
-                pip_requirements=_requirements(),
-                metadata={"classes": config["classes"], "preprocessing": config["preprocessing"]},
-                registered_model_name=name,
-            )
-    version = str(info.registered_model_version)
-
-    champion_version, champion_score = None, None
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-        champion_version = str(champion.version)  # an int from some stores, a str from others
-        recorded = champion.tags.get("leuko.score")
-        champion_score = float(recorded) if recorded is not None else None
-    except mlflow.exceptions.MlflowException:
-        pass  # no champion yet
-    if champion_version == version:
-        champion_version, champion_score = None, None
+    champion_version, champion_score = _current_champion(client, name, version)
     alias, reason = decide(score, champion_version, champion_score, metric)
-    version_tags = {
-        "leuko.score": f"{score:.6f}",
-        "leuko.metric": f"test/{metric}",
-        "leuko.decision": f"{alias}: {reason}",
-        "leuko.compared_to": champion_version or "none",
-        "leuko.champion_score": "none" if champion_score is None else f"{champion_score:.6f}",
-        "leuko.classes": ",".join(config["classes"]),
-        **{f"leuko.test_{k}": f"{v:.6f}" for k, v in test.items() if not k.startswith("recall_")},
-        **{
-            f"leuko.cv_{k}": f"{v['mean']:.6f} +- {v['std']:.6f}"
-            for k, v in source.cv.items()
-            if k in ("balanced_accuracy", "macro_f1", "accuracy")
-        },
-        **lineage,
-    }
-    if source.study is not None:
-        version_tags.update({"leuko.study": source.study, "leuko.trial": str(source.trial)})
-    for key, value in version_tags.items():
+    tags = _version_tags(source, test, metric, config, lineage)
+    tags.update(
+        {
+            "leuko.decision": f"{alias}: {reason}",
+            "leuko.compared_to": champion_version or "none",
+            "leuko.champion_score": "none" if champion_score is None else f"{champion_score:.6f}",
+        }
+    )
+    for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.set_registered_model_alias(name, alias, version)
     cv = source.cv.get(metric)
@@ -263,6 +224,76 @@ def _log_and_register(cli, source: Source, test: dict, *, name: str, metric: str
         "tracking_uri": uri,
         "model_uri": f"models:/{name}/{version}",
     }
+
+
+def _log_model(cli, config: dict, source: Source, run_id: str, name: str) -> str:
+    """Log the CV scores and the pyfunc model (weights, config, code) to the refit run; register it: the version."""
+    # heavy imports here, as in source_from_study
+    import mlflow
+    import numpy as np
+    from safetensors.torch import save_file
+
+    datamodule = cli.datamodule
+    test_rows = datamodule.subset("test")["row"].to_numpy()
+    volumes = np.load(datamodule.volumes_path, mmap_mode="r")
+    example = np.asarray(volumes[test_rows[:1]], dtype=np.float32)  # (1, C, D, H, W), one prepared test cell
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "weights.safetensors"
+        state = {k: v.detach().cpu().contiguous() for k, v in cli.model.net.state_dict().items()}
+        save_file(state, str(weights))
+        config_path = Path(tmp) / "model_config.json"
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        with mlflow.start_run(run_id=run_id):
+            for key, stats in source.cv.items():
+                mlflow.log_metric(f"cv/{key}_mean", stats["mean"])
+                mlflow.log_metric(f"cv/{key}_std", stats["std"])
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(CODE),
+                artifacts={"weights": str(weights), "model_config": str(config_path)},
+                signature=_signature(config),
+                input_example=(example, {"preprocess": False}),
+                pip_requirements=_requirements(),
+                metadata={"classes": config["classes"], "preprocessing": config["preprocessing"]},
+                registered_model_name=name,
+            )
+    return str(info.registered_model_version)
+
+
+def _current_champion(client, name: str, version: str) -> tuple[str | None, float | None]:
+    """(version, recorded score) of the current champion other than `version`; (None, None) when there is none."""
+    from mlflow.exceptions import MlflowException  # heavy import here, as in source_from_study
+
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None, None  # no champion yet
+    champion_version = str(champion.version)  # an int from some stores, a str from others
+    if champion_version == version:
+        return None, None
+    recorded = champion.tags.get("leuko.score")
+    return champion_version, float(recorded) if recorded is not None else None
+
+
+def _version_tags(source: Source, test: dict, metric: str, config: dict, lineage: dict) -> dict[str, str]:
+    """The tags a registered version carries, besides the alias decision."""
+    score = test[metric]
+    tags = {
+        "leuko.score": f"{score:.6f}",
+        "leuko.metric": f"test/{metric}",
+        "leuko.classes": ",".join(config["classes"]),
+        **{f"leuko.test_{k}": f"{v:.6f}" for k, v in test.items() if not k.startswith("recall_")},
+        **{
+            f"leuko.cv_{k}": f"{v['mean']:.6f} +- {v['std']:.6f}"
+            for k, v in source.cv.items()
+            if k in ("balanced_accuracy", "macro_f1", "accuracy")
+        },
+        **lineage,
+    }
+    if source.study is not None:
+        tags.update({"leuko.study": source.study, "leuko.trial": str(source.trial)})
+    return tags
 
 
 def print_summary(result: dict) -> None:

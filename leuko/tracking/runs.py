@@ -1,16 +1,19 @@
-"""MLflow tracking: where runs go, what every run is tagged with, and the artifacts a run logs."""
+"""MLflow runs: where they go (the tracking URI), the experiment, batched logging, the Lightning logger and
+the callback that logs a fit's confusion matrices and best checkpoint, and the config as flat params.
+
+What every run is tagged with (code and data lineage): leuko.tracking.lineage.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import tempfile
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 from lightning.pytorch.loggers import MLFlowLogger
+
+from leuko.tracking.figures import log_confusion
+from leuko.training import run_dir
 
 # MLflow 3 rejects the old file store and the registry needs a database; Lightning's MLFlowLogger
 # would default to file:./mlruns, so leuko always passes a URI.
@@ -25,7 +28,7 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 def experiment_id(client, name: str) -> str:
     """The id of experiment `name`, created when missing (two processes may race to create it)."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # mlflow loads in seconds: only when a run is made
 
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -43,35 +46,6 @@ def log_batch(client, run_id: str, *, metrics: list | None = None, params: list 
         client.log_batch(run_id, metrics=metrics[i : i + 500])
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i : i + 100])
-
-
-def git_commit(path: str | Path = ".") -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    commit = out.stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=path, capture_output=True, text=True
-    )
-    return commit + ("-dirty" if dirty.stdout.strip() else "")
-
-
-def lineage_tags(prepared_dir: str | Path) -> dict[str, str]:
-    """Tags that tie a run to the code and the exact data it saw (DVC data hash: see leuko.tracking.lineage)."""
-    from leuko.tracking.lineage import data_version_tags
-
-    meta_path = Path(prepared_dir) / "meta.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    return {
-        "leuko.git_commit": git_commit(),
-        "leuko.manifest_sha256": str(meta.get("manifest_sha256", "unknown")),
-        "leuko.prepared_fingerprint": str(meta.get("fingerprint", "unknown")),
-        "leuko.prepared_dir": str(Path(prepared_dir).resolve()),
-        **data_version_tags(meta.get("manifest_sha256")),
-    }
 
 
 def make_logger(
@@ -95,41 +69,6 @@ def make_logger(
         run_id=run_id,
         log_model=False,
     )
-
-
-def confusion_figure(matrix: np.ndarray, class_names: list[str], title: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    matrix = np.asarray(matrix)
-    row_sums = matrix.sum(axis=1, keepdims=True).clip(min=1)
-    fig, ax = plt.subplots(figsize=(1.2 * len(class_names) + 2, 1.1 * len(class_names) + 1.5))
-    ax.imshow(matrix / row_sums, cmap="Blues", vmin=0, vmax=1)
-    for i in range(matrix.shape[0]):
-        for j in range(matrix.shape[1]):
-            colour = "white" if matrix[i, j] / row_sums[i, 0] > 0.5 else "black"
-            ax.text(j, i, f"{int(matrix[i, j])}", ha="center", va="center", color=colour)
-    ax.set_xticks(range(len(class_names)), class_names, rotation=30, ha="right")
-    ax.set_yticks(range(len(class_names)), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.tight_layout()
-    return fig
-
-
-def log_confusion(logger: MLFlowLogger, matrix: np.ndarray, class_names: list[str], name: str) -> None:
-    import matplotlib.pyplot as plt
-
-    fig = confusion_figure(matrix, class_names, name.replace("_", " "))
-    logger.experiment.log_figure(logger.run_id, fig, f"{name}.png")
-    plt.close(fig)
-
-
-def log_text(logger: MLFlowLogger, text: str, artifact_file: str) -> None:
-    logger.experiment.log_text(logger.run_id, text, artifact_file)
 
 
 def log_file(logger: MLFlowLogger, path: str | Path, artifact_path: str | None = None) -> None:
@@ -175,30 +114,24 @@ class TrackingCallback(L.Callback):
         # Remembered so that `--ckpt_path last` after an interruption continues the same run.
         logger = self._logger(trainer)
         if logger is not None and trainer.is_global_zero:
-            root = Path(trainer.default_root_dir)
-            root.mkdir(parents=True, exist_ok=True)
-            (root / "mlflow_run_id").write_text(logger.run_id)
+            run_dir.write_run_id(trainer.default_root_dir, logger.run_id)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         logger = self._logger(trainer)
         if logger is None or not trainer.is_global_zero:
             return
-        matrix = getattr(pl_module, "last_confusion", {}).get("val")
-        if matrix is not None:
-            log_confusion(logger, matrix.numpy(), pl_module.class_names, "confusion_matrix_val")
+        self._log_confusion(logger, pl_module, "val")
         ckpt = trainer.checkpoint_callback
         if self.log_checkpoint and ckpt is not None and ckpt.best_model_path:
             log_file(logger, ckpt.best_model_path, "checkpoints")
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         logger = self._logger(trainer)
-        matrix = getattr(pl_module, "last_confusion", {}).get("test")
-        if logger is not None and trainer.is_global_zero and matrix is not None:
-            log_confusion(logger, matrix.numpy(), pl_module.class_names, "confusion_matrix_test")
+        if logger is not None and trainer.is_global_zero:
+            self._log_confusion(logger, pl_module, "test")
 
-
-def write_temp_and_log(logger: MLFlowLogger, name: str, write) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        write(path)
-        log_file(logger, path)
+    def _log_confusion(self, logger: MLFlowLogger, pl_module: L.LightningModule, stage: str) -> None:
+        matrix = getattr(pl_module, "last_confusion", {}).get(stage)  # (K, K) counts of the last epoch
+        if matrix is not None:
+            name = f"confusion_matrix_{stage}"
+            log_confusion(logger.experiment, logger.run_id, matrix.numpy(), pl_module.class_names, name)

@@ -12,13 +12,14 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
-from leuko.cli.params import COMMAND_SECTIONS
+from leuko.params import COMMAND_SECTIONS
 from leuko.data.datamodule import LeukoDataModule
-from leuko.tracking.runs import DEFAULT_EXPERIMENT, TrackingCallback, config_params, lineage_tags, make_logger
+from leuko.tracking.lineage import lineage_tags
+from leuko.tracking.runs import DEFAULT_EXPERIMENT, TrackingCallback, config_params, make_logger
+from leuko.training import run_dir
 from leuko.training.module import VolumeClassifier
 from leuko.training.predictions import predictions_frame
 
@@ -32,12 +33,12 @@ class MLflowSaveConfig(SaveConfigCallback):
         if not trainer.is_global_zero:
             return
         text = self.parser.dump(self.config, skip_none=False)
-        run_dir = Path(trainer.default_root_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(text)
+        root = Path(trainer.default_root_dir)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / run_dir.CONFIG).write_text(text)
         logger = trainer.logger
         if logger is not None and hasattr(logger, "run_id"):
-            logger.experiment.log_text(logger.run_id, text, "config.yaml")
+            logger.experiment.log_text(logger.run_id, text, run_dir.CONFIG)
             config = self.config.as_dict() if hasattr(self.config, "as_dict") else dict(self.config)
             logger.log_hyperparams(config_params(config))
 
@@ -106,10 +107,12 @@ class LeukoCLI(LightningCLI):
         callbacks = configured + list(kwargs.pop("callbacks", []) or [])
         has_checkpoint = any(isinstance(c, ModelCheckpoint) for c in configured)
         if not has_checkpoint:
-            callbacks += default_checkpoints(root / "checkpoints", validates=config["data"].get("fold") is not None)
+            callbacks += default_checkpoints(
+                root / run_dir.CHECKPOINTS, validates=config["data"].get("fold") is not None
+            )
         callbacks.append(TrackingCallback())
         if self.subcommand == "predict":
-            callbacks.append(CSVPredictionWriter(config.get("predictions") or root / "predictions.csv"))
+            callbacks.append(CSVPredictionWriter(config.get("predictions") or root / run_dir.PREDICTIONS))
         if tracking.enabled and config["trainer"].get("logger") in (None, True):
             prepared = config["data"]["prepared_dir"]
             kwargs["logger"] = make_logger(
@@ -131,21 +134,22 @@ def default_checkpoints(dirpath: Path, *, validates: bool) -> list[ModelCheckpoi
     last.ckpt comes from its own callback: Lightning 2.6's save_last only writes when a top-k checkpoint
     was written in the same step, so a run whose score stopped improving would resume from a stale epoch.
     """
-    last = ModelCheckpoint(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+    # ModelCheckpoint adds the .ckpt suffix itself
+    last_name, best_name = Path(run_dir.LAST).stem, Path(run_dir.BEST).stem
+    last = ModelCheckpoint(
+        dirpath=dirpath, filename=last_name, monitor=None, save_top_k=1, enable_version_counter=False
+    )
     if not validates:
         return [last]
     best = ModelCheckpoint(
-        dirpath=dirpath, filename="best", monitor=MONITOR, mode="max", save_top_k=1, enable_version_counter=False
+        dirpath=dirpath, filename=best_name, monitor=MONITOR, mode="max", save_top_k=1, enable_version_counter=False
     )
     return [best, last]
 
 
 def _resumed_run_id(root: Path, config) -> str | None:
     """Resuming a fit (`--ckpt_path last`) continues the MLflow run of that fit."""
-    marker = root / "mlflow_run_id"
-    if config.get("ckpt_path") and marker.is_file():
-        return marker.read_text().strip() or None
-    return None
+    return run_dir.read_run_id(root) if config.get("ckpt_path") else None
 
 
 def run(argv: list[str]) -> None:

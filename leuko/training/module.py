@@ -8,6 +8,7 @@ from typing import Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
     MulticlassAccuracy,
@@ -17,8 +18,8 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from leuko.errors import ConfigError
 from leuko.nets import build_net
-from leuko.nets import net_kwargs as accepted_kwargs
 
 
 def _metrics(num_classes: int) -> MetricCollection:
@@ -59,7 +60,7 @@ class VolumeClassifier(L.LightningModule):
         Args:
             net: a name from leuko.nets.NETS; net_kwargs go to its constructor.
             in_channels, num_classes, class_names, input_shape: taken from the prepared data by the CLI;
-                input_shape sets a ViT's img_size unless net_kwargs gives one.
+                the net decides what it takes from input_shape (a ViT's img_size, unless net_kwargs gives one).
             optimizer: AdamW, or Adam as the RI study used (weight decay then is L2, not decoupled).
             warmup_epochs: linear warm-up (fractions allowed), then cosine decay to lr * min_lr_ratio.
             scheduler: "cosine" as above, or "multistep": lr times gamma at each milestone (fractions of the
@@ -72,22 +73,21 @@ class VolumeClassifier(L.LightningModule):
         self.save_hyperparameters()
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         if len(self.class_names) != num_classes:
-            raise ValueError(f"class_names has {len(self.class_names)} names but num_classes is {num_classes}")
+            raise ConfigError(f"class_names has {len(self.class_names)} names but num_classes is {num_classes}")
         if not all(0 < m < 1 for m in milestones):
-            raise ValueError(
+            raise ConfigError(
                 f"milestones {tuple(milestones)} must be fractions of the training in (0, 1), e.g. [0.5, 0.75]"
             )
-        kwargs = dict(net_kwargs or {})
-        if input_shape is not None and "img_size" in accepted_kwargs(net) and "img_size" not in kwargs:
-            kwargs["img_size"] = tuple(input_shape)
-        self.net = build_net(net, in_channels=in_channels, num_classes=num_classes, **kwargs)
+        self.net = build_net(
+            net, in_channels=in_channels, num_classes=num_classes, input_shape=input_shape, **(net_kwargs or {})
+        )
         if channels_last:
             self.net = self.net.to(memory_format=torch.channels_last_3d)
         # Kept out of the module tree (object.__setattr__), so checkpoints hold the weights once, under
         # net.*, and load whether or not the loading side compiles.
         object.__setattr__(self, "_compiled_net", torch.compile(self.net) if compile else None)
         if isinstance(class_weights, list) and len(class_weights) != num_classes:
-            raise ValueError(f"class_weights has {len(class_weights)} values but there are {num_classes} classes")
+            raise ConfigError(f"class_weights has {len(class_weights)} values but there are {num_classes} classes")
         self.register_buffer("loss_weights", torch.ones(num_classes), persistent=False)
         self.train_metrics = _metrics(num_classes).clone(prefix="train/")
         self.val_metrics = _metrics(num_classes).clone(prefix="val/")
@@ -115,7 +115,7 @@ class VolumeClassifier(L.LightningModule):
         if datamodule is None:
             return
         if getattr(datamodule, "in_channels", self.hparams.in_channels) != self.hparams.in_channels:
-            raise ValueError(
+            raise ConfigError(
                 f"net {self.hparams.net!r} was built for in_channels={self.hparams.in_channels} but the prepared "
                 f"data in {datamodule.prepared_dir} has {datamodule.in_channels} channel(s); drop model.in_channels "
                 f"from the config (the CLI takes it from the data) or prepare data of the matching modality"
@@ -193,15 +193,8 @@ class VolumeClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        decay, no_decay = [], []
-        for name, param in self.net.named_parameters():
-            if not param.requires_grad:
-                continue
-            # Norm weights, biases and embeddings are not decayed (standard for AdamW on ViTs and CNNs alike).
-            (no_decay if param.ndim <= 1 or "pos_embed" in name or "cls_token" in name else decay).append(param)
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer_cls = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
-        optimizer = optimizer_cls(groups, lr=hp.lr)
+        optimizer = optimizer_cls(parameter_groups(self.net, hp.weight_decay), lr=hp.lr)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         epochs = max(self.trainer.max_epochs or 1, 1)
         warmup = min(int(round(hp.warmup_epochs * total / epochs)), total - 1)
@@ -216,3 +209,17 @@ class VolumeClassifier(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def parameter_groups(net: nn.Module, weight_decay: float) -> list[dict]:
+    """[decayed, undecayed] optimizer groups over the trainable parameters of net.
+
+    Biases and norm weights (1-D) and what the net names in no_weight_decay() (e.g. a ViT's position
+    embedding and cls token) are not decayed: standard for AdamW on ViTs and CNNs alike.
+    """
+    skip = net.no_weight_decay()
+    decay, no_decay = [], []
+    for name, param in net.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

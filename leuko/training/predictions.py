@@ -6,7 +6,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 
 PRED = "pred_label"
 PROB_PREFIX = "prob_"
@@ -38,5 +37,5 @@ def predictions_frame(predictions: list[dict], class_names: list[str]) -> pd.Dat
     """The outputs of VolumeClassifier.predict_step ({"cell_id", "probs"} per batch) as one table."""
     if not predictions:
         return pd.DataFrame(columns=["cell_id", PRED, *prob_columns(class_names)])
-    probs = torch.cat([p["probs"] for p in predictions]).float().numpy()
+    probs = np.concatenate([p["probs"].float().numpy() for p in predictions])  # (N, K); no torch import needed
     return probability_table(probs, class_names, cell_id=[c for p in predictions for c in p["cell_id"]])

@@ -2,14 +2,15 @@
 
     runs/<name>/                  a `leuko cv` (or the root of a `leuko fit`)
       mlflow_run_id               the MLflow run of the CV (evaluate, baselines and report log to it)
-      cv_summary.json             {"folds", "metrics": {...}, metric: {"mean", "std"}, ...}
+      cv_summary.json             {metric: {"mean", "std"}} across the folds (std: ddof=1)
       cv_metrics.csv              one row per fold
-      oof_predictions.csv         one row per validation cell: fold, cell_id, ..., pred, prob_<class>
+      oof_predictions.csv         one row per validation cell: cell_id, ..., fold, label, pred_label, prob_<class>
       fold_<k>/                   one fold's fit
         config.yaml               its resolved config
         mlflow_run_id             its MLflow run
         checkpoints/best.ckpt     highest validation score
         checkpoints/last.ckpt     the end of the last epoch (resume)
+        predictions.csv           `leuko predict` without --predictions (cell_id, pred_label, prob_<class>)
       eval/                       `leuko evaluate` (its files: leuko.evaluation.evaluate.OUTPUTS)
       baselines/                  `leuko baselines`
       report.html                 `leuko report`
@@ -32,6 +33,7 @@ LAST = "last.ckpt"
 EVAL = "eval"
 BASELINES = "baselines"
 REPORT = "report.html"
+PREDICTIONS = "predictions.csv"
 FOLD_PREFIX = "fold_"
 
 

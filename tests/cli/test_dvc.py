@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from leuko.cli.app import build_parser, main
-from leuko.cli.params import COMMAND_SECTIONS, ParamsError, section_tokens
+from leuko.params import COMMAND_SECTIONS, ParamsError, section_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent

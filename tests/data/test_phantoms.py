@@ -5,20 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from leuko.data.optics import DEFAULT_CLASSES
 from leuko.data.io import read_volume
-from leuko.data.phantoms import (
-    CELL_THRESHOLD,
-    FORMATS,
-    MANIFEST_COLUMNS,
-    N_MEDIUM,
-    Acquisition,
-    _Grid,
-    _patient_plan,
-    _render_cell,
-    make_cohort,
-    voxel_size_for,
-)
+from leuko.data.optics import DEFAULT_CLASSES, N_MEDIUM, RI_CELL_THRESHOLD
+from leuko.data.phantom_cells import Acquisition, Grid, render_cell
+from leuko.data.phantoms import FORMATS, MANIFEST_COLUMNS, _patient_plan, make_cohort, voxel_size_for
 
 SMALL = dict(n_patients=4, cells_per_patient=6, progress=False)
 
@@ -104,7 +94,7 @@ def test_ri_values_are_plausible(ri_cohort):
         corners = v[0, :4, :4, :4]
         assert abs(float(np.median(corners)) - N_MEDIUM) < 0.005, r["cell_id"]
         assert 1.36 <= float(v.max()) <= 1.42, (r["cell_id"], float(v.max()))
-        assert 0.02 < float((v > CELL_THRESHOLD).mean()) < 0.5  # a cell, and it fits the box
+        assert 0.02 < float((v > RI_CELL_THRESHOLD).mean()) < 0.5  # a cell, and it fits the box
 
 
 def test_hhg_has_thg_and_shg_channels(tmp_path):
@@ -119,11 +109,11 @@ def test_hhg_has_thg_and_shg_channels(tmp_path):
 
 def test_cell_sizes_overlap_between_classes():
     # Ryu et al.: sizes overlap, so volume alone must not separate lymphocytes from monocytes
-    grid = _Grid((32, 32, 32), voxel_size_for((32, 32, 32)))
+    grid = Grid((32, 32, 32), voxel_size_for((32, 32, 32)))
     acq = Acquisition(gain=1.0, offset=0.0, noise=0.001, blur_z_um=0.5, blur_xy_um=0.25)
     fl = {
         label: [
-            float((_render_cell(label, "blood", "ri", acq, grid, np.random.default_rng([9, i]))[0] > CELL_THRESHOLD).sum())
+            float((render_cell(label, "blood", "ri", acq, grid, np.random.default_rng([9, i]))[0] > RI_CELL_THRESHOLD).sum())
             * 0.125
             for i in range(25)
         ]
@@ -143,7 +133,7 @@ def test_voxel_size_scales_with_shape(tmp_path):
         assert voxel == pytest.approx([16 / s for s in shape], abs=1e-6)
         v = np.load(manifest.parent / row["path"])
         assert v.shape == (1, *shape)
-        volumes[shape] = float((v > CELL_THRESHOLD).sum() * np.prod(voxel))
+        volumes[shape] = float((v > RI_CELL_THRESHOLD).sum() * np.prod(voxel))
     # the same cell, measured in um^3, whatever the sampling
     assert volumes[(48, 96, 96)] == pytest.approx(volumes[(32, 32, 32)], rel=0.15)
 

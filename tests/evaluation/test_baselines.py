@@ -14,20 +14,18 @@ from leuko.data.folds import make_splits
 from leuko.evaluation.baselines import (
     CLASSICAL,
     align,
-    build_mip_net,
     classical_cv,
     compare,
     cv_rows,
     feature_columns,
-    fit_predict_mip,
     format_table,
     log_baselines,
     metric_dict,
-    mip,
     scores,
     summarise,
     write_outputs,
 )
+from leuko.evaluation.mip import build_mip_net, fit_predict_mip, mip
 from leuko.evaluation.morphology import FEATURES
 
 CLASSES = ["neutrophil", "eosinophil", "lymphocyte", "monocyte"]

@@ -125,7 +125,7 @@ def registered_model(root: Path, prepared: Path) -> dict:
     """
     if "result" in _REGISTRY:
         return _REGISTRY
-    from leuko.sweep import run_sweep
+    from leuko.sweep.run import run_sweep
     from leuko.tracking.registry import register, source_from_study
 
     folder = root / "registry"

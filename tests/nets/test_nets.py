@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from leuko.nets import NETS, build_net, net_kwargs
+from leuko.nets import NETS, ViT3D, build_net, constructor_kwargs, net_class, net_kwargs
 
 TINY = [name for name in NETS if name.endswith("_tiny")]
 FULL = [name for name in NETS if not name.endswith("_tiny")]
@@ -171,3 +171,34 @@ def test_features_are_penultimate():
         net = build_net(name, in_channels=1, num_classes=5)
         assert net.head.in_features == net.num_features and net.head.out_features == 5
         assert math.prod(net.head.weight.shape) == 5 * net.num_features
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_no_weight_decay_names_real_parameters(name):
+    net = _on_meta(name, in_channels=1, num_classes=4)
+    skip = net.no_weight_decay()
+    assert isinstance(skip, set)
+    assert skip <= {n for n, _ in net.named_parameters()}, f"{name}: no_weight_decay names no parameter"
+    # what the name-free rule (biases, norm weights) would miss: only the net knows these
+    if isinstance(net, ViT3D):
+        assert skip == {"pos_embed", "cls_token"}
+    else:
+        assert skip == set()
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_input_shape_reaches_only_the_nets_that_take_it(name):
+    kwargs = constructor_kwargs(name, {"drop_rate": 0.1}, [16, 32, 32])
+    if net_class(name) is ViT3D:
+        assert kwargs == {"img_size": (16, 32, 32), "drop_rate": 0.1}
+    else:
+        assert kwargs == {"drop_rate": 0.1}  # convolutions take any shape
+    assert constructor_kwargs(name, {"drop_rate": 0.1}, None) == {"drop_rate": 0.1}
+
+
+def test_vit3d_takes_img_size_from_the_input_shape_unless_given():
+    assert build_net("vit3d_tiny", in_channels=1, num_classes=4, input_shape=(16, 32, 32)).grid == (2, 4, 4)
+    given = build_net("vit3d_tiny", in_channels=1, num_classes=4, input_shape=(16, 32, 32), img_size=(32, 32, 32))
+    assert given.grid == (4, 4, 4)
+    fishnet = build_net("fishnet3d_tiny", in_channels=1, num_classes=4, input_shape=(16, 32, 32))
+    assert fishnet(torch.randn(1, 1, 16, 32, 32)).shape == (1, 4)

@@ -1,0 +1,97 @@
+"""Tracking commands: `leuko register` (refit, test, register a model) and `leuko lineage` (where a model came from)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from leuko.cli.command import UsageError, add_command
+
+
+def add_parsers(sub) -> None:
+    _add_register(sub)
+    _add_lineage(sub)
+
+
+# ---------------------------------------------------------------------------------------------- register
+def _add_register(sub) -> None:
+    p = add_command(
+        sub,
+        "register",
+        "refit the best trial on all non-test patients, test once, log and register the model "
+        "(alias champion if better)",
+        """
+        leuko register --space conf/sweep/default.yaml                  # the study's best trial
+        leuko register --space conf/sweep/default.yaml --trial 7 --name leuko-balf
+        leuko register --config conf/experiment/phantoms_tiny.yaml --model.net vit3d_tiny --model.lr 0.002
+        MLFLOW_TRACKING_URI=http://127.0.0.1:5001 leuko register --space conf/sweep/default.yaml
+        """,
+    )
+    p.add_argument(
+        "--space",
+        default="conf/sweep/default.yaml",
+        help="sweep file naming the study (default conf/sweep/default.yaml)",
+    )
+    p.add_argument("--storage", default=None, help="study storage, when not the sweep file's")
+    p.add_argument("--trial", type=int, default=None, help="register this trial instead of the best one")
+    p.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="register this config instead of a trial (repeatable; overrides may follow)",
+    )
+    p.add_argument("--name", default="leuko", help="registered model name (default leuko)")
+    p.add_argument(
+        "--metric",
+        default=None,
+        help="test metric that decides champion vs challenger (default: the study's objective)",
+    )
+    p.add_argument("--out", default="runs", help="parent folder of the refit's checkpoints (default runs)")
+    p.set_defaults(func=cmd_register, takes_rest=True)
+
+
+def cmd_register(args: argparse.Namespace, rest: list[str]) -> None:
+    # heavy imports here: keeps `leuko --help` instant
+    from leuko.tracking.registry import Source, print_summary, register, source_from_study
+
+    if args.config:
+        source = Source(configs=args.config, overrides=rest)
+    elif rest:
+        raise UsageError(f"config overrides ({' '.join(rest)}) need --config; a trial from --space brings its own")
+    else:
+        source = source_from_study(args.space, storage=args.storage, trial=args.trial)
+        print(f"registering trial {source.trial} of study {source.study}", file=sys.stderr)
+    result = register(source, name=args.name, metric=args.metric, out=args.out)
+    if result:
+        print_summary(result)
+
+
+# ---------------------------------------------------------------------------------------------- lineage
+def _add_lineage(sub) -> None:
+    p = add_command(
+        sub,
+        "lineage",
+        "where a model or run came from: data version (DVC) -> run (MLflow) -> model version, and how to get that data",
+        """
+        leuko lineage models:/leuko@champion
+        leuko lineage models:/leuko/3 --json
+        leuko lineage 0123456789abcdef0123456789abcdef          # a run id, e.g. one CV fold
+        MLFLOW_TRACKING_URI=http://mlflow.lab:5001 leuko lineage models:/leuko@champion
+        """,
+    )
+    p.add_argument("target", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID or a run id")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="MLflow tracking URI (MLFLOW_TRACKING_URI wins; default sqlite:///mlflow.db)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=cmd_lineage)
+
+
+def cmd_lineage(args: argparse.Namespace) -> None:
+    # heavy imports here: keeps `leuko --help` instant
+    from leuko.tracking.lineage import format_lineage, lineage_json, resolve
+
+    lineage = resolve(args.target, tracking_uri=args.tracking_uri)
+    print(lineage_json(lineage) if args.json else format_lineage(lineage))
