@@ -55,7 +55,7 @@ from nets_table import count as count_flops
 from leuko.data.augment import BatchAugment
 from leuko.data.datamodule import LeukoDataModule
 from leuko.data.optics import DEFAULT_CLASSES
-from leuko.data.prepare import INDEX, META, VOLUMES
+from leuko.data.prepared import INDEX, META, VOLUMES
 from leuko.training.module import VolumeClassifier
 
 FULL_NETS = ("resnet3d_50", "vit3d", "fishnet3d")

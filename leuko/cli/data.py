@@ -142,6 +142,7 @@ def _add_prepare(sub) -> None:
 def cmd_prepare(args: argparse.Namespace) -> None:
     # heavy imports here: keeps `leuko --help` instant
     from leuko.data.prepare import prepare
+    from leuko.data.prepared import INDEX, META, SKIPPED, VOLUMES
 
     result = prepare(
         args.manifest,
@@ -155,9 +156,9 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     if result.up_to_date:
         print(f"{args.out} is up to date ({result.n_cells} cells); nothing to do")
         return
-    print(f"wrote {result.n_cells} cells to {args.out} (volumes.npy, index.csv, meta.json)")
+    print(f"wrote {result.n_cells} cells to {args.out} ({VOLUMES}, {INDEX}, {META})")
     if result.n_skipped:
-        print(f"skipped {result.n_skipped} bad cells: see {args.out}/skipped.csv", file=sys.stderr)
+        print(f"skipped {result.n_skipped} bad cells: see {args.out}/{SKIPPED}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------- import-medmnist

@@ -34,6 +34,11 @@ def _add_cv(sub) -> None:
     p.add_argument("--folds", help="comma-separated folds to run (default: all)")
     p.add_argument("--name", default=None, help="name of the CV (MLflow parent run, output folder); default cv-<time>")
     p.add_argument("--out", default="runs", help="parent folder of the CV output (default runs)")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        help="when <out>/<name> holds an earlier CV, delete that folder and run there (default: refuse)",
+    )
     p.set_defaults(func=cmd_cv, takes_rest=True)
 
 
@@ -42,7 +47,7 @@ def cmd_cv(args: argparse.Namespace, rest: list[str]) -> None:
     from leuko.training.cv import cross_validate
 
     folds = [int(f) for f in args.folds.split(",")] if args.folds else None
-    cross_validate(config=args.config, overrides=rest, folds=folds, name=args.name, out=args.out)
+    cross_validate(config=args.config, overrides=rest, folds=folds, name=args.name, out=args.out, replace=args.replace)
 
 
 # ------------------------------------------------------------------------------ fit, validate, test, predict

@@ -91,7 +91,7 @@ class LeukoDataModule(L.LightningDataModule):
         num_workers: int = 2,
         balanced_sampling: bool = False,
         predict_split: Literal["all", "train", "val", "test"] = "all",
-        augment: Augmentation = Augmentation(),
+        augment: Augmentation = Augmentation(),  # noqa: B008 (LightningCLI reads the default; it is only read)
         pin_memory: bool = True,
     ):
         """
@@ -222,7 +222,9 @@ class LeukoDataModule(L.LightningDataModule):
         # and DDP ranks draw independently. Seeding a generator costs no host-device sync.
         trainer = self.trainer
         batch = trainer.fit_loop.epoch_loop.batch_progress.current.ready
-        seed = ((self.hparams.seed * 1_000_003 + trainer.current_epoch) * 1_000_003 + batch) * 1_009 + trainer.global_rank
+        seed = (
+            (self.hparams.seed * 1_000_003 + trainer.current_epoch) * 1_000_003 + batch
+        ) * 1_009 + trainer.global_rank
         if device not in self._augment_generators:
             self._augment_generators[device] = torch.Generator(device=device)
         return self._augment_generators[device].manual_seed(seed % (2**63))

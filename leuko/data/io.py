@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
 from leuko.errors import LeukoError
 
 SUPPORTED_SUFFIXES = (".npy", ".npz", ".tif", ".tiff", ".nii", ".nii.gz", ".h5", ".hdf5")
@@ -106,9 +107,7 @@ def check_volume(path: str | Path, volume: np.ndarray) -> None:
         )
 
 
-def write_volume(
-    path: str | Path, volume: np.ndarray, *, voxel_size: Sequence[float] | None = None
-) -> Path:
+def write_volume(path: str | Path, volume: np.ndarray, *, voxel_size: Sequence[float] | None = None) -> Path:
     """Write a (C, D, H, W) or (D, H, W) volume as float32; the format follows the suffix.
 
     voxel_size: (z, y, x) in micrometres, stored where the format has a place for it
@@ -216,7 +215,7 @@ def _read_npz(path: Path, key: str | None):
 
 
 def _read_tif(path: Path):
-    import tifffile
+    import tifffile  # optional formats load their library on first use (import time)
 
     with tifffile.TiffFile(path) as tif:
         if not tif.series:
@@ -226,7 +225,7 @@ def _read_tif(path: Path):
 
 
 def _read_nii(path: Path):
-    import nibabel
+    import nibabel  # optional formats load their library on first use (import time)
 
     image = nibabel.load(path)
     # NIfTI stores (X, Y, Z[, C]); reversing gives ([C,] Z, Y, X), what write_volume put in.
@@ -237,7 +236,7 @@ def _read_nii(path: Path):
 
 
 def _read_h5(path: Path, dataset: str | None):
-    import h5py
+    import h5py  # optional formats load their library on first use (import time)
 
     with h5py.File(path, "r") as h5:
         names: list[str] = []
@@ -291,7 +290,7 @@ def _write_npz(path: Path, volume: np.ndarray, voxel_size) -> None:
 
 
 def _write_tif(path: Path, volume: np.ndarray, voxel_size) -> None:
-    import tifffile
+    import tifffile  # optional formats load their library on first use (import time)
 
     # ImageJ hyperstack order is TZCYXS, so (C, D, H, W) goes in as ZCYX.
     metadata: dict = {"axes": "ZCYX"}
@@ -311,7 +310,7 @@ def _write_tif(path: Path, volume: np.ndarray, voxel_size) -> None:
 
 
 def _nifti_bytes(volume: np.ndarray, voxel_size) -> bytes:
-    import nibabel
+    import nibabel  # optional formats load their library on first use (import time)
 
     z, y, x = voxel_size if voxel_size is not None else (1.0, 1.0, 1.0)
     # (C, D, H, W) -> (X, Y, Z, C): NIfTI's first axis is x; a single channel stays 3D.
@@ -332,7 +331,7 @@ def _write_nii_gz(path: Path, volume: np.ndarray, voxel_size) -> None:
 
 
 def _write_h5(path: Path, volume: np.ndarray, voxel_size) -> None:
-    import h5py
+    import h5py  # optional formats load their library on first use (import time)
 
     with h5py.File(path, "w") as h5:
         data = h5.create_dataset(DEFAULT_KEY, data=volume, compression="gzip", track_times=False)

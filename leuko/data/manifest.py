@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from leuko.data.optics import DEFAULT_CLASSES
 from leuko.data.io import SUPPORTED_SUFFIXES, volume_suffix
+from leuko.data.optics import DEFAULT_CLASSES
 from leuko.errors import LeukoError
 
 REQUIRED_COLUMNS = (
@@ -163,48 +163,65 @@ def validate_manifest(
         for i, message in enumerate(df["read_problem"]):
             if message:
                 add(i, message)
-
     if "cell_id" in df.columns:
-        seen: dict[str, int] = {}
-        for i, cell_id in enumerate(ids):
-            if not cell_id:
-                add(i, "empty cell_id")
-            elif cell_id in seen:
-                add(i, f"duplicate cell_id {cell_id!r}, first used on line {seen[cell_id]}; cell_ids must be unique")
-            else:
-                seen[cell_id] = lines[i]
-
+        _check_ids(ids, lines, add)
     if "path" in df.columns:
-        abs_paths = df["abs_path"] if "abs_path" in df.columns else [resolve_path(p, root) for p in df["path"]]
-        for i, (value, full) in enumerate(zip(df["path"], abs_paths)):
-            if not value:
-                add(i, "empty path")
-            elif volume_suffix(value) not in SUPPORTED_SUFFIXES:
-                add(i, f"unsupported file type in path {value!r}; use one of {', '.join(SUPPORTED_SUFFIXES)}")
-            elif check_files and not os.path.isfile(full):
-                add(i, f"file not found: {full} (relative paths start at the manifest's folder {root})")
-
+        _check_paths(df, root, check_files, add)
     if "label" in df.columns:
-        allowed = None if classes is None else list(classes)
-        lowered = {c.lower(): c for c in allowed or []}
-        for i, label in enumerate(df["label"]):
-            if not label:
-                add(i, "empty label")
-            elif allowed is not None and label not in allowed:
-                guess = lowered.get(label.lower())
-                hint = f" (did you mean {guess!r}?)" if guess else ""
-                add(
-                    i,
-                    f"label {label!r} is not one of {', '.join(allowed)}{hint};"
-                    " fix the label or change the class list with --classes",
-                )
+        _check_labels(df["label"], classes, add)
+    _check_values(df, add)
+    if "modality" in df.columns:
+        mixed = _check_modalities(df["modality"], lines, add)
+        if mixed:
+            problems.append(mixed)
+    return sorted(problems, key=lambda p: p.line if p.line is not None else 0)
 
+
+def _check_ids(ids: list, lines: list[int], add) -> None:
+    seen: dict[str, int] = {}
+    for i, cell_id in enumerate(ids):
+        if not cell_id:
+            add(i, "empty cell_id")
+        elif cell_id in seen:
+            add(i, f"duplicate cell_id {cell_id!r}, first used on line {seen[cell_id]}; cell_ids must be unique")
+        else:
+            seen[cell_id] = lines[i]
+
+
+def _check_paths(df: pd.DataFrame, root: Path, check_files: bool, add) -> None:
+    abs_paths = df["abs_path"] if "abs_path" in df.columns else [resolve_path(p, root) for p in df["path"]]
+    for i, (value, full) in enumerate(zip(df["path"], abs_paths)):
+        if not value:
+            add(i, "empty path")
+        elif volume_suffix(value) not in SUPPORTED_SUFFIXES:
+            add(i, f"unsupported file type in path {value!r}; use one of {', '.join(SUPPORTED_SUFFIXES)}")
+        elif check_files and not os.path.isfile(full):
+            add(i, f"file not found: {full} (relative paths start at the manifest's folder {root})")
+
+
+def _check_labels(labels: pd.Series, classes: Sequence[str] | None, add) -> None:
+    allowed = None if classes is None else list(classes)
+    lowered = {c.lower(): c for c in allowed or []}
+    for i, label in enumerate(labels):
+        if not label:
+            add(i, "empty label")
+        elif allowed is not None and label not in allowed:
+            guess = lowered.get(label.lower())
+            hint = f" (did you mean {guess!r}?)" if guess else ""
+            add(
+                i,
+                f"label {label!r} is not one of {', '.join(allowed)}{hint};"
+                " fix the label or change the class list with --classes",
+            )
+
+
+def _check_values(df: pd.DataFrame, add) -> None:
+    """patient_id and sample_type present, voxel sizes positive numbers, split a known one."""
     for column, example in (("patient_id", "the patient or donor"), ("sample_type", "e.g. blood or BALF")):
         if column in df.columns:
             for i, value in enumerate(df[column]):
                 if not value:
                     add(i, f"empty {column} ({example})")
-
     for column in VOXEL_SIZE_COLUMNS:
         if column in df.columns:
             for i, value in enumerate(df[column]):
@@ -213,24 +230,24 @@ def validate_manifest(
                     add(i, f"{column} {value!r} is not a number; give the voxel size in micrometres")
                 elif not size > 0 or math.isinf(size):
                     add(i, f"{column} {value!r} must be a positive number of micrometres")
-
     if "split" in df.columns:
         for i, value in enumerate(df["split"]):
             if value.lower() not in SPLITS:
                 add(i, f"split {value!r} is not one of {', '.join(SPLITS)} (or drop the split column)")
 
-    if "modality" in df.columns:
-        by_modality: dict[str, list[int]] = defaultdict(list)
-        for i, value in enumerate(df["modality"]):
-            if value.lower() not in MODALITIES:
-                add(i, f"modality {value!r} is not one of {', '.join(MODALITIES)}")
-            else:
-                by_modality[value.lower()].append(lines[i])
-        if len(by_modality) > 1:
-            found = "; ".join(f"{m} on {_line_list(ls)}" for m, ls in sorted(by_modality.items()))
-            problems.append(Problem(None, None, f"mixes modalities ({found}); prepare one modality per manifest"))
 
-    return sorted(problems, key=lambda p: (p.line if p.line is not None else 0))
+def _check_modalities(modalities: pd.Series, lines: list[int], add) -> Problem | None:
+    """Each row's modality known; a Problem for the whole file when the rows mix modalities."""
+    by_modality: dict[str, list[int]] = defaultdict(list)
+    for i, value in enumerate(modalities):
+        if value.lower() not in MODALITIES:
+            add(i, f"modality {value!r} is not one of {', '.join(MODALITIES)}")
+        else:
+            by_modality[value.lower()].append(lines[i])
+    if len(by_modality) > 1:
+        found = "; ".join(f"{m} on {_line_list(ls)}" for m, ls in sorted(by_modality.items()))
+        return Problem(None, None, f"mixes modalities ({found}); prepare one modality per manifest")
+    return None
 
 
 def finalise_manifest(df: pd.DataFrame) -> pd.DataFrame:

@@ -23,6 +23,20 @@ import numpy as np
 from leuko.errors import LeukoError
 
 SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.csv"
+INFO = "medmnist.json"  # source, dataset, classes, counts per split, shape, dtype
+MANIFEST_COLUMNS = (
+    "cell_id",
+    "path",
+    "label",
+    "patient_id",
+    "sample_type",
+    "voxel_size_z",
+    "voxel_size_y",
+    "voxel_size_x",
+    "modality",
+    "split",
+)
 # Class names per dataset, from the MedMNIST v2 INFO table (medmnist/info.py); index = label value.
 KNOWN_CLASSES = {
     "vesselmnist3d": ("vessel", "aneurysm"),
@@ -30,11 +44,28 @@ KNOWN_CLASSES = {
     "nodulemnist3d": ("benign", "malignant"),
     "fracturemnist3d": ("buckle", "nondisplaced", "displaced"),
     "synapsemnist3d": ("inhibitory", "excitatory"),
-    "organmnist3d": ("liver", "kidney-right", "kidney-left", "femur-right", "femur-left", "bladder", "heart",
-                     "lung-right", "lung-left", "spleen", "pancreas"),
+    "organmnist3d": (
+        "liver",
+        "kidney-right",
+        "kidney-left",
+        "femur-right",
+        "femur-left",
+        "bladder",
+        "heart",
+        "lung-right",
+        "lung-left",
+        "spleen",
+        "pancreas",
+    ),
 }
-SAMPLE_TYPES = {"vesselmnist3d": "vessel", "adrenalmnist3d": "adrenal", "nodulemnist3d": "lung nodule",
-                "fracturemnist3d": "rib", "synapsemnist3d": "synapse", "organmnist3d": "abdomen"}
+SAMPLE_TYPES = {
+    "vesselmnist3d": "vessel",
+    "adrenalmnist3d": "adrenal",
+    "nodulemnist3d": "lung nodule",
+    "fracturemnist3d": "rib",
+    "synapsemnist3d": "synapse",
+    "organmnist3d": "abdomen",
+}
 
 
 class MedMNISTError(LeukoError, ValueError):
@@ -63,6 +94,50 @@ def import_medmnist(
     limit: keep at most this many volumes per split (quick checks). out_dir must be new, empty or an earlier
     import (which is replaced)."""
     npz, out_dir = Path(npz), Path(out_dir)
+    data = _open_npz(npz)
+    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / INFO).is_file())):
+        raise MedMNISTError(
+            f"{out_dir} exists and is not an earlier MedMNIST import; choose a new or empty folder for --out"
+        )
+    name = dataset_name(npz)
+    arrays = {split: _split_arrays(data, npz, split, limit) for split in SPLITS}
+    n_classes = 1 + max(int(lab.max()) for _, lab in arrays.values() if len(lab))
+    if classes is None:
+        classes = KNOWN_CLASSES.get(name, tuple(f"class_{i}" for i in range(n_classes)))
+    classes = [str(c) for c in classes]
+    if len(classes) < n_classes:
+        raise MedMNISTError(
+            f"{npz}: labels go up to {n_classes - 1} but {len(classes)} class name(s) were given "
+            f"({', '.join(classes)}); give one name per label value"
+        )
+    sample_type = sample_type or SAMPLE_TYPES.get(name, name)
+
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_volumes_and_manifest(tmp, arrays, classes, name=name, sample_type=sample_type)
+        info = {
+            "source": str(npz.resolve()),
+            "dataset": name,
+            "classes": classes,
+            "counts": {s: {c: int((lab == i).sum()) for i, c in enumerate(classes)} for s, (_, lab) in arrays.items()},
+            "shape": list(arrays["train"][0].shape[1:]),
+            "dtype": str(arrays["train"][0].dtype),
+            "note": "no subject ids in MedMNIST: patient_id is unique per volume; voxel sizes unknown (set to 1)",
+        }
+        (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir / MANIFEST
+
+
+def _open_npz(npz: Path):
+    """The arrays of a MedMNIST .npz, which must hold <split>_images and <split>_labels for every split."""
     if not npz.is_file():
         raise FileNotFoundError(f"{npz}: no such file; give the path of a MedMNIST 3D .npz (e.g. vesselmnist3d.npz)")
     try:
@@ -72,67 +147,46 @@ def import_medmnist(
         raise MedMNISTError(f"{npz}: not a readable .npz file ({exc})") from exc
     missing = [f"{s}_{kind}" for s in SPLITS for kind in ("images", "labels") if f"{s}_{kind}" not in keys]
     if missing:
-        raise MedMNISTError(f"{npz}: lacks array(s) {', '.join(missing)} (has {', '.join(sorted(keys))}); "
-                            "a MedMNIST file holds train/val/test _images and _labels")
-    if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / "medmnist.json").is_file())):
         raise MedMNISTError(
-            f"{out_dir} exists and is not an earlier MedMNIST import; choose a new or empty folder for --out"
+            f"{npz}: lacks array(s) {', '.join(missing)} (has {', '.join(sorted(keys))}); "
+            "a MedMNIST file holds train/val/test _images and _labels"
         )
+    return data
 
-    name = dataset_name(npz)
-    arrays = {}
-    for split in SPLITS:
-        images, labels = data[f"{split}_images"], data[f"{split}_labels"]
-        if images.ndim == 5 and images.shape[-1] in (1, 3):  # (N, D, H, W, C): channels last in MedMNIST+
-            images = np.moveaxis(images, -1, 1)
-        if images.ndim not in (4, 5):
-            raise MedMNISTError(f"{npz}: {split}_images has shape {images.shape}; expected (N, D, H, W) volumes")
-        labels = np.asarray(labels).reshape(len(labels), -1)
-        if labels.shape[1] != 1 or len(labels) != len(images):
-            raise MedMNISTError(f"{npz}: {split}_labels has shape {data[f'{split}_labels'].shape}; expected "
-                                f"({len(images)}, 1) single labels (multi-label MedMNIST sets are not supported)")
-        keep = slice(None) if limit is None else slice(0, limit)
-        arrays[split] = (images[keep], labels[keep, 0].astype(int))
-    n_classes = 1 + max(int(lab.max()) for _, lab in arrays.values() if len(lab))
-    if classes is None:
-        classes = KNOWN_CLASSES.get(name, tuple(f"class_{i}" for i in range(n_classes)))
-    classes = [str(c) for c in classes]
-    if len(classes) < n_classes:
-        raise MedMNISTError(f"{npz}: labels go up to {n_classes - 1} but {len(classes)} class name(s) were given "
-                            f"({', '.join(classes)}); give one name per label value")
-    sample_type = sample_type or SAMPLE_TYPES.get(name, name)
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+def _split_arrays(data, npz: Path, split: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(images (N, [C,] D, H, W), integer labels (N,)) of one split, the first `limit` of them."""
+    images, labels = data[f"{split}_images"], data[f"{split}_labels"]
+    if images.ndim == 5 and images.shape[-1] in (1, 3):  # (N, D, H, W, C): channels last in MedMNIST+
+        images = np.moveaxis(images, -1, 1)
+    if images.ndim not in (4, 5):
+        raise MedMNISTError(f"{npz}: {split}_images has shape {images.shape}; expected (N, D, H, W) volumes")
+    labels = np.asarray(labels).reshape(len(labels), -1)
+    if labels.shape[1] != 1 or len(labels) != len(images):
+        raise MedMNISTError(
+            f"{npz}: {split}_labels has shape {data[f'{split}_labels'].shape}; expected "
+            f"({len(images)}, 1) single labels (multi-label MedMNIST sets are not supported)"
+        )
+    keep = slice(None) if limit is None else slice(0, limit)
+    return images[keep], labels[keep, 0].astype(int)
+
+
+def _write_volumes_and_manifest(tmp: Path, arrays: dict, classes: list[str], *, name: str, sample_type: str) -> None:
+    """tmp/volumes/<split>/<cell_id>.npy and tmp/manifest.csv."""
     rows = []
-    try:
-        for split, (images, labels) in arrays.items():
-            folder = tmp / "volumes" / split
-            folder.mkdir(parents=True)
-            width = len(str(max(len(images) - 1, 0)))
-            for i, (volume, label) in enumerate(zip(images, labels)):
-                cell_id = f"{split}_{i:0{width}d}"
-                np.save(folder / f"{cell_id}.npy", np.ascontiguousarray(volume))  # (D, H, W) or (C, D, H, W)
-                # No subject ids in MedMNIST: one "patient" per volume, so patient grouping is a no-op.
-                rows.append([cell_id, f"volumes/{split}/{cell_id}.npy", classes[label], f"{name}_{cell_id}",
-                             sample_type, 1.0, 1.0, 1.0, "generic", split])
-        with open(tmp / "manifest.csv", "w", newline="") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(["cell_id", "path", "label", "patient_id", "sample_type", "voxel_size_z", "voxel_size_y",
-                             "voxel_size_x", "modality", "split"])
-            writer.writerows(rows)
-        info = {
-            "source": str(npz.resolve()), "dataset": name, "classes": classes,
-            "counts": {s: {c: int((lab == i).sum()) for i, c in enumerate(classes)} for s, (_, lab) in arrays.items()},
-            "shape": list(arrays["train"][0].shape[1:]), "dtype": str(arrays["train"][0].dtype),
-            "note": "no subject ids in MedMNIST: patient_id is unique per volume; voxel sizes unknown (set to 1)",
-        }
-        (tmp / "medmnist.json").write_text(json.dumps(info, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir / "manifest.csv"
+    for split, (images, labels) in arrays.items():
+        folder = tmp / "volumes" / split
+        folder.mkdir(parents=True)
+        width = len(str(max(len(images) - 1, 0)))
+        for i, (volume, label) in enumerate(zip(images, labels)):
+            cell_id = f"{split}_{i:0{width}d}"
+            np.save(folder / f"{cell_id}.npy", np.ascontiguousarray(volume))  # (D, H, W) or (C, D, H, W)
+            # No subject ids in MedMNIST: one "patient" per volume, so patient grouping is a no-op.
+            path = f"volumes/{split}/{cell_id}.npy"
+            rows.append(
+                [cell_id, path, classes[label], f"{name}_{cell_id}", sample_type, 1.0, 1.0, 1.0, "generic", split]
+            )
+    with open(tmp / MANIFEST, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(MANIFEST_COLUMNS)
+        writer.writerows(rows)

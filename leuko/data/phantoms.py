@@ -44,6 +44,8 @@ MANIFEST_COLUMNS = (
 )
 CHANNELS = {"ri": ("ri",), "hhg": ("thg", "shg")}
 GENERATOR = "leuko.data.phantoms"
+MANIFEST = "manifest.csv"
+COHORT = "cohort.json"  # the arguments, the classes and every patient's plan
 GENERATOR_VERSION = 1  # bump whenever the same arguments would give different volumes
 
 # Edge of the field of view in um along every axis, whatever the shape: a 32^3 box gets 0.5 um voxels and
@@ -221,19 +223,19 @@ def make_cohort(
             fmt=fmt,
             progress=progress,
         )
-        with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+        with open(tmp / MANIFEST, "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(MANIFEST_COLUMNS)
             writer.writerows(rows)
         cohort = _cohort_record(plan, n_patients, cells_per_patient, shape, voxel, modality, fmt, seed)
-        (tmp / "cohort.json").write_text(json.dumps(cohort, indent=2) + "\n", encoding="utf-8")
+        (tmp / COHORT).write_text(json.dumps(cohort, indent=2) + "\n", encoding="utf-8")
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir / "manifest.csv"
+    return out_dir / MANIFEST
 
 
 def _write_cells(
@@ -269,7 +271,7 @@ def _write_cells(
 
 def _is_phantom_cohort(folder: Path) -> bool:
     try:
-        return json.loads((folder / "cohort.json").read_text(encoding="utf-8")).get("generator") == GENERATOR
+        return json.loads((folder / COHORT).read_text(encoding="utf-8")).get("generator") == GENERATOR
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -82,8 +82,7 @@ def prepare(
     bad rows are left out and listed in skipped.csv. classes=None accepts any label and uses
     the sorted labels found. target_voxel_size: (z, y, x) um to resample to before cropping.
     """
-    manifest = Path(manifest)
-    out_dir = Path(out_dir)
+    manifest, out_dir = Path(manifest), Path(out_dir)
     shape = _check_shape(shape)
     target = _check_voxel_size(target_voxel_size)
     read_options = _check_read_options(read_options)
@@ -100,8 +99,7 @@ def prepare(
         return PrepareResult(out_dir, int(previous["n_cells"]), int(previous.get("n_skipped", 0)), True)
 
     problems = validate_manifest(table, manifest.parent, classes)
-    fatal = [p for p in problems if not p.is_row]
-    if fatal:
+    if any(not p.is_row for p in problems):  # a problem with the whole file, not one row
         raise ManifestError(manifest, problems)
     bad_lines = {p.line for p in problems}
     modality = _modality(table, bad_lines)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from leuko.data.io import SUPPORTED_SUFFIXES, VolumeError, read_volume, volume_suffix
 from leuko.data.manifest import VOXEL_SIZE_COLUMNS, read_manifest_table
 from leuko.errors import LeukoError
+from leuko.evaluation.agreement import differentials
 from leuko.training.predictions import PRED, prob_columns, probability_table
 
 MANIFEST = "manifest.csv"
@@ -90,6 +91,7 @@ def _add_voxel_size(cells: pd.DataFrame, voxel_size: Sequence[float] | None) -> 
 
 def load_model(model_uri: str):
     """(pyfunc model, its LeukoModel). MLFLOW_TRACKING_URI, or sqlite:///mlflow.db, says where models:/ lives."""
+    # heavy imports here: mlflow and leuko.tracking.runs (Lightning) take seconds to load
     import mlflow
 
     from leuko.tracking.runs import resolve_tracking_uri
@@ -202,8 +204,6 @@ def _run(cells: pd.DataFrame, model, impl, *, batch_size: int, progress: bool) -
 
 def differential(cells: pd.DataFrame, classes: Sequence[str], groups: list[str]) -> pd.DataFrame:
     """Per group: n_cells and pred_<class> percent; with labels that are all model classes, also ref_<class>."""
-    from leuko.evaluation.agreement import differentials
-
     labels = cells["label"].astype(str) if "label" in cells.columns else None
     if labels is not None and set(labels) <= set(classes):
         return differentials(cells, classes, by=groups)

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from leuko.errors import LeukoError
+from leuko.training.predictions import PRED
 
 SAMPLE_KEYS = ("patient_id", "sample_type")
 LOA_SDS = 1.96  # 95% of differences fall within bias +- 1.96 sd if they are normal
@@ -37,7 +38,7 @@ def differentials(
     *,
     by: Sequence[str] = SAMPLE_KEYS,
     label_col: str = "label",
-    pred_col: str = "pred_label",
+    pred_col: str = PRED,
     reference: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Per sample: n_cells, pred_<class> and ref_<class> in percent (each set sums to 100).
@@ -182,7 +183,8 @@ def bland_altman_plot(
 ) -> Path:
     """One panel per class: difference (predicted - reference, %) against the mean of the two (%), with the
     bias and both limits of agreement drawn and labelled. Points are coloured by sample_type when present."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
+    # heavy import here: matplotlib takes half a second to load. No pyplot: no GUI backend, no global figure state
+    from matplotlib.figure import Figure
 
     _check_differential_columns(diffs, classes)
     classes = list(classes)
@@ -239,7 +241,7 @@ def log_agreement(
     ba/<class>/<bias|sd|loa_low|loa_high> (ba/<group>/<class>/... for a grouped table) to an MLflow run.
 
     client: an mlflow.MlflowClient (passed in so callers choose the tracking URI)."""
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric  # heavy import here: mlflow takes a second or two to load
 
     group_col = table.columns[0] if table.columns[0] != "class" else None
     with tempfile.TemporaryDirectory() as tmp:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from leuko.data.folds import fold_masks, fold_names, make_splits, read_splits, require_cells
 from leuko.data.prepared import load_prepared
@@ -25,7 +26,7 @@ from leuko.errors import LeukoError
 from leuko.evaluation.metrics import SCORES, mean_std, scores
 from leuko.evaluation.mip import DEFAULT_MIP_NET, mip_cv
 from leuko.evaluation.morphology import FEATURES
-from leuko.training.run_dir import BASELINES, FOLD_METRICS, fold_configs
+from leuko.training.run_dir import BASELINES, CONFIG, FOLD_METRICS, FOLD_PREFIX, fold_configs
 
 METRICS = SCORES
 TABLE_COLUMNS = (
@@ -84,6 +85,7 @@ def classical_models(seed: int = 0) -> dict[str, object]:
 
     The features span orders of magnitude (volume in fL, RI near 1.37), so every model sees z-scores
     fitted on its training folds only."""
+    # heavy imports here: scikit-learn's models take seconds to load, and only the classical baselines need them
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
     from sklearn.naive_bayes import GaussianNB
     from sklearn.neighbors import KNeighborsClassifier
@@ -123,7 +125,7 @@ def classical_cv(features: pd.DataFrame, splits: pd.DataFrame, folds: Sequence[s
 
     features: one row per cell (cell_id, label, FEATURES), from features_table. splits: cell_id and fold
     (from make_splits or read_splits); cells in the splits must all have features."""
-    from sklearn.base import clone
+    from sklearn.base import clone  # heavy import here, as in classical_models
 
     columns = feature_columns(features)
     table = align(features, splits)
@@ -187,8 +189,6 @@ def cv_rows(cv_dir: str | Path) -> pd.DataFrame:
 
 def cv_config(cv_dir: str | Path) -> dict:
     """The resolved config of a CV (the first fold's config.yaml; every fold shares it but the fold)."""
-    import yaml
-
     configs = fold_configs(cv_dir)
     if not configs:
         return {}
@@ -202,7 +202,7 @@ def cv_splits(cv_dir: str | Path) -> tuple[pd.DataFrame, list[str], Path]:
     data = config.get("data")
     if not data:
         raise BaselineError(
-            f"{cv_dir}: no fold_*/config.yaml with a data section, so the folds cannot be rebuilt; "
+            f"{cv_dir}: no {FOLD_PREFIX}*/{CONFIG} with a data section, so the folds cannot be rebuilt; "
             "pass --prepared, --k, --seed and --test-fraction instead of --cv"
         )
     prepared = Path(data.get("prepared_dir", "prepared"))

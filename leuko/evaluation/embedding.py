@@ -29,7 +29,7 @@ class EmbeddingError(LeukoError, ValueError):
 
 def penultimate_features(model, volumes: np.ndarray, rows: Sequence[int], *, batch_size: int = 64) -> np.ndarray:
     """(N, num_features) of model.features(x) (a VolumeClassifier) for volumes[rows], on the model's device."""
-    import torch
+    import torch  # heavy imports in this module's functions: torch, umap and matplotlib take seconds to load
 
     rows = np.asarray(rows)
     model.eval()
@@ -45,7 +45,7 @@ def penultimate_features(model, volumes: np.ndarray, rows: Sequence[int], *, bat
 
 def umap_2d(features: np.ndarray, *, n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0) -> np.ndarray:
     """(N, F) -> (N, 2). Features are z-scored first so no single unit's scale dominates the distances."""
-    import umap
+    import umap  # heavy import: see penultimate_features
 
     features = np.asarray(features, dtype=np.float32)
     if len(features) < 4:
@@ -66,6 +66,7 @@ def embedding_plot(
     order: Sequence[str] | None = None,
 ) -> Path:
     """Scatter of (N, 2) coords, one colour per group; a legend (outside, right) when there are at most 40."""
+    # heavy imports here: see penultimate_features
     from matplotlib import colormaps
     from matplotlib.figure import Figure
 
@@ -114,6 +115,7 @@ def load_classifier(path: str | Path):
 
     Checkpoints written while the classifier still registered its (optionally compiled) forward net as a
     submodule hold every weight twice, under net.* and forward_net.*; only net.* is loaded, strictly."""
+    # heavy imports here: torch and Lightning take seconds to load
     import torch
 
     from leuko.training.module import VolumeClassifier

@@ -168,6 +168,7 @@ def tracking_client(cv_dir: Path | None, uri: str | None = None):
 
     The URI: MLFLOW_TRACKING_URI, then `uri`, then the CV's config (tracking.uri), then the default SQLite
     file; a SQLite file that does not exist means nothing was logged (and is not created here)."""
+    # heavy imports here: mlflow and leuko.tracking.runs (Lightning) take seconds to load
     import mlflow
 
     from leuko.tracking.runs import resolve_tracking_uri

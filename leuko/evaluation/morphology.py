@@ -24,8 +24,11 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 from skimage import measure
+from tqdm import tqdm
 
-from leuko.data.optics import N_MEDIUM, RI_CELL_THRESHOLD, RI_INCREMENT_ML_PER_G
+from leuko.data.io import read_volume
+from leuko.data.manifest import read_manifest
+from leuko.data.optics import DEFAULT_CLASSES, N_MEDIUM, RI_CELL_THRESHOLD, RI_INCREMENT_ML_PER_G
 from leuko.errors import LeukoError
 
 # Without a THG threshold: background median + this many noise sds, where 1.4826 * MAD estimates the
@@ -155,11 +158,6 @@ def features_table(
 
     Every cell is measured before failing; a ValueError then lists each file that could not be measured.
     """
-    from tqdm import tqdm
-
-    from leuko.data.io import read_volume
-    from leuko.data.manifest import read_manifest
-
     cells = read_manifest(manifest_path, classes=None, check_files=True)
     rows, problems = [], []
     for cell in tqdm(cells.itertuples(index=False), total=len(cells), disable=not progress, desc="features"):
@@ -203,9 +201,8 @@ def feature_plot(table: pd.DataFrame, path: str | Path, *, classes: Sequence[str
     """One panel per feature: its distribution per class (box plot with every cell as a jittered dot), as in
     Figure 2 of the RI study. classes: order on the x axis (default: DEFAULT_CLASSES order, then the rest sorted).
     Features that are all NaN (RI features of HHG cells) get an empty panel that says so."""
-    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global figure state
-
-    from leuko.data.optics import DEFAULT_CLASSES
+    # heavy import here: matplotlib takes half a second to load. No pyplot: no GUI backend, no global figure state
+    from matplotlib.figure import Figure
 
     missing = [c for c in ("label", *FEATURES) if c not in table.columns]
     if missing:

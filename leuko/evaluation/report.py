@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 from leuko.errors import LeukoError
 from leuko.evaluation import baselines, embedding, evaluate
@@ -144,8 +145,6 @@ def _read_csv(path: Path | None) -> pd.DataFrame | None:
 
 
 def _config(files: RunFiles) -> tuple[dict, str]:
-    import yaml  # only the report reads a config as YAML text
-
     for candidate in [files.root / CONFIG, *fold_configs(files.root)]:
         if candidate.is_file():
             text = candidate.read_text()

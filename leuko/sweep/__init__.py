@@ -6,7 +6,7 @@ The modules, in the order a sweep walks through them:
     run          the command: set up the study and the MLflow sweep run, start the workers, finish
     worker       one worker: ask for a trial, run it in this process or its own, report the outcome
     trial        one cross-validated trial with pruning; `python -m leuko.sweep TRIAL_DIR/trial.json`
-    recovery     fail the RUNNING trials whose worker died (heartbeats for journal storage)
+    recovery     fail the RUNNING trials whose worker died (pid, heartbeat and start time; any storage)
     tracking     MLflow bookkeeping: the sweep run, its trials' runs nested below it
     leaderboard  one row per trial, best first
 

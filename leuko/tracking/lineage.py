@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,11 @@ from leuko.errors import LeukoError
 
 UNTRACKED = "untracked"
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+# Tags are text that anyone who can write to the tracking store chose: a commit goes to git only when it is
+# a hex SHA (and after --end-of-options), an md5 into a command only when it is a DVC hash, and every value
+# in a printed command is shell-quoted.
+GIT_SHA = re.compile(r"^[0-9a-f]{7,64}$")
+DVC_MD5 = re.compile(r"^[0-9a-f]{32}(\.dir)?$")
 
 
 class LineageError(LeukoError, ValueError):
@@ -233,11 +239,15 @@ def resolve(target: str, tracking_uri: str | None = None) -> Lineage:
 
 def _committed_md5(commit: str, dvc_file: str, root: Path | None) -> str | None:
     """md5 that dvc_file records at commit, when this repository has that commit."""
-    if root is None or not commit or commit == "unknown":
+    if root is None or not GIT_SHA.match(commit):
         return None
     try:
         shown = subprocess.run(
-            ["git", "show", f"{commit}:{dvc_file}"], cwd=root, capture_output=True, text=True, timeout=10
+            ["git", "show", "--end-of-options", f"{commit}:{dvc_file}", "--"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -316,6 +326,8 @@ def _restore_lines(tags: dict[str, str], start: str | Path) -> list[str]:
     commit = tags.get("leuko.git_commit", "unknown").removesuffix("-dirty")
     if not md5 or md5 == UNTRACKED:
         return ["  not possible from the tags: track the dataset with `dvc add` before training"]
+    if not DVC_MD5.match(md5):
+        return [f"  not possible from the tags: the recorded md5 {shlex.quote(md5)} is not a DVC hash"]
     lines = []
     if tags.get("leuko.data_dvc_state", "not recorded") == "modified":
         lines.append(
@@ -323,21 +335,26 @@ def _restore_lines(tags: dict[str, str], start: str | Path) -> list[str]:
             "the md5 is of the last added version"
         )
     committed = _committed_md5(commit, dvc_file, repo_root(start))
+    quoted = shlex.quote(dvc_file)
     if committed == md5:
-        lines.append(f"  git checkout {commit} -- {dvc_file}    # {dvc_file} there records md5 {_short(md5)}")
+        lines.append(f"  git checkout {commit} -- {quoted}    # {quoted} there records md5 {_short(md5)}")
     else:
         if committed is not None:
             lines.append(
                 f"  note: {dvc_file} at {_short(commit)} records md5 {_short(committed)}, not {_short(md5)}: "
                 "write it from the tag"
             )
-        elif commit and commit != "unknown":
+        elif GIT_SHA.match(commit):
             lines.append(
                 f"  (commit {_short(commit)} or its {dvc_file} is not in this repository: write it from the tag)"
             )
+        elif commit and commit != "unknown":
+            lines.append(f"  (the recorded commit {shlex.quote(commit)} is not a git commit hash: write it from the tag)")
         relative = os.path.relpath(data_path, Path(dvc_file).parent)  # a .dvc file's path is relative to it
-        lines.append(f"  printf 'outs:\\n- md5: {md5}\\n  hash: md5\\n  path: {relative}\\n' > {dvc_file}")
-    lines.append(f"  dvc pull {dvc_file}        # or `dvc checkout {dvc_file}` when the local cache has it")
+        escaped = relative.replace("\\", "\\\\").replace("%", "%%")  # printf reads its format's \ and %
+        text = f"outs:\\n- md5: {md5}\\n  hash: md5\\n  path: {escaped}\\n"
+        lines.append(f"  printf {shlex.quote(text)} > {quoted}")
+    lines.append(f"  dvc pull {quoted}        # or `dvc checkout {quoted}` when the local cache has it")
     return lines
 
 

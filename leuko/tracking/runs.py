@@ -10,7 +10,9 @@ import os
 from pathlib import Path
 
 import lightning as L
+from lightning.fabric.utilities.logger import _convert_params, _flatten_dict
 from lightning.pytorch.loggers import MLFlowLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from leuko.tracking.figures import log_confusion
 from leuko.training import run_dir
@@ -48,6 +50,34 @@ def log_batch(client, run_id: str, *, metrics: list | None = None, params: list 
         client.log_batch(run_id, params=params[i : i + 100])
 
 
+class ResumableMLFlowLogger(MLFlowLogger):
+    """Lightning's MLFlowLogger, able to continue a run (`leuko fit --ckpt_path last` after an interruption).
+
+    MLflow never changes a logged param. A param already logged keeps its value; one whose value differs
+    in the resumed fit (cli.ckpt_path None -> last, a changed trainer setting) is recorded as the run tag
+    leuko.resume.<key> with the new value, so the resume neither fails nor loses what it changed.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._logged: dict[str, str] | None = None  # the run's params, read once
+
+    @rank_zero_only
+    def log_hyperparams(self, params) -> None:
+        from mlflow.entities import Param  # mlflow loads in seconds: only when a run is made
+
+        # as MLFlowLogger.log_hyperparams: flat keys, values cut to 250 characters
+        values = {k: str(v)[:250] for k, v in _flatten_dict(_convert_params(params)).items()}
+        if self._logged is None:
+            self._logged = dict(self.experiment.get_run(self.run_id).data.params)
+        new = {k: v for k, v in values.items() if k not in self._logged}
+        log_batch(self.experiment, self.run_id, params=[Param(k, v) for k, v in new.items()])
+        self._logged.update(new)
+        for key, value in values.items():
+            if self._logged[key] != value:
+                self.experiment.set_tag(self.run_id, f"leuko.resume.{key}", value)
+
+
 def make_logger(
     *,
     experiment: str = DEFAULT_EXPERIMENT,
@@ -56,12 +86,12 @@ def make_logger(
     tags: dict[str, str] | None = None,
     parent_run_id: str | None = None,
     run_id: str | None = None,
-) -> MLFlowLogger:
+) -> ResumableMLFlowLogger:
     tags = dict(tags or {})
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     # The logger creates its run lazily and only on global rank 0, so DDP gives one run.
-    return MLFlowLogger(
+    return ResumableMLFlowLogger(
         experiment_name=experiment,
         run_name=run_name,
         tracking_uri=resolve_tracking_uri(tracking_uri),

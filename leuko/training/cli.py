@@ -7,8 +7,10 @@ the checkpoints and logged to the MLflow run.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pandas as pd
@@ -59,8 +61,33 @@ class CSVPredictionWriter(BasePredictionWriter):
             print(f"predictions for {sum(len(f) for f in gathered)} cells -> {self.path}", file=sys.stderr)
 
 
+class _DropLitLoggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet_lightning() -> None:
+    """Silence two Lightning messages a leuko user cannot act on; every other message and warning stays.
+
+    - the tip to install litlogger for Lightning's cloud platform (leuko logs to MLflow), printed by every Trainer;
+    - torch's FutureWarning about `isinstance(treespec, LeafSpec)`, raised by Lightning's own _pytree module.
+    """
+    warnings.filterwarnings(
+        "ignore",
+        message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+        category=FutureWarning,
+        module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    # rank_zero_info logs through the rank_zero logger of lightning.pytorch (or of lightning.fabric)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropLitLoggerTip) for f in logger.filters):
+            logger.addFilter(_DropLitLoggerTip())
+
+
 class LeukoCLI(LightningCLI):
     def __init__(self, *args, parent_run_id: str | None = None, extra_tags: dict | None = None, **kwargs):
+        quiet_lightning()
         self.parent_run_id = parent_run_id
         self.extra_tags = extra_tags or {}
         kwargs.setdefault("save_config_callback", MLflowSaveConfig)

@@ -24,6 +24,9 @@ from leuko.training.cli import LeukoCLI
 from leuko.training.predictions import PRED, predictions_frame
 
 
+CV_NAME = "LEUKO_CV_NAME"  # the folder rank zero claimed, for the DDP ranks Lightning starts
+
+
 def is_rank_zero() -> bool:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
 
@@ -43,17 +46,21 @@ def cross_validate(
     trial_callbacks: list | None = None,
     parent_run_id: str | None = None,
     extra_tags: dict[str, str] | None = None,
+    replace: bool = False,
 ) -> dict:
     """Train every requested fold; return {"metrics": per-fold frame, "summary": {metric: {"mean", "std"}}, ...}.
 
     The CV gets its own MLflow run (a child of `parent_run_id` when given, e.g. a sweep), and each fold
     a child run under it. `trial_callbacks` are added to every fold's Trainer (e.g. Optuna pruning).
+    The output folder is out/<name>, or out/cv-<time> (-2, ...) without a name; one that already holds a
+    CV is refused unless `replace` (see leuko.training.run_dir.claim_cv_folder).
     """
     overrides = list(overrides or [])
-    name = name or time.strftime("cv-%Y%m%d-%H%M%S")
-    out_dir = Path(out) / name
-    probe = _cli(config, overrides, ["--trainer.default_root_dir", str(run_dir.fold_dir(out_dir, 0))])
+    provisional = run_dir.fold_dir(Path(out) / (name or "cv"), 0)  # the probe only reads the config and data
+    probe = _cli(config, overrides, ["--trainer.default_root_dir", str(provisional)])
     folds = _check_folds(folds, fold_names(probe.datamodule.splits))
+    out_dir = _claim_folder(out, name, folds[0], replace)
+    name = out_dir.name
     client, parent_id = _start_parent_run(probe, name, out_dir, parent_run_id, extra_tags)
     del probe
 
@@ -92,6 +99,16 @@ def _check_folds(folds: list[int] | None, available: list[str]) -> list[int]:
     if unknown:
         raise SplitError(f"--folds {unknown}: the splits have folds {available}")
     return folds
+
+
+def _claim_folder(out: str | Path, name: str | None, first_fold: int, replace: bool) -> Path:
+    """Rank zero claims the CV's folder; the other ranks, which Lightning starts with rank zero's
+    environment, use the folder it claimed."""
+    if not is_rank_zero():
+        return Path(out) / (name or os.environ.get(CV_NAME) or time.strftime("cv-%Y%m%d-%H%M%S"))
+    folder = run_dir.claim_cv_folder(out, name, first_fold, replace=replace)
+    os.environ[CV_NAME] = folder.name
+    return folder
 
 
 def _start_parent_run(probe, name: str, out_dir: Path, parent_run_id: str | None, extra_tags: dict | None):

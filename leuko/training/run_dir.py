@@ -16,11 +16,20 @@
       report.html                 `leuko report`
 
 Every other module names these files through the constants and functions here.
+
+A run never writes into another run's folder: a default name (cv-<time>, register-<time>) is created
+exclusively, with -2, -3, ... when another run took it in the same second, and an explicit name whose
+folder already holds a CV is refused unless the caller asks to replace it.
 """
 
 from __future__ import annotations
 
+import itertools
+import shutil
+import time
 from pathlib import Path
+
+from leuko.errors import LeukoError
 
 RUN_ID = "mlflow_run_id"
 SUMMARY = "cv_summary.json"
@@ -35,6 +44,11 @@ BASELINES = "baselines"
 REPORT = "report.html"
 PREDICTIONS = "predictions.csv"
 FOLD_PREFIX = "fold_"
+CV_OUTPUTS = (RUN_ID, SUMMARY, FOLD_METRICS, OOF)  # besides the fold_<k>/ folders
+
+
+class RunFolderError(LeukoError, ValueError):
+    """A run folder another run already holds; the message names it and the ways out."""
 
 
 def fold_dir(run: str | Path, fold: int | str) -> Path:
@@ -69,3 +83,48 @@ def write_run_id(folder: str | Path, run_id: str) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / RUN_ID).write_text(run_id + "\n")
+
+
+def cv_outputs(folder: str | Path) -> list[str]:
+    """Names of the CV outputs (fold folders, run id, summaries) the folder already holds."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name in CV_OUTPUTS or p.name.startswith(FOLD_PREFIX))
+
+
+def new_folder(out: str | Path, prefix: str) -> Path:
+    """out/<prefix>-<YYYYmmdd-HHMMSS>, created here and so held by no other run (-2, -3, ... when taken)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in itertools.count(1):
+        folder = out / (base if n == 1 else f"{base}-{n}")
+        try:
+            folder.mkdir()  # atomic: of two runs in the same second, one gets base, the other base-2
+        except FileExistsError:
+            continue
+        return folder
+    raise AssertionError("unreachable")
+
+
+def claim_cv_folder(out: str | Path, name: str | None, first_fold: int | str, *, replace: bool = False) -> Path:
+    """The folder of a new CV: out/cv-<time> when name is None, else out/<name>, refused when it holds a CV.
+
+    replace=True removes the earlier CV's folder (its checkpoints, summaries and evaluation) first. The
+    first fold's folder is created exclusively, so of two CVs started at once under one name, one stops.
+    """
+    folder = new_folder(out, "cv") if name is None else Path(out) / name
+    held = cv_outputs(folder)
+    if held and replace:
+        shutil.rmtree(folder)
+    elif held:
+        raise RunFolderError(
+            f"{folder} already holds a CV ({', '.join(held[:4])}{', ...' if len(held) > 4 else ''}): choose "
+            f"another --name, remove the folder, or pass --replace to delete it and run this CV there"
+        )
+    try:
+        fold_dir(folder, first_fold).mkdir(parents=True)
+    except FileExistsError:
+        raise RunFolderError(f"{folder}: another CV started in this folder just now; choose another --name") from None
+    return folder

@@ -6,7 +6,7 @@ import torch
 
 from leuko.data.datamodule import Augmentation, EpochSampler, LeukoDataModule
 from leuko.data.folds import make_splits, write_splits
-from leuko.data.prepare import PrepareError
+from leuko.data.prepared import PrepareError
 
 
 def make_dm(prepared, **kwargs):

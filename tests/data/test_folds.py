@@ -1,5 +1,3 @@
-import warnings
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -78,7 +76,9 @@ def test_missing_class_in_training_fold_warns():
 
 def test_split_column_is_honoured():
     cells = cohort(n_patients=6)
-    cells["split"] = np.where(cells["patient_id"] == "p00", "test", np.where(cells["patient_id"] == "p01", "val", "train"))
+    cells["split"] = np.where(
+        cells["patient_id"] == "p00", "test", np.where(cells["patient_id"] == "p01", "val", "train")
+    )
     splits = make_splits(cells, k=5)
     assert set(splits.loc[cells["split"] == "val", "fold"]) == {"0"}
     assert set(splits.loc[cells["split"] == "test", "fold"]) == {"test"}

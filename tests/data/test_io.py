@@ -98,7 +98,9 @@ def test_missing_file(tmp_path):
 
 def test_unsupported_suffix_lists_the_supported_ones(tmp_path):
     (tmp_path / "cell.mat").write_bytes(b"x")
-    with pytest.raises(VolumeError, match=r"cell\.mat: unsupported file type '\.mat'.*\.npy, \.npz, \.tif.*\.nii\.gz.*\.h5"):
+    with pytest.raises(
+        VolumeError, match=r"cell\.mat: unsupported file type '\.mat'.*\.npy, \.npz, \.tif.*\.nii\.gz.*\.h5"
+    ):
         read_volume(tmp_path / "cell.mat")
     with pytest.raises(VolumeError, match="cannot write"):
         write_volume(tmp_path / "cell.mat", np.zeros((2, 2, 2)))
@@ -131,7 +133,9 @@ def test_corrupt_or_truncated_files_name_the_file(tmp_path, volume, name, damage
 @pytest.mark.parametrize("shape", [(4, 5), (1, 2, 3, 4, 5)])
 def test_wrong_number_of_dimensions(tmp_path, shape):
     np.save(tmp_path / "bad.npy", np.random.default_rng(0).random(shape))
-    with pytest.raises(VolumeError, match=rf"bad\.npy: has shape \({shape[0]}, .*{len(shape)} dimensions.*\(C, D, H, W\)"):
+    with pytest.raises(
+        VolumeError, match=rf"bad\.npy: has shape \({shape[0]}, .*{len(shape)} dimensions.*\(C, D, H, W\)"
+    ):
         read_volume(tmp_path / "bad.npy")
 
 
@@ -145,7 +149,9 @@ def test_nan_and_inf_voxels(tmp_path, volume):
     volume[1, 2, 3, 4] = np.nan
     volume[0, 0, 0, 1] = np.inf
     path = write_volume(tmp_path / "cell.npy", volume)
-    with pytest.raises(VolumeError, match=r"cell\.npy: has 1 NaN and 1 Inf voxels \(first at .* \(0, 0, 0, 1\)\); fill"):
+    with pytest.raises(
+        VolumeError, match=r"cell\.npy: has 1 NaN and 1 Inf voxels \(first at .* \(0, 0, 0, 1\)\); fill"
+    ):
         read_volume(path)
     assert np.isnan(read_volume(path, check=False)).sum() == 1
 

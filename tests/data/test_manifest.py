@@ -90,7 +90,9 @@ def test_reports_every_problem_at_once_with_lines(tmp_path):
 def test_missing_columns_listed_with_the_found_ones(tmp_path):
     path = _write(tmp_path, ["c1,a.npy,neutrophil,p1"], header="cell_id,path,label,patient")
     text = str(_problems(path))
-    assert "line 1: missing required column(s) patient_id, sample_type, voxel_size_z, voxel_size_y, voxel_size_x" in text
+    assert (
+        "line 1: missing required column(s) patient_id, sample_type, voxel_size_z, voxel_size_y, voxel_size_x" in text
+    )
     assert "found cell_id, path, label, patient" in text
 
 
@@ -114,7 +116,9 @@ def test_mixed_modalities_are_one_problem_for_the_whole_file(tmp_path):
     header = HEADER + ",modality"
     path = _write(tmp_path, [GOOD[0] + ",ri", GOOD[1] + ",hhg", GOOD[2] + ",xray"], header=header)
     error = _problems(path)
-    assert "manifest: mixes modalities (hhg on line 3; ri on line 2); prepare one modality per manifest" in error.problems
+    assert (
+        "manifest: mixes modalities (hhg on line 3; ri on line 2); prepare one modality per manifest" in error.problems
+    )
     assert "line 4 (cell_id c3): modality 'xray' is not one of ri, hhg, generic" in error.problems
     assert [p.is_row for p in error.details] == [False, True]
 

@@ -12,7 +12,8 @@ from leuko.cli import main
 from leuko.data.folds import TEST, TRAIN_ONLY, make_splits
 from leuko.data.manifest import read_manifest
 from leuko.data.medmnist import dataset_name, import_medmnist
-from leuko.data.prepare import load_prepared, prepare
+from leuko.data.prepare import prepare
+from leuko.data.prepared import load_prepared
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data" / "medmnist3d"
 
@@ -105,8 +106,9 @@ def test_multistep_schedule_of_the_medmnist_protocol():
     """lr x0.1 at 50% and 75% of training, as the MedMNIST benchmark trains."""
     from leuko.training.module import VolumeClassifier
 
-    model = VolumeClassifier(net="fishnet3d_tiny", num_classes=2, scheduler="multistep", warmup_epochs=0,
-                             optimizer="adam", weight_decay=0.0)
+    model = VolumeClassifier(
+        net="fishnet3d_tiny", num_classes=2, scheduler="multistep", warmup_epochs=0, optimizer="adam", weight_decay=0.0
+    )
 
     class _Trainer:
         estimated_stepping_batches = 100
@@ -121,8 +123,10 @@ def test_multistep_schedule_of_the_medmnist_protocol():
         VolumeClassifier(net="fishnet3d_tiny", scheduler="multistep", milestones=(50, 75))
 
 
-@pytest.mark.skipif(not (SHARED / "vesselmnist3d.npz").is_file(),
-                    reason=f"VesselMNIST3D is not at {SHARED} (the shared data folder is absent)")
+@pytest.mark.skipif(
+    not (SHARED / "vesselmnist3d.npz").is_file(),
+    reason=f"VesselMNIST3D is not at {SHARED} (the shared data folder is absent)",
+)
 def test_real_vesselmnist3d(tmp_path):
     manifest = import_medmnist(SHARED / "vesselmnist3d.npz", tmp_path / "vessel", limit=10)
     cells = read_manifest(manifest, classes=["vessel", "aneurysm"])

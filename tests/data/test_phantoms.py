@@ -113,7 +113,11 @@ def test_cell_sizes_overlap_between_classes():
     acq = Acquisition(gain=1.0, offset=0.0, noise=0.001, blur_z_um=0.5, blur_xy_um=0.25)
     fl = {
         label: [
-            float((render_cell(label, "blood", "ri", acq, grid, np.random.default_rng([9, i]))[0] > RI_CELL_THRESHOLD).sum())
+            float(
+                (
+                    render_cell(label, "blood", "ri", acq, grid, np.random.default_rng([9, i]))[0] > RI_CELL_THRESHOLD
+                ).sum()
+            )
             * 0.125
             for i in range(25)
         ]
@@ -126,8 +130,9 @@ def test_cell_sizes_overlap_between_classes():
 def test_voxel_size_scales_with_shape(tmp_path):
     volumes = {}
     for shape in [(32, 32, 32), (48, 96, 96)]:
-        manifest = make_cohort(tmp_path / "x".join(map(str, shape)), n_patients=1, cells_per_patient=2,
-                               shape=shape, progress=False)
+        manifest = make_cohort(
+            tmp_path / "x".join(map(str, shape)), n_patients=1, cells_per_patient=2, shape=shape, progress=False
+        )
         row = _rows(manifest)[0]
         voxel = [float(row[f"voxel_size_{a}"]) for a in "zyx"]
         assert voxel == pytest.approx([16 / s for s in shape], abs=1e-6)

@@ -8,14 +8,9 @@ from scipy import ndimage
 
 from leuko.data.io import write_volume
 from leuko.data.manifest import REQUIRED_COLUMNS, ManifestError
-from leuko.data.prepare import (
-    PrepareError,
-    centre_crop_or_pad,
-    load_prepared,
-    prepare,
-    process_cell,
-    resample,
-)
+from leuko.data.prepare import prepare
+from leuko.data.prepared import PrepareError, load_prepared
+from leuko.data.preprocess import centre_crop_or_pad, process_cell, resample
 
 N_MEDIUM = 1.337
 LABELS = ("neutrophil", "eosinophil", "lymphocyte", "monocyte")
@@ -106,7 +101,9 @@ def test_hhg_scaling_is_robust_per_volume_and_channel(tmp_path):
         shg = rng.normal(3, 0.1, (16, 16, 16)) + 40 * (ri_cell((16, 16, 16), (8, 7, 8), 3) > 1.35)
         cells[i] = np.stack([thg, shg * (i + 1)]).astype(np.float32)
     manifest = write_cohort(tmp_path / "raw", 3, volumes=cells, extra_columns=",modality")
-    manifest.write_text("\n".join(line + ("" if n == 0 else ",hhg") for n, line in enumerate(manifest.read_text().splitlines())) + "\n")
+    manifest.write_text(
+        "\n".join(line + ("" if n == 0 else ",hhg") for n, line in enumerate(manifest.read_text().splitlines())) + "\n"
+    )
     prepare(manifest, tmp_path / "prep", shape=(16, 16, 16), progress=False)
     volumes, _, meta = load_prepared(tmp_path / "prep")
     assert meta["modality"] == "hhg" and meta["channels"] == 2
@@ -245,13 +242,17 @@ def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
     manifest = write_cohort(tmp_path / "raw", 2)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
-    with pytest.raises(PrepareError, match=r"mine exists and is not a leuko prepared folder.*choose a new or empty folder"):
+    with pytest.raises(
+        PrepareError, match=r"mine exists and is not a leuko prepared folder.*choose a new or empty folder"
+    ):
         prepare(manifest, tmp_path / "mine", progress=False)
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 
 def test_load_prepared_says_how_to_make_the_folder(tmp_path):
-    with pytest.raises(PrepareError, match=r"folder not found.*run `leuko prepare --manifest MANIFEST --out .*nothing` first"):
+    with pytest.raises(
+        PrepareError, match=r"folder not found.*run `leuko prepare --manifest MANIFEST --out .*nothing` first"
+    ):
         load_prepared(tmp_path / "nothing")
     manifest = write_cohort(tmp_path / "raw", 2)
     prepare(manifest, tmp_path / "prep", shape=(8, 8, 8), progress=False)
@@ -270,7 +271,7 @@ def test_memory_stays_flat_while_streaming(tmp_path):
     n_cells, shape = 200, (32, 32, 32)
     folder = tmp_path / "raw"
     base = ri_cell(shape=(36, 36, 36), centre=(18, 18, 18), radius=6)
-    manifest = write_cohort(folder, n_cells, volumes={i: base for i in range(n_cells)})
+    manifest = write_cohort(folder, n_cells, volumes=dict.fromkeys(range(n_cells), base))
     total = n_cells * np.prod(shape) * 4  # bytes of the prepared array
     tracemalloc.start()
     try:
@@ -280,3 +281,11 @@ def test_memory_stays_flat_while_streaming(tmp_path):
         tracemalloc.stop()
     assert load_prepared(tmp_path / "prep")[0].shape[0] == n_cells
     assert peak < total / 10, f"peak {peak / 1e6:.1f} MB while preparing {total / 1e6:.1f} MB"
+
+
+def test_registered_models_still_find_process_cell_in_prepare():
+    # the pyfunc_model.py stored with a registered model imports it from leuko.data.prepare
+    import leuko.data.prepare
+
+    assert leuko.data.prepare.process_cell is process_cell
+    assert leuko.data.prepare.load_prepared is load_prepared

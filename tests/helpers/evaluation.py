@@ -8,6 +8,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from leuko.training.predictions import PRED, prob_columns
+from leuko.training.run_dir import CONFIG, FOLD_METRICS, OOF, SUMMARY, fold_dir, write_run_id
+
 CLASSES = ["neutrophil", "eosinophil", "lymphocyte", "monocyte"]
 
 
@@ -45,38 +48,38 @@ def fake_cv(
                     "sample_type": ["BALF", "blood"][p % 2],
                     "fold": p % folds,
                     "label": label,
-                    "pred_label": CLASSES[int(np.argmax(probs))],
-                    **{f"prob_{c}": float(v) for c, v in zip(CLASSES, probs)},
+                    PRED: CLASSES[int(np.argmax(probs))],
+                    **{column: float(v) for column, v in zip(prob_columns(CLASSES), probs)},
                 }
             )
     oof = pd.DataFrame(rows)
     out = Path(root) / name
     out.mkdir(parents=True)
-    oof.to_csv(out / "oof_predictions.csv", index=False)
+    oof.to_csv(out / OOF, index=False)
     metric_rows = []
     for f, part in oof.groupby("fold"):
-        recall = recall_score(part["label"], part["pred_label"], labels=CLASSES, average=None, zero_division=0)
+        recall = recall_score(part["label"], part[PRED], labels=CLASSES, average=None, zero_division=0)
         metric_rows.append(
             {
                 "fold": f,
-                "accuracy": accuracy_score(part["label"], part["pred_label"]),
-                "balanced_accuracy": balanced_accuracy_score(part["label"], part["pred_label"]),
-                "macro_f1": f1_score(part["label"], part["pred_label"], average="macro"),
+                "accuracy": accuracy_score(part["label"], part[PRED]),
+                "balanced_accuracy": balanced_accuracy_score(part["label"], part[PRED]),
+                "macro_f1": f1_score(part["label"], part[PRED], average="macro"),
                 "auroc": 0.8 + 0.01 * f,
                 "loss": 1.0 - 0.1 * f,
                 **{f"recall_{c}": r for c, r in zip(CLASSES, recall)},
             }
         )
     metrics = pd.DataFrame(metric_rows)
-    metrics.to_csv(out / "cv_metrics.csv", index=False)
+    metrics.to_csv(out / FOLD_METRICS, index=False)
     summary = {
         c: {"mean": float(metrics[c].mean()), "std": float(metrics[c].std(ddof=1))}
         for c in metrics.columns
         if c != "fold"
     }
-    (out / "cv_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    (out / "fold_0").mkdir()
-    (out / "fold_0" / "config.yaml").write_text(
+    (out / SUMMARY).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    fold_dir(out, 0).mkdir()
+    (fold_dir(out, 0) / CONFIG).write_text(
         f"model:\n  net: fishnet3d_tiny\ndata:\n  prepared_dir: {Path(root) / 'no_prepared'}\n  k: {folds}\n"
         f"tracking:\n  uri: {tracking_uri or 'null'}\n"
     )
@@ -88,16 +91,17 @@ def fake_cv(
 def _log_runs(out: Path, uri: str, experiment: str, name: str, summary: dict, folds: int, epochs: int) -> None:
     import mlflow
 
+    from leuko.tracking.runs import experiment_id
+
     client = mlflow.MlflowClient(uri)
-    exp = client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    exp_id = experiment_id(client, experiment)
     parent = client.create_run(exp_id, run_name=name, tags={"leuko.command": "cv"}).info.run_id
     for key, stats in summary.items():
         client.log_metric(parent, f"cv/{key}_mean", stats["mean"])
         client.log_metric(parent, f"cv/{key}_std", stats["std"])
-    for name in ("cv_metrics.csv", "oof_predictions.csv", "cv_summary.json"):  # as leuko.training.cv logs them
+    for name in (FOLD_METRICS, OOF, SUMMARY):  # as leuko.training.cv logs them
         client.log_artifact(parent, str(out / name))
-    client.log_text(parent, (out / "fold_0" / "config.yaml").read_text(), "config.yaml")
+    client.log_text(parent, (fold_dir(out, 0) / CONFIG).read_text(), CONFIG)
     steps_per_epoch = 10
     for f in range(folds):
         child = client.create_run(
@@ -114,7 +118,7 @@ def _log_runs(out: Path, uri: str, experiment: str, name: str, summary: dict, fo
         client.log_metric(child, "val/balanced_accuracy", 0.99, step=epochs * steps_per_epoch)
         client.set_terminated(child)
     client.set_terminated(parent)
-    (out / "mlflow_run_id").write_text(parent + "\n")
+    write_run_id(out, parent)
 
 
 def curve_value(fold: int, epoch: int) -> float:

@@ -159,3 +159,41 @@ def test_lineage_errors_name_the_target(registered, capsys):
     assert "models:/leuko-t@nosuchalias" in capsys.readouterr().err
     assert main(["lineage", "leuko-t", "--tracking-uri", registered["uri"]]) == 1
     assert "not a model URI" in capsys.readouterr().err
+
+
+def test_lineage_gives_tag_text_neither_to_git_nor_unquoted_to_the_shell(
+    registered, dvc_repo, capsys, monkeypatch, tmp_path
+):
+    """A run's tags are text anyone with write access to the store chose: never options, never shell code."""
+    monkeypatch.chdir(dvc_repo["repo"])
+    client = registered["client"]
+    hostile = {
+        "leuko.git_commit": f"--output={tmp_path / 'written'}",  # `git show --output=FILE` writes FILE
+        "leuko.data_dvc_file": "data.dvc; touch pwned",
+        "leuko.data_dvc_path": "data",
+        "leuko.data_dvc_md5": dvc_repo["md5"],
+        "leuko.data_dvc_state": "clean",
+    }
+    run = client.create_run(client.get_experiment_by_name("lineage").experiment_id, run_name="hostile", tags=hostile)
+    assert main(["lineage", run.info.run_id, "--tracking-uri", registered["uri"]]) == 0
+    out = capsys.readouterr().out
+    assert not list(tmp_path.glob("written*")), "a tag reached git as an option"
+    assert "'data.dvc; touch pwned'" in out
+
+    # the printed commands do what they read: in a scratch folder, the printf line writes the .dvc file only
+    printf = next(line.strip() for line in out.splitlines() if line.strip().startswith("printf "))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    subprocess.run(["bash", "-c", printf], cwd=scratch, check=True)
+    assert [p.name for p in scratch.iterdir()] == ["data.dvc; touch pwned"]
+    written = yaml.safe_load((scratch / "data.dvc; touch pwned").read_text())
+    assert written == {"outs": [{"md5": dvc_repo["md5"], "hash": "md5", "path": "data"}]}
+
+
+def test_lineage_refuses_a_recorded_md5_that_is_no_dvc_hash(dvc_repo):
+    from leuko.tracking.lineage import _restore_lines
+
+    tags = {"leuko.data_dvc_md5": "x' > /tmp/y; echo '", "leuko.git_commit": dvc_repo["commit"]}
+    lines = _restore_lines(tags, dvc_repo["repo"])
+    assert not any(line.strip().startswith(("printf", "dvc ", "git ")) for line in lines), lines
+    assert "not a DVC hash" in " ".join(lines)

@@ -71,3 +71,35 @@ def test_cv_rejects_unknown_fold(tiny_config, capsys, tmp_path, monkeypatch):
     code = main(["cv", "--config", str(tiny_config), "--folds", "0,7", "--tracking.enabled", "false"])
     assert code == 1
     assert "[7]" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cv_never_writes_into_another_cvs_folder(tiny_config, tmp_path, monkeypatch, capsys):
+    """Two CVs started in the same second get two folders; an explicit --name that holds a CV is refused."""
+    import time
+
+    real, fixed = time.strftime, time.localtime()
+    monkeypatch.setattr(time, "strftime", lambda fmt, t=None: real(fmt, fixed if t is None else t))  # one second
+    monkeypatch.chdir(tmp_path)
+    quick = ["--config", str(tiny_config), "--folds", "0", "--tracking.enabled", "false", "--out", "runs"]
+    quick += ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"]
+    assert main(["cv", *quick]) == 0
+    (first,) = sorted((tmp_path / "runs").iterdir())
+    metrics = (first / "cv_metrics.csv").read_text()
+    assert main(["cv", *quick]) == 0
+    folders = sorted((tmp_path / "runs").iterdir())
+    assert len(folders) == 2 and first in folders  # same second, another folder
+    assert all((f / "cv_summary.json").is_file() for f in folders)
+    assert (first / "cv_metrics.csv").read_text() == metrics
+    capsys.readouterr()
+
+    # an explicit name whose folder holds a CV: refused, naming the folder and the ways out
+    before = sorted(p.relative_to(first) for p in first.rglob("*"))
+    assert main(["cv", *quick, "--name", first.name]) == 1
+    err = capsys.readouterr().err
+    assert f"runs/{first.name} already holds a CV" in err and "--name" in err and "--replace" in err
+    assert sorted(p.relative_to(first) for p in first.rglob("*")) == before
+    # --replace: the old CV's folder is removed and the new CV written alone into it
+    (first / "eval").mkdir()
+    assert main(["cv", *quick, "--name", first.name, "--replace"]) == 0
+    assert (first / "cv_summary.json").is_file() and not (first / "eval").exists()

@@ -109,3 +109,20 @@ def test_in_channels_mismatch_is_named(tiny_prepared):
     trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match=r"in_channels=2 .* has 1 channel"):
         trainer.fit(model, datamodule=dm)
+
+
+@pytest.mark.slow
+def test_fit_prints_no_lightning_noise(tiny_config, tmp_path):
+    """Lightning's litlogger tip and torch's pytree deprecation warning are nothing a leuko user can act on."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    cmd = [sys.executable, "-m", "leuko.cli", "fit", "--config", str(tiny_config)]
+    cmd += ["--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_epochs", "1"]
+    done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Trainer.fit` stopped" in done.stderr  # Lightning's own messages still come through
+    assert "litlogger" not in done.stderr
+    assert "LeafSpec" not in done.stderr and "_pytree" not in done.stderr
