@@ -1,27 +1,30 @@
 """Read and write single-cell volumes as (C, D, H, W) float32 arrays.
 
-One reader and one writer per format, chosen from the file suffix. Writers produce
-deterministic bytes (no timestamps), so DVC sees an unchanged file as unchanged.
+One reader per format, chosen from the file suffix; the writers (deterministic bytes, so DVC sees an
+unchanged file as unchanged) are in leuko.data.writers. Every reader checks what the file's header
+claims (shape x dtype) against the bytes the file holds before it allocates anything: a forged or
+damaged header is a VolumeError that names the file, not a MemoryError for terabytes.
 """
 
 from __future__ import annotations
 
-import gzip
-import io
+import math
+import os
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from leuko.data.writers import DEFAULT_KEY, WRITERS
 from leuko.errors import LeukoError
 
 SUPPORTED_SUFFIXES = (".npy", ".npz", ".tif", ".tiff", ".nii", ".nii.gz", ".h5", ".hdf5")
-DEFAULT_KEY = "volume"  # npz array name and h5 dataset path written by write_volume
-
-# The fixed date that zip (npz) entries carry instead of the wall clock; 1980-01-01 is
-# the earliest date the zip format can store.
-_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
+# Deflate (npz, nii.gz, gzip in h5, zlib in tif) never expands its input more than 1032:1 (zlib
+# technical details); compressed data held to this bound cannot ask for more memory than that.
+# Other codecs can pack tighter, but only nearly constant data does, and a constant volume is
+# rejected anyway.
+MAX_EXPANSION = 1032
 
 
 class VolumeError(LeukoError, ValueError):
@@ -71,7 +74,7 @@ def read_volume(
             array, axes = reader(path, dataset)
         else:
             array, axes = reader(path)
-    except (VolumeError, MemoryError):
+    except (VolumeError, MemoryError):  # out of memory for a volume its file really holds: not corrupt
         raise
     except Exception as exc:  # every library raises its own types for a damaged file
         reason = " ".join(str(exc).split())  # one line, whatever the library wrote
@@ -132,7 +135,7 @@ def write_volume(path: str | Path, volume: np.ndarray, *, voxel_size: Sequence[f
                 f"write_volume({path}): voxel_size must be three positive (z, y, x) values, got {voxel_size}"
             )
     path.parent.mkdir(parents=True, exist_ok=True)
-    _WRITERS[suffix](path, volume, voxel_size)
+    WRITERS[suffix](path, volume, voxel_size)
     return path
 
 
@@ -197,6 +200,8 @@ def _reorder_axes(path: Path, array: np.ndarray, axes: str) -> np.ndarray:
 
 
 def _read_npy(path: Path):
+    with open(path, "rb") as f:
+        _npy_header(path, f, os.fstat(f.fileno()).st_size)
     return np.load(path, allow_pickle=False), None
 
 
@@ -211,7 +216,23 @@ def _read_npz(path: Path, key: str | None):
                 f"has no array {key!r}; it holds {', '.join(map(repr, names)) or 'no arrays'}",
                 "pick one with the npz key option (read_volume(..., key=NAME))",
             )
+        with zipfile.ZipFile(path) as zf:
+            info = zf.getinfo(f"{key}.npy" if f"{key}.npy" in zf.namelist() else key)
+            expansion = 1 if info.compress_type == zipfile.ZIP_STORED else MAX_EXPANSION
+            with zf.open(info) as member:
+                _npy_header(path, member, min(info.file_size, info.compress_size * expansion), info.compress_size)
         return archive[key], None
+
+
+def _npy_header(path: Path, f, size: int, stored: int | None = None) -> None:
+    """Check an .npy header at f against the size bytes (of which stored are on disk, if compressed)."""
+    version = np.lib.format.read_magic(f)
+    # Version 3.0 differs from 2.0 only in allowing utf-8 in the header; volume headers are ascii.
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _, dtype = read(f)
+    if dtype.hasobject:
+        raise VolumeError(path, "holds Python objects, not numbers", "store the volume as real numbers")
+    _check_claim(path, shape, dtype, available=size - f.tell(), stored=stored)
 
 
 def _read_tif(path: Path):
@@ -221,6 +242,11 @@ def _read_tif(path: Path):
         if not tif.series:
             raise VolumeError(path, "holds no image series", "re-export the stack")
         series = tif.series[0]
+        size = os.path.getsize(path)
+        if series.keyframe.compression == tifffile.COMPRESSION.NONE:
+            _check_claim(path, series.shape, series.dtype, size)
+        else:
+            _check_claim(path, series.shape, series.dtype, size * MAX_EXPANSION, size)
         return series.asarray(), series.axes
 
 
@@ -228,6 +254,12 @@ def _read_nii(path: Path):
     import nibabel  # optional formats load their library on first use (import time)
 
     image = nibabel.load(path)
+    header, size = image.header, os.path.getsize(path)
+    if volume_suffix(path) == ".nii.gz":
+        _check_claim(path, header.get_data_shape(), header.get_data_dtype(), size * MAX_EXPANSION, size)
+    else:
+        offset = getattr(image.dataobj, "offset", header.get_data_offset())  # where the voxels start
+        _check_claim(path, header.get_data_shape(), header.get_data_dtype(), size - offset)
     # NIfTI stores (X, Y, Z[, C]); reversing gives ([C,] Z, Y, X), what write_volume put in.
     array = np.asanyarray(image.dataobj)
     if array.ndim == 5 and array.shape[3] == 1:  # (X, Y, Z, T=1, C): drop the time axis
@@ -250,10 +282,40 @@ def _read_h5(path: Path, dataset: str | None):
                 "pick one with the h5 dataset option (read_volume(..., dataset=PATH))",
             )
         data = h5[dataset]
+        stored = data.id.get_storage_size()  # bytes written for this dataset; unwritten chunks take none
+        if data.id.get_create_plist().get_nfilters() == 0:  # no compression filter
+            _check_claim(path, data.shape, data.dtype, stored)
+        else:
+            _check_claim(path, data.shape, data.dtype, stored * MAX_EXPANSION, stored)
         axes = data.attrs.get("axes")
         if isinstance(axes, bytes):
             axes = axes.decode()
         return data[()], axes if isinstance(axes, str) else None
+
+
+def _check_claim(path: Path, shape, dtype, available: int, stored: int | None = None) -> None:
+    """Refuse a header whose shape x dtype needs more than the available bytes; stored: the compressed bytes."""
+    shape = tuple(int(n) for n in shape)
+    claimed = math.prod(shape) * np.dtype(dtype).itemsize  # Python ints: no overflow
+    if claimed <= max(available, 0):
+        return
+    holds = f"{_bytes(max(available, 0))} of data"
+    if stored is not None:
+        holds = f"{_bytes(stored)} of compressed data, which unpack to at most {_bytes(available)}"
+    raise VolumeError(
+        path,
+        f"cannot be read as {volume_suffix(path)} (corrupt or truncated file?): its header claims shape {shape}"
+        f" of {np.dtype(dtype)} ({_bytes(claimed)}) but the file holds only {holds}",
+        "re-export or re-copy the file",
+    )
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
 
 
 _READERS = {
@@ -265,88 +327,4 @@ _READERS = {
     ".nii.gz": _read_nii,
     ".h5": _read_h5,
     ".hdf5": _read_h5,
-}
-
-
-# ---------------------------------------------------------------- writers
-
-
-def _write_npy(path: Path, volume: np.ndarray, voxel_size) -> None:
-    np.save(path, volume, allow_pickle=False)
-
-
-def _write_npz(path: Path, volume: np.ndarray, voxel_size) -> None:
-    # np.savez stamps each zip entry with the current time; write the entries ourselves.
-    arrays = {DEFAULT_KEY: volume}
-    if voxel_size is not None:
-        arrays["voxel_size"] = np.asarray(voxel_size, dtype=np.float64)
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-        for name, array in arrays.items():
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
-            info.compress_type = zipfile.ZIP_DEFLATED
-            buffer = io.BytesIO()
-            np.lib.format.write_array(buffer, array, allow_pickle=False)
-            archive.writestr(info, buffer.getvalue())
-
-
-def _write_tif(path: Path, volume: np.ndarray, voxel_size) -> None:
-    import tifffile  # optional formats load their library on first use (import time)
-
-    # ImageJ hyperstack order is TZCYXS, so (C, D, H, W) goes in as ZCYX.
-    metadata: dict = {"axes": "ZCYX"}
-    resolution = None
-    if voxel_size is not None:
-        metadata.update(spacing=voxel_size[0], unit="um")
-        resolution = (1.0 / voxel_size[2], 1.0 / voxel_size[1])
-    tifffile.imwrite(
-        path,
-        np.transpose(volume, (1, 0, 2, 3)),
-        imagej=True,
-        metadata=metadata,
-        resolution=resolution,
-        software=False,  # no version string that changes with the tifffile release
-        datetime=None,
-    )
-
-
-def _nifti_bytes(volume: np.ndarray, voxel_size) -> bytes:
-    import nibabel  # optional formats load their library on first use (import time)
-
-    z, y, x = voxel_size if voxel_size is not None else (1.0, 1.0, 1.0)
-    # (C, D, H, W) -> (X, Y, Z, C): NIfTI's first axis is x; a single channel stays 3D.
-    data = np.transpose(volume[0] if volume.shape[0] == 1 else volume)
-    image = nibabel.Nifti1Image(data, affine=np.diag([x, y, z, 1.0]))
-    image.header.set_xyzt_units(xyz="micron")
-    return image.to_bytes()
-
-
-def _write_nii(path: Path, volume: np.ndarray, voxel_size) -> None:
-    path.write_bytes(_nifti_bytes(volume, voxel_size))
-
-
-def _write_nii_gz(path: Path, volume: np.ndarray, voxel_size) -> None:
-    # mtime=0 and no file name in the gzip header keep the bytes identical between writes.
-    with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as gz:
-        gz.write(_nifti_bytes(volume, voxel_size))
-
-
-def _write_h5(path: Path, volume: np.ndarray, voxel_size) -> None:
-    import h5py  # optional formats load their library on first use (import time)
-
-    with h5py.File(path, "w") as h5:
-        data = h5.create_dataset(DEFAULT_KEY, data=volume, compression="gzip", track_times=False)
-        data.attrs["axes"] = "CZYX"
-        if voxel_size is not None:
-            data.attrs["voxel_size"] = np.asarray(voxel_size, dtype=np.float64)
-
-
-_WRITERS = {
-    ".npy": _write_npy,
-    ".npz": _write_npz,
-    ".tif": _write_tif,
-    ".tiff": _write_tif,
-    ".nii": _write_nii,
-    ".nii.gz": _write_nii_gz,
-    ".h5": _write_h5,
-    ".hdf5": _write_h5,
 }

@@ -245,7 +245,7 @@ def _check_modalities(modalities: pd.Series, lines: list[int], add) -> Problem |
         else:
             by_modality[value.lower()].append(lines[i])
     if len(by_modality) > 1:
-        found = "; ".join(f"{m} on {_line_list(ls)}" for m, ls in sorted(by_modality.items()))
+        found = "; ".join(f"{m} on {line_list(ls)}" for m, ls in sorted(by_modality.items()))
         return Problem(None, None, f"mixes modalities ({found}); prepare one modality per manifest")
     return None
 
@@ -271,7 +271,8 @@ def _float_or_none(value: str) -> float | None:
     return None if math.isnan(number) else number
 
 
-def _line_list(lines: list[int], limit: int = 5) -> str:
+def line_list(lines: list[int], limit: int = 5) -> str:
+    """Rows for a message: "line 4", or "lines 2, 3, 4, 5, 6 and 7 more"."""
     shown = ", ".join(map(str, lines[:limit]))
     more = f" and {len(lines) - limit} more" if len(lines) > limit else ""
     return f"line{'s' if len(lines) > 1 else ''} {shown}{more}"

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from leuko.data.swap import recover, staging_dir, swap_into_place
 from leuko.errors import LeukoError
 
 SPLITS = ("train", "val", "test")
@@ -101,19 +102,23 @@ def import_medmnist(
         )
     name = dataset_name(npz)
     arrays = {split: _split_arrays(data, npz, split, limit) for split in SPLITS}
+    _check_label_values(npz, arrays)
     n_classes = 1 + max(int(lab.max()) for _, lab in arrays.values() if len(lab))
     if classes is None:
         classes = KNOWN_CLASSES.get(name, tuple(f"class_{i}" for i in range(n_classes)))
     classes = [str(c) for c in classes]
     if len(classes) < n_classes:
         raise MedMNISTError(
-            f"{npz}: labels go up to {n_classes - 1} but {len(classes)} class name(s) were given "
-            f"({', '.join(classes)}); give one name per label value"
+            f"{npz}: labels go up to {n_classes - 1} but {len(classes)} class name(s) are known "
+            f"({', '.join(classes)}): {_label_list(arrays, lambda lab: lab >= len(classes))}; "
+            "give one name per label value (--classes), or fix these labels"
         )
+    arrays = {split: (images, labels.astype(np.int64)) for split, (images, labels) in arrays.items()}
     sample_type = sample_type or SAMPLE_TYPES.get(name, name)
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for message in recover(out_dir):  # what an interrupted run left beside out_dir
+        warnings.warn(message, stacklevel=2)
+    tmp = staging_dir(out_dir)
     try:
         _write_volumes_and_manifest(tmp, arrays, classes, name=name, sample_type=sample_type)
         info = {
@@ -126,10 +131,7 @@ def import_medmnist(
             "note": "no subject ids in MedMNIST: patient_id is unique per volume; voxel sizes unknown (set to 1)",
         }
         (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.rename(tmp, out_dir)
+        swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -168,7 +170,38 @@ def _split_arrays(data, npz: Path, split: str, limit: int | None) -> tuple[np.nd
             f"({len(images)}, 1) single labels (multi-label MedMNIST sets are not supported)"
         )
     keep = slice(None) if limit is None else slice(0, limit)
-    return images[keep], labels[keep, 0].astype(int)
+    return images[keep], labels[keep, 0]
+
+
+def _check_label_values(npz: Path, arrays: dict) -> None:
+    """Every label a class index: a whole number from 0 (not -1, not 0.7, not NaN)."""
+    for split, (_, labels) in arrays.items():
+        if labels.dtype.kind not in "biuf":
+            raise MedMNISTError(
+                f"{npz}: {split}_labels holds {labels.dtype} values; labels are class indices 0, 1, ..."
+            )
+
+    def bad(labels: np.ndarray) -> np.ndarray:
+        values = labels.astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            return ~(np.isfinite(values) & (values >= 0) & (values == np.floor(values)))
+
+    if any(bad(labels).any() for _, labels in arrays.values()):
+        raise MedMNISTError(
+            f"{npz}: label(s) that are not class indices (whole numbers from 0): {_label_list(arrays, bad)};"
+            " fix them in the file"
+        )
+
+
+def _label_list(arrays: dict, is_bad, limit: int = 5) -> str:
+    """The labels where is_bad(labels) holds, as "train_labels[2] = -1, val_labels[0] = 0.7 and 3 more"."""
+    found = [
+        f"{split}_labels[{i}] = {labels[i].item():g}"
+        for split, (_, labels) in arrays.items()
+        for i in np.flatnonzero(is_bad(labels))
+    ]
+    more = f" and {len(found) - limit} more" if len(found) > limit else ""
+    return ", ".join(found[:limit]) + more
 
 
 def _write_volumes_and_manifest(tmp: Path, arrays: dict, classes: list[str], *, name: str, sample_type: str) -> None:

@@ -17,15 +17,16 @@ import csv
 import json
 import math
 import shutil
-import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from leuko.data.io import write_volume
 from leuko.data.optics import DEFAULT_CLASSES, N_MEDIUM, RI_CELL_THRESHOLD
 from leuko.data.phantom_cells import Acquisition, Grid, render_cell
+from leuko.data.progress import progress as progress_bar
+from leuko.data.swap import recover, staging_dir, swap_into_place
 from leuko.errors import LeukoError
 
 MODALITIES = ("ri", "hhg")
@@ -193,7 +194,8 @@ def make_cohort(
     """Write a synthetic cohort (one volume per cell, manifest.csv, cohort.json) and return the manifest path.
 
     out_dir must be new, empty, or hold an earlier phantom cohort (which is replaced). The cohort is built
-    in a temporary sibling folder and moved into place at the end, so an interrupted run leaves nothing half-done.
+    in a staging sibling folder and swapped into place at the end (leuko.data.swap), so an interrupted run
+    leaves nothing half-done and the old or the new cohort always exists.
     """
     shape = _check_args(n_patients, cells_per_patient, shape, modality, fmt, seed)
     out_dir = Path(out_dir)
@@ -209,8 +211,9 @@ def make_cohort(
     grid = Grid(shape, voxel)
     plan = _patient_plan(seed, n_patients, cells_per_patient, modality)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    for message in recover(out_dir):  # what an interrupted run left beside out_dir
+        warnings.warn(message, stacklevel=2)
+    tmp = staging_dir(out_dir)
     try:
         rows = _write_cells(
             tmp,
@@ -229,9 +232,7 @@ def make_cohort(
             writer.writerows(rows)
         cohort = _cohort_record(plan, n_patients, cells_per_patient, shape, voxel, modality, fmt, seed)
         (tmp / COHORT).write_text(json.dumps(cohort, indent=2) + "\n", encoding="utf-8")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -253,8 +254,7 @@ def _write_cells(
     """Render and write every planned cell under tmp/volumes/<patient>/; returns the manifest rows."""
     cell_width = max(3, len(str(cells_per_patient)))
     rows = []
-    bar = tqdm(total=len(plan) * cells_per_patient, desc="phantom cells", unit="cell", disable=not progress)
-    with bar:
+    with progress_bar(total=len(plan) * cells_per_patient, desc="phantom cells", unit="cell", enabled=progress) as bar:
         for pt in plan:
             folder = tmp / "volumes" / pt["patient_id"]
             folder.mkdir(parents=True)

@@ -3,8 +3,12 @@
 The folder's layout and its reader are in leuko.data.prepared (volumes.npy, index.csv, meta.json,
 skipped.csv); how one cell is normalised and cropped is in leuko.data.preprocess.
 
-One streaming pass reads, checks and writes each cell into a temporary sibling folder, which
-replaces out_dir only when the whole pass succeeded; out_dir is never left half written.
+One streaming pass reads, checks and writes each cell into a staging sibling folder, which
+replaces out_dir only when the whole pass succeeded (leuko.data.swap): out_dir is never left half
+written, and at every instant the old or the new output exists.
+
+All cells need the same channel count. The count most readable cells share wins; the others are
+bad rows (left out under skip_bad), so one stray file cannot decide for the whole cohort.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -22,34 +25,41 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from leuko import __version__
-from leuko.data.io import VolumeError, read_volume
 from leuko.data.manifest import (
     DEFAULT_MODALITY,
-    VOXEL_SIZE_COLUMNS,
     ManifestError,
     Problem,
     read_manifest_table,
     validate_manifest,
 )
 from leuko.data.optics import DEFAULT_CLASSES, N_MEDIUM
-from leuko.data.prepared import FORMAT_VERSION, INDEX, META, SKIPPED, VOLUMES, check_out_dir, read_meta, write_skipped
+from leuko.data.prepared import (
+    FORMAT_VERSION,
+    INDEX,
+    META,
+    SKIPPED,
+    VOLUMES,
+    check_out_dir,
+    damage,
+    file_records,
+    read_meta,
+    write_skipped,
+)
 from leuko.data.prepared import PrepareError as PrepareError
 from leuko.data.prepared import load_prepared as load_prepared
-from leuko.data.preprocess import RI_SCALE, normalisation_meta, process_cell
+from leuko.data.preprocess import RI_SCALE, normalisation_meta
 from leuko.data.preprocess import centre_crop_or_pad as centre_crop_or_pad
+from leuko.data.preprocess import process_cell as process_cell
 from leuko.data.preprocess import resample as resample
+from leuko.data.stream import stream_cells
+from leuko.data.swap import recover, staging_dir, swap_into_place
 
 # The `X as X` imports keep names importable from here: the pyfunc_model.py stored with each registered
 # model imports process_cell from this module, and older code load_prepared and PrepareError.
 
-# Absolute refractive indices of cells and media lie well inside this range; a median outside
-# it means the file holds something else (RI differences, raw intensities).
-RI_PLAUSIBLE = (1.0, 2.0)
 READ_OPTIONS = ("key", "dataset")  # the read_volume options a manifest-wide setting may give
-_COPY_CHUNK = 64  # cells per block when compacting after skipped cells
 
 
 @dataclass(frozen=True)
@@ -88,14 +98,16 @@ def prepare(
     read_options = _check_read_options(read_options)
     if not ri_scale > 0:
         raise ValueError(f"ri_scale must be positive, got {ri_scale}")
-    check_out_dir(out_dir)
 
     manifest_bytes = manifest.read_bytes() if manifest.is_file() else b""
     table = read_manifest_table(manifest)
+    check_out_dir(out_dir, [manifest, *table.get("abs_path", [])])
+    for message in recover(out_dir):  # what an interrupted run left beside out_dir
+        warnings.warn(message, stacklevel=2)
     settings = _settings(shape, classes, skip_bad, target, n_medium, ri_scale, read_options)
     fingerprint = _fingerprint(manifest_bytes, table, settings)
-    previous = read_meta(out_dir)
-    if previous is not None and previous.get("fingerprint") == fingerprint and (out_dir / VOLUMES).is_file():
+    previous = _up_to_date(out_dir, fingerprint)
+    if previous is not None:
         return PrepareResult(out_dir, int(previous["n_cells"]), int(previous.get("n_skipped", 0)), True)
 
     problems = validate_manifest(table, manifest.parent, classes)
@@ -104,14 +116,12 @@ def prepare(
     bad_lines = {p.line for p in problems}
     modality = _modality(table, bad_lines)
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out_dir)
     try:
-        written, cell_problems, n_clipped = _stream_cells(
+        written, cell_problems, n_clipped = stream_cells(
             table, tmp, bad_lines=bad_lines, modality=modality, settings=settings, progress=progress
         )
-        problems = sorted(problems + cell_problems, key=lambda p: p.line)
+        problems = sorted(problems + cell_problems, key=lambda p: p.line or 0)
         _check_problems(manifest, out_dir, problems, written, skip_bad)
         meta = _write_index_and_meta(
             tmp,
@@ -123,7 +133,7 @@ def prepare(
             manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
             fingerprint=fingerprint,
         )
-        _swap_into_place(tmp, out_dir)
+        swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -146,6 +156,18 @@ def _settings(shape, classes, skip_bad, target, n_medium, ri_scale, read_options
     }
 
 
+def _up_to_date(out_dir: Path, fingerprint: str) -> dict | None:
+    """The meta.json of out_dir when it was made from the same inputs and its files are intact."""
+    previous = read_meta(out_dir)
+    if previous is None or previous.get("fingerprint") != fingerprint:
+        return None
+    why = damage(out_dir, previous)
+    if why is not None:
+        warnings.warn(f"{out_dir}: {why}; rebuilding it", stacklevel=3)  # points at the caller of prepare()
+        return None
+    return previous
+
+
 def _modality(table: pd.DataFrame, bad_lines: set[int]) -> str:
     """The one modality of the good rows (validate_manifest rejects a mix)."""
     modalities = {m.lower() for m, line in zip(table.get("modality", []), table["line"]) if line not in bad_lines}
@@ -155,7 +177,10 @@ def _modality(table: pd.DataFrame, bad_lines: set[int]) -> str:
 def _check_problems(
     manifest: Path, out_dir: Path, problems: list[Problem], written: list[dict], skip_bad: bool
 ) -> None:
-    """Stop (nothing written) on bad rows unless skip_bad, and when no usable cell is left."""
+    """Stop (nothing written) on bad rows unless skip_bad, on problems of the whole file, and when no
+    usable cell is left."""
+    if any(not p.is_row for p in problems):
+        raise ManifestError(manifest, problems, hint=f"Fix this in {manifest}; nothing was written.")
     if problems and not skip_bad:
         raise ManifestError(
             manifest,
@@ -189,6 +214,7 @@ def _write_index_and_meta(
     if settings["skip_bad"]:
         write_skipped(tmp / SKIPPED, problems)
     channels = int(np.load(tmp / VOLUMES, mmap_mode="r").shape[1])
+    files = file_records(tmp)
     meta = {
         "format_version": FORMAT_VERSION,
         "shape": settings["shape"],
@@ -206,6 +232,7 @@ def _write_index_and_meta(
         "label_counts": dict(sorted(Counter(index["label"]).items())),
         "manifest_sha256": manifest_sha256,
         "fingerprint": fingerprint,
+        "files": files,
         "settings": settings,
         "leuko_version": __version__,
     }
@@ -228,115 +255,6 @@ def _warn_about_geometry(meta: dict, shape: tuple[int, int, int], target: tuple[
             " pass --voxel-size Z Y X to bring them to one grid",
             stacklevel=3,
         )
-
-
-# ---------------------------------------------------------------- the pass over all cells
-
-
-def _stream_cells(
-    table: pd.DataFrame, tmp: Path, *, bad_lines: set[int], modality: str, settings: dict, progress: bool
-) -> tuple[list[dict], list[Problem], int]:
-    """Write every readable cell into tmp/VOLUMES; returns (index rows, problems, clipped count)."""
-    candidates = [i for i, line in enumerate(table["line"]) if line not in bad_lines]
-    shape = tuple(settings["shape"])
-    target = settings["target_voxel_size"]
-    written: list[dict] = []
-    problems: list[Problem] = []
-    volumes = None
-    first = None  # (line, cell_id, channels) of the first readable cell
-    n_clipped = 0
-    for i in tqdm(candidates, desc="prepare", unit="cell", file=sys.stderr, disable=not progress):
-        row = table.iloc[i]
-        line, cell_id = int(row["line"]), row["cell_id"]
-        voxel_size = tuple(float(row[c]) for c in VOXEL_SIZE_COLUMNS)
-        volume = _read_cell(row, modality, settings, problems)
-        if volume is None:
-            continue
-        if first is None:
-            first = (line, cell_id, len(volume))
-            volumes = np.lib.format.open_memmap(
-                tmp / VOLUMES, mode="w+", dtype=np.float32, shape=(len(candidates), len(volume), *shape)
-            )
-        elif len(volume) != first[2]:
-            problems.append(
-                Problem(
-                    line,
-                    cell_id,
-                    f"{row['abs_path']} has {len(volume)} channel(s) but the first cell (line {first[0]},"
-                    f" cell_id {first[1]}) has {first[2]}; all cells need the same channels",
-                )
-            )
-            continue
-        window, clipped = process_cell(
-            volume,
-            voxel_size,
-            modality=modality,
-            shape=shape,
-            target_voxel_size=None if target is None else tuple(target),
-            n_medium=settings["n_medium"],
-            ri_scale=settings["ri_scale"],
-        )
-        volumes[len(written)] = window
-        n_clipped += clipped
-        written.append(_index_row(row, len(written), voxel_size, target))
-    if volumes is not None:
-        volumes.flush()
-        del volumes
-        if 0 < len(written) < len(candidates):
-            _truncate(tmp / VOLUMES, len(written))
-    return written, problems, n_clipped
-
-
-def _read_cell(row: pd.Series, modality: str, settings: dict, problems: list[Problem]) -> np.ndarray | None:
-    """A cell's raw (C, D, H, W) volume, or None after adding to problems why it cannot be used."""
-    line, cell_id = int(row["line"]), row["cell_id"]
-    try:
-        volume = read_volume(row["abs_path"], **settings["read_options"])
-    except VolumeError as exc:
-        problems.append(Problem(line, cell_id, str(exc)))
-        return None
-    if modality == "ri":
-        median = float(np.median(volume))
-        if not RI_PLAUSIBLE[0] <= median <= RI_PLAUSIBLE[1]:
-            problems.append(
-                Problem(
-                    line,
-                    cell_id,
-                    f"{row['abs_path']}: median value {median:g} does not look like a refractive index"
-                    f" (medium {settings['n_medium']}); store absolute RI, or set modality hhg for intensity volumes",
-                )
-            )
-            return None
-    return volume
-
-
-def _index_row(row: pd.Series, position: int, voxel_size: tuple, target: list[float] | None) -> dict:
-    """One index.csv row (and the manifest's voxel size, which meta.json summarises)."""
-    out_size = tuple(target) if target is not None else voxel_size
-    cell = {
-        "row": position,
-        "cell_id": row["cell_id"],
-        "label": row["label"],
-        "patient_id": row["patient_id"],
-        "sample_type": row["sample_type"],
-    }
-    if "split" in row.index:
-        cell["split"] = row["split"].lower()
-    cell.update(zip(VOXEL_SIZE_COLUMNS, out_size))
-    cell["source_voxel_size"] = voxel_size
-    return cell
-
-
-def _truncate(path: Path, n: int) -> None:
-    """Keep the first n cells of a .npy, copying block by block so memory stays flat."""
-    src = np.load(path, mmap_mode="r")
-    smaller = path.with_name(path.name + ".part")
-    dst = np.lib.format.open_memmap(smaller, mode="w+", dtype=src.dtype, shape=(n, *src.shape[1:]))
-    for start in range(0, n, _COPY_CHUNK):
-        dst[start : start + _COPY_CHUNK] = src[start : min(start + _COPY_CHUNK, n)]
-    dst.flush()
-    del dst, src
-    os.replace(smaller, path)
 
 
 # ---------------------------------------------------------------- folders and bookkeeping
@@ -377,18 +295,3 @@ def _fingerprint(manifest_bytes: bytes, table: pd.DataFrame, settings: dict) -> 
             digest.update(f"{path}\0missing\n".encode())
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        os.rename(tmp, out_dir)
-        return
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    shutil.rmtree(old, ignore_errors=True)
-    os.rename(out_dir, old)
-    try:
-        os.rename(tmp, out_dir)
-    except OSError:
-        os.rename(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)

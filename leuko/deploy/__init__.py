@@ -5,14 +5,16 @@ A registered leuko model is an MLflow pyfunc in the models-from-code format:
     MLmodel, python_env.yaml, requirements.txt   MLflow metadata; signature: float32 (-1, C, -1, -1, -1)
                                                   -> pred_label, prob_<class>; params preprocess, voxel_size
     pyfunc_model.py                               the inference code (a copy of leuko/deploy/pyfunc_model.py)
+    code/leuko/                                   the leuko package it imports (requirements never name leuko)
     artifacts/weights.safetensors                 the net's state dict: tensors only
     artifacts/model_config.json                   net name and kwargs, classes, preprocessing settings
 
 Trust boundary. Loading a model runs code in two places, and nothing else:
 - pyfunc_model.py from the registry, executed as a Python module (that is how MLflow loads
   models-from-code). It imports leuko.nets, leuko.data.preprocess and leuko.training.predictions
-  (older registered models: leuko.nets and leuko.data.prepare) from the installed leuko package.
-- leuko itself, from the Python environment that loads the model.
+  (older registered models: leuko.nets and leuko.data.prepare): from the model's code/leuko/ when the
+  loading process has not imported leuko yet, else (and for older models) from the installed package.
+- leuko itself, from the Python environment that loads the model, when that process imported it first.
 The weights are read with safetensors (no pickle), model_config.json with json, and nothing is
 unpickled: loading works with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false. So trust a registry as far
 as you trust the people who can write to it: anyone who can register a version can change the code

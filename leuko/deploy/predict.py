@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from leuko.data.io import SUPPORTED_SUFFIXES, VolumeError, read_volume, volume_suffix
 from leuko.data.manifest import VOXEL_SIZE_COLUMNS, read_manifest_table
+from leuko.data.progress import progress as progress_bar
 from leuko.errors import LeukoError
 from leuko.evaluation.agreement import differentials
 from leuko.training.predictions import PRED, prob_columns, probability_table
@@ -176,14 +176,7 @@ def _run(cells: pd.DataFrame, model, impl, *, batch_size: int, progress: bool) -
             probs.append(frame[prob_columns(classes)].to_numpy())
             batch.clear()
 
-    bar = tqdm(
-        cells.itertuples(index=False),
-        total=len(cells),
-        desc="predict",
-        unit="cell",
-        file=sys.stderr,
-        disable=not progress,
-    )
+    bar = progress_bar(cells.itertuples(index=False), total=len(cells), desc="predict", unit="cell", enabled=progress)
     for cell in bar:
         size = [getattr(cell, c) for c in VOXEL_SIZE_COLUMNS]
         try:
@@ -191,7 +184,7 @@ def _run(cells: pd.DataFrame, model, impl, *, batch_size: int, progress: bool) -
             window = impl.preprocess(volume, None if any(np.isnan(size)) else size)
         except (VolumeError, ValueError, OSError) as exc:
             reason = " ".join(str(exc).split())
-            tqdm.write(f"skipped {cell.cell_id}: {reason}", file=sys.stderr)
+            bar.write(f"skipped {cell.cell_id}: {reason}")
             skipped.append({"cell_id": cell.cell_id, "path": cell.path, "reason": reason})
             continue
         batch.append(window)

@@ -7,6 +7,7 @@ model leaning on them would not carry over to new patients.
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,7 +16,15 @@ import numpy as np
 
 from leuko.data.prepared import load_prepared
 from leuko.errors import LeukoError
-from leuko.training.run_dir import BEST, CHECKPOINTS, FOLD_PREFIX, best_checkpoints, fold_dir, read_run_id
+from leuko.training.run_dir import (
+    BEST,
+    CHECKPOINTS,
+    FOLD_PREFIX,
+    best_checkpoints,
+    fold_dir,
+    load_checkpoint,
+    read_run_id,
+)
 
 UMAP_CLASS = "umap_class.png"
 UMAP_PATIENT = "umap_patient.png"
@@ -113,15 +122,18 @@ def embedding_plot(
 def load_classifier(path: str | Path):
     """A VolumeClassifier from a Lightning checkpoint, on the CPU, in eval mode.
 
+    The checkpoint is read weights-only (a file that needs unpickling is refused with CheckpointError), and
+    the classifier is built from its stored hyperparameters, so nothing in the file chooses code to run.
     Checkpoints written while the classifier still registered its (optionally compiled) forward net as a
     submodule hold every weight twice, under net.* and forward_net.*; only net.* is loaded, strictly."""
-    # heavy imports here: torch and Lightning take seconds to load
-    import torch
-
+    # heavy import here: torch and Lightning take seconds to load
     from leuko.training.module import VolumeClassifier
 
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
-    model = VolumeClassifier.load_from_checkpoint(path, map_location="cpu", strict=False)
+    ckpt = load_checkpoint(path)
+    accepted = inspect.signature(VolumeClassifier.__init__).parameters
+    hparams = {k: v for k, v in ckpt.get("hyper_parameters", {}).items() if k in accepted}
+    model = VolumeClassifier(**hparams)
+    state = ckpt["state_dict"]
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith("forward_net.")}, strict=True)
     return model.eval()
 
@@ -153,8 +165,8 @@ def embed_cv_fold(
         raise EmbeddingError(
             f"{cv_dir}: fold {fold} has no best checkpoint; folds with one: {', '.join(sorted(checkpoints))}"
         )
-    table, volumes, classes = _cells_to_embed(cv_dir, fold, cells)
     model = load_classifier(checkpoints[fold])
+    table, volumes, classes = _cells_to_embed(cv_dir, fold, cells)
     print(f"UMAP: {len(table)} {cells} cells of fold {fold} through {checkpoints[fold]}", file=sys.stderr)
     features = penultimate_features(model, volumes, table["row"].to_numpy())
     coords = umap_2d(features, n_neighbors=n_neighbors, seed=seed)

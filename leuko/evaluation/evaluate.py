@@ -45,7 +45,7 @@ from leuko.evaluation.agreement import (
 )
 from leuko.evaluation.metrics import confusion, per_class_table, pooled_metrics
 from leuko.training.predictions import PRED, PROB_PREFIX, classes_from_columns
-from leuko.training.run_dir import EVAL, FOLD_PREFIX, OOF, RUN_ID, SUMMARY, read_run_id
+from leuko.training.run_dir import EVAL, FOLD_PREFIX, OOF, RUN_ID, SUMMARY, CheckpointError, read_run_id
 
 # DIFFERENTIALS and BLAND_ALTMAN (differentials.csv, bland_altman.csv) are named in leuko.evaluation.agreement,
 # whose log_agreement logs those two tables under eval/ in MLflow.
@@ -382,7 +382,7 @@ def _embedding(pred: Predictions, out_dir: Path, *, umap: bool, fold: str | None
     try:
         return embed_cv_fold(pred.cv_dir, out_dir, fold=fold, cells=cells)
     except ValueError as exc:
-        if fold is not None:
-            raise
+        if fold is not None or isinstance(exc, CheckpointError):
+            raise  # asked for, or a checkpoint refused for safety: an error, not a missing picture
         log(f"UMAP skipped: {exc}")
         return None

@@ -24,11 +24,11 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 from skimage import measure
-from tqdm import tqdm
 
 from leuko.data.io import read_volume
 from leuko.data.manifest import read_manifest
 from leuko.data.optics import DEFAULT_CLASSES, N_MEDIUM, RI_CELL_THRESHOLD, RI_INCREMENT_ML_PER_G
+from leuko.data.progress import progress as progress_bar
 from leuko.errors import LeukoError
 
 # Without a THG threshold: background median + this many noise sds, where 1.4826 * MAD estimates the
@@ -160,7 +160,7 @@ def features_table(
     """
     cells = read_manifest(manifest_path, classes=None, check_files=True)
     rows, problems = [], []
-    for cell in tqdm(cells.itertuples(index=False), total=len(cells), disable=not progress, desc="features"):
+    for cell in progress_bar(cells.itertuples(index=False), total=len(cells), desc="features", enabled=progress):
         voxel = (cell.voxel_size_z, cell.voxel_size_y, cell.voxel_size_x)
         try:
             volume = read_volume(cell.abs_path)  # (C, D, H, W)

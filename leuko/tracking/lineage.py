@@ -349,7 +349,7 @@ def _restore_lines(tags: dict[str, str], start: str | Path) -> list[str]:
                 f"  (commit {_short(commit)} or its {dvc_file} is not in this repository: write it from the tag)"
             )
         elif commit and commit != "unknown":
-            lines.append(f"  (the recorded commit {shlex.quote(commit)} is not a git commit hash: write it from the tag)")
+            lines.append(f"  (the recorded commit {shlex.quote(commit)} is no git commit hash: write it from the tag)")
         relative = os.path.relpath(data_path, Path(dvc_file).parent)  # a .dvc file's path is relative to it
         escaped = relative.replace("\\", "\\\\").replace("%", "%%")  # printf reads its format's \ and %
         text = f"outs:\\n- md5: {md5}\\n  hash: md5\\n  path: {escaped}\\n"

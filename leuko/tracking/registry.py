@@ -1,12 +1,20 @@
 """`leuko register`: refit the best trial on every non-test patient, test it once on the held-out
 patients, log it to MLflow as a pyfunc and register it; alias `champion` only when it beats the
-current champion's test score, `challenger` otherwise.
+current champion's test score, `challenger` otherwise (leuko.tracking.champion decides, as a
+compare-and-set that two registers at once cannot both win).
 
-What a registered model holds, and the trust boundary of loading one: see leuko.deploy.
+A version is tagged leuko.status=incomplete when it is created and complete once its scores, decision,
+alias and description are set; its refit run is KILLED meanwhile and FINISHED at that point. So a
+register killed at any point (even by SIGKILL) leaves no RUNNING run and no version that looks whole.
+
+The model's code travels with it: the leuko package is logged as the model's code path (code/leuko/),
+and its requirements name only public packages, never `leuko`. What a registered model holds, and the
+trust boundary of loading one: see leuko.deploy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -19,10 +27,17 @@ from pathlib import Path
 
 from leuko import __version__
 from leuko.errors import LeukoError
+from leuko.tracking.champion import CHALLENGER, CHAMPION, crown, decide
+from leuko.training import run_dir
 
 DEFAULT_NAME = "leuko"
-CHAMPION, CHALLENGER = "champion", "challenger"
-CODE = Path(__file__).parents[1] / "deploy" / "pyfunc_model.py"  # leuko/deploy: the logged inference code
+PACKAGE = Path(__file__).parents[1]  # the leuko package: logged with the model as its code path
+CODE = PACKAGE / "deploy" / "pyfunc_model.py"  # the logged inference code
+# What the inference code imports (pyfunc_model.py, leuko.nets, leuko.data.preprocess), pinned as installed here.
+REQUIREMENTS = ("mlflow", "torch", "torchvision", "timm", "monai", "numpy", "pandas", "scipy", "safetensors")
+STATUS, INCOMPLETE, COMPLETE = "leuko.status", "incomplete", "complete"
+REFIT_FOLDER = "LEUKO_REFIT_FOLDER"  # the folder rank zero claimed, for the DDP ranks Lightning starts
+__all__ = ["CHALLENGER", "CHAMPION", "RegisterError", "Source", "decide", "register", "source_from_study"]
 
 
 class RegisterError(LeukoError, ValueError):
@@ -82,17 +97,6 @@ def source_from_study(space: str | Path, *, storage: str | None = None, trial: i
     )
 
 
-def decide(score: float, champion_version: str | None, champion_score: float | None, metric: str) -> tuple[str, str]:
-    """(alias, reason): champion only for a strictly better test score than the current champion's."""
-    if champion_version is None:
-        return CHAMPION, "no champion yet"
-    if champion_score is None:
-        return CHALLENGER, f"champion v{champion_version} has no recorded leuko.score to compare with"
-    if score > champion_score:
-        return CHAMPION, f"test {metric} {score:.4f} > {champion_score:.4f} of champion v{champion_version}"
-    return CHALLENGER, f"test {metric} {score:.4f} <= {champion_score:.4f} of champion v{champion_version}"
-
-
 def register(source: Source, *, name: str = DEFAULT_NAME, metric: str | None = None, out: str | Path = "runs") -> dict:
     """Refit, test, log and register; returns {"version", "alias", "score", "run_id", "model_uri", ...}."""
     # heavy imports here, as in source_from_study
@@ -100,9 +104,8 @@ def register(source: Source, *, name: str = DEFAULT_NAME, metric: str | None = N
     from leuko.training.cv import is_rank_zero
 
     metric = metric or source.objective
-    label = f"{source.study}-trial{source.trial:03d}" if source.study is not None else time.strftime("%Y%m%d-%H%M%S")
-    run_name = f"register-{label}"
-    root = Path(out) / run_name
+    root = _refit_folder(out, source)
+    run_name = root.name
     tags = {"leuko.command": "register", "leuko.role": "refit", "leuko.registered_model": name}
     if source.study is not None:
         tags.update({"leuko.study": source.study, "leuko.trial": str(source.trial)})
@@ -111,6 +114,8 @@ def register(source: Source, *, name: str = DEFAULT_NAME, metric: str | None = N
     cli = LeukoCLI(args=args, run=False, parent_run_id=source.sweep_run_id if is_rank_zero() else None, extra_tags=tags)
     tracking = cli.config["tracking"]
     if not tracking.enabled or cli.trainer.logger is None:
+        with contextlib.suppress(OSError):
+            root.rmdir()  # nothing was written to it
         raise RegisterError(
             "tracking is off (tracking.enabled false or trainer.logger false): registering needs MLflow"
         )
@@ -125,6 +130,20 @@ def register(source: Source, *, name: str = DEFAULT_NAME, metric: str | None = N
             f"metric {metric!r} is not among the test metrics {sorted(test)}; pass --metric with one of them"
         )
     return _log_and_register(cli, source, test, name=name, metric=metric)
+
+
+def _refit_folder(out: str | Path, source: Source) -> Path:
+    """out/register-<study>-trial<n> (or register-<time>), never one another register holds (-2, ... then).
+
+    Rank zero claims it; the other DDP ranks, which Lightning starts with its environment, use the same."""
+    from leuko.training.cv import is_rank_zero  # heavy import here, as in source_from_study
+
+    label = f"register-{source.study}-trial{source.trial:03d}" if source.study is not None else None
+    if not is_rank_zero():
+        return Path(out) / (os.environ.get(REFIT_FOLDER) or label or time.strftime("register-%Y%m%d-%H%M%S"))
+    folder = run_dir.new_folder(out, label, stamp=False) if label else run_dir.new_folder(out, "register")
+    os.environ[REFIT_FOLDER] = folder.name
+    return folder
 
 
 def _model_config(cli) -> dict:
@@ -169,12 +188,12 @@ def _signature(config: dict):
 
 
 def _requirements() -> list[str]:
-    packages = ("mlflow", "torch", "numpy", "pandas", "scipy", "safetensors")
-    pins = [f"{p}=={metadata.version(p).split('+')[0]}" for p in packages]
-    return pins + [f"leuko=={__version__}"]
+    """Pins of the public packages the inference code needs; leuko itself travels as the model's code path."""
+    return [f"{p}=={metadata.version(p).split('+')[0]}" for p in REQUIREMENTS]
 
 
 def _log_and_register(cli, source: Source, test: dict, *, name: str, metric: str) -> dict:
+    """Log the model to the refit run, register it incomplete, crown it, complete it (see the module docstring)."""
     # heavy imports here, as in source_from_study
     import mlflow
 
@@ -187,35 +206,24 @@ def _log_and_register(cli, source: Source, test: dict, *, name: str, metric: str
     run_id = cli.trainer.logger.run_id
     config = _model_config(cli)
     score = test[metric]
-    lineage = lineage_tags(cli.config["data"]["prepared_dir"])
-    version = _log_model(cli, config, source, run_id, name)
-
-    champion_version, champion_score = _current_champion(client, name, version)
-    alias, reason = decide(score, champion_version, champion_score, metric)
-    tags = _version_tags(source, test, metric, config, lineage)
-    tags.update(
-        {
-            "leuko.decision": f"{alias}: {reason}",
-            "leuko.compared_to": champion_version or "none",
-            "leuko.champion_score": "none" if champion_score is None else f"{champion_score:.6f}",
-        }
-    )
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    client.set_registered_model_alias(name, alias, version)
-    cv = source.cv.get(metric)
-    client.update_model_version(
-        name,
-        version,
-        description=f"{config['net']} refit on all non-test patients; test {metric} {score:.4f}"
-        + (f", cross-validated {cv['mean']:.4f} +- {cv['std']:.4f}" if cv else "")
-        + f". {alias}: {reason}.",
-    )
+    # The run says KILLED until its version is complete: what a kill from here on leaves behind, even
+    # SIGKILL, which no handler can catch.
+    client.set_terminated(run_id, "KILLED")
+    try:
+        model_uri = _log_model(client, cli, config, source, run_id)
+        tags = _version_tags(source, test, metric, config, lineage_tags(cli.config["data"]["prepared_dir"]))
+        version = str(mlflow.register_model(model_uri, name, tags={**tags, STATUS: INCOMPLETE}).version)
+        decision = crown(client, uri, name, version, score, metric)
+        _complete_version(client, name, version, decision, config, source.cv.get(metric), score, metric)
+    except BaseException as exc:
+        client.set_terminated(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
     return {
         "name": name,
         "version": version,
-        "alias": alias,
-        "reason": reason,
+        "alias": decision.alias,
+        "reason": decision.reason,
         "score": score,
         "metric": metric,
         "test": test,
@@ -226,13 +234,41 @@ def _log_and_register(cli, source: Source, test: dict, *, name: str, metric: str
     }
 
 
-def _log_model(cli, config: dict, source: Source, run_id: str, name: str) -> str:
-    """Log the CV scores and the pyfunc model (weights, config, code) to the refit run; register it: the version."""
+def _complete_version(client, name: str, version: str, decision, config: dict, cv, score: float, metric: str) -> None:
+    """The decision tags and description of a crowned version, then leuko.status=complete, last."""
+    compared = {
+        "leuko.decision": f"{decision.alias}: {decision.reason}",
+        "leuko.compared_to": decision.compared_to or "none",
+        "leuko.champion_score": "none" if decision.champion_score is None else f"{decision.champion_score:.6f}",
+    }
+    for key, value in compared.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.update_model_version(
+        name,
+        version,
+        description=f"{config['net']} refit on all non-test patients; test {metric} {score:.4f}"
+        + (f", cross-validated {cv['mean']:.4f} +- {cv['std']:.4f}" if cv else "")
+        + f". {decision.alias}: {decision.reason}.",
+    )
+    client.set_model_version_tag(name, version, STATUS, COMPLETE)
+
+
+def _log_model(client, cli, config: dict, source: Source, run_id: str) -> str:
+    """Log the CV scores and the pyfunc model (weights, config, code) to the refit run: the model's URI.
+
+    The run is addressed by id, never made the active run, so its status stays what _log_and_register set.
+    """
     # heavy imports here, as in source_from_study
     import mlflow
     import numpy as np
+    from mlflow.entities import Metric
     from safetensors.torch import save_file
 
+    from leuko.tracking.runs import log_batch
+
+    now = int(time.time() * 1000)
+    cv = [Metric(f"cv/{k}_{stat}", v[stat], now, 0) for k, v in source.cv.items() for stat in ("mean", "std")]
+    log_batch(client, run_id, metrics=cv)
     datamodule = cli.datamodule
     test_rows = datamodule.subset("test")["row"].to_numpy()
     volumes = np.load(datamodule.volumes_path, mmap_mode="r")
@@ -244,36 +280,21 @@ def _log_model(cli, config: dict, source: Source, run_id: str, name: str) -> str
         config_path = Path(tmp) / "model_config.json"
         config_path.write_text(json.dumps(config, indent=2) + "\n")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        with mlflow.start_run(run_id=run_id):
-            for key, stats in source.cv.items():
-                mlflow.log_metric(f"cv/{key}_mean", stats["mean"])
-                mlflow.log_metric(f"cv/{key}_std", stats["std"])
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(CODE),
-                artifacts={"weights": str(weights), "model_config": str(config_path)},
-                signature=_signature(config),
-                input_example=(example, {"preprocess": False}),
-                pip_requirements=_requirements(),
-                metadata={"classes": config["classes"], "preprocessing": config["preprocessing"]},
-                registered_model_name=name,
-            )
-    return str(info.registered_model_version)
-
-
-def _current_champion(client, name: str, version: str) -> tuple[str | None, float | None]:
-    """(version, recorded score) of the current champion other than `version`; (None, None) when there is none."""
-    from mlflow.exceptions import MlflowException  # heavy import here, as in source_from_study
-
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None, None  # no champion yet
-    champion_version = str(champion.version)  # an int from some stores, a str from others
-    if champion_version == version:
-        return None, None
-    recorded = champion.tags.get("leuko.score")
-    return champion_version, float(recorded) if recorded is not None else None
+        info = mlflow.models.Model.log(
+            artifact_path=None,  # deprecated in favour of name, but still a required argument
+            name="model",
+            flavor=mlflow.pyfunc,
+            flavor_name="pyfunc.ModelFromCode",  # what mlflow.pyfunc.log_model passes for a code file
+            run_id=run_id,
+            python_model=str(CODE),
+            code_paths=[str(PACKAGE)],
+            artifacts={"weights": str(weights), "model_config": str(config_path)},
+            signature=_signature(config),
+            input_example=(example, {"preprocess": False}),
+            pip_requirements=_requirements(),
+            metadata={"classes": config["classes"], "preprocessing": config["preprocessing"]},
+        )
+    return info.model_uri
 
 
 def _version_tags(source: Source, test: dict, metric: str, config: dict, lineage: dict) -> dict[str, str]:

@@ -9,16 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import sys
 import warnings
 from pathlib import Path
 
 import pandas as pd
+import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.plugins import CheckpointIO, TorchCheckpointIO
 
-from leuko.params import COMMAND_SECTIONS
 from leuko.data.datamodule import LeukoDataModule
+from leuko.params import COMMAND_SECTIONS
 from leuko.tracking.lineage import lineage_tags
 from leuko.tracking.runs import DEFAULT_EXPERIMENT, TrackingCallback, config_params, make_logger
 from leuko.training import run_dir
@@ -43,6 +46,18 @@ class MLflowSaveConfig(SaveConfigCallback):
             logger.experiment.log_text(logger.run_id, text, run_dir.CONFIG)
             config = self.config.as_dict() if hasattr(self.config, "as_dict") else dict(self.config)
             logger.log_hyperparams(config_params(config))
+
+
+class WeightsOnlyCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O, reading every checkpoint (--ckpt_path, a fold's best) weights-only."""
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict:
+        where = {} if map_location is None else {"map_location": map_location}  # else Lightning's default: CPU
+        with torch.serialization.safe_globals(list(run_dir.SAFE_GLOBALS)):
+            try:
+                return super().load_checkpoint(path, weights_only=True, **where)
+            except pickle.UnpicklingError as exc:
+                raise run_dir.unsafe_checkpoint(path, exc) from None
 
 
 class CSVPredictionWriter(BasePredictionWriter):
@@ -96,6 +111,15 @@ class LeukoCLI(LightningCLI):
         # VolumeClassifier.configure_optimizers owns the optimizer and schedule (sweepable as model.* keys).
         kwargs.setdefault("auto_configure_optimizers", False)
         super().__init__(VolumeClassifier, LeukoDataModule, *args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads --ckpt_path's hyperparameters (weights-only) before any trainer exists: a file
+        # that needs unpickling is refused here by name, as WeightsOnlyCheckpointIO does later.
+        try:
+            with torch.serialization.safe_globals(list(run_dir.SAFE_GLOBALS)):
+                super()._parse_ckpt_path()
+        except pickle.UnpicklingError as exc:
+            raise run_dir.unsafe_checkpoint(self.config[self.config.subcommand].get("ckpt_path"), exc) from None
 
     def add_arguments_to_parser(self, parser) -> None:
         # The data decides channels and classes; a net built otherwise could not train on it.
@@ -151,6 +175,10 @@ class LeukoCLI(LightningCLI):
                 run_id=_resumed_run_id(root, config) if self.subcommand == "fit" else None,
             )
         kwargs["callbacks"] = callbacks
+        plugins = init["trainer"].get("plugins") or []
+        plugins = list(plugins) if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # a configured checkpoint I/O is kept
+            kwargs["plugins"] = plugins + [WeightsOnlyCheckpointIO()]
         kwargs.setdefault("default_root_dir", str(root))
         return super().instantiate_trainer(**kwargs)
 

@@ -23,7 +23,6 @@ from leuko.training import run_dir
 from leuko.training.cli import LeukoCLI
 from leuko.training.predictions import PRED, predictions_frame
 
-
 CV_NAME = "LEUKO_CV_NAME"  # the folder rank zero claimed, for the DDP ranks Lightning starts
 
 

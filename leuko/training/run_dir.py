@@ -15,7 +15,8 @@
       baselines/                  `leuko baselines`
       report.html                 `leuko report`
 
-Every other module names these files through the constants and functions here.
+Every other module names these files through the constants and functions here. Checkpoints are read
+weights-only (load_checkpoint), so a runs/ folder received from someone else cannot run code.
 
 A run never writes into another run's folder: a default name (cv-<time>, register-<time>) is created
 exclusively, with -2, -3, ... when another run took it in the same second, and an explicit name whose
@@ -25,9 +26,11 @@ folder already holds a CV is refused unless the caller asks to replace it.
 from __future__ import annotations
 
 import itertools
+import pickle
+import re
 import shutil
 import time
-from pathlib import Path
+from pathlib import Path, PosixPath, PurePosixPath
 
 from leuko.errors import LeukoError
 
@@ -93,11 +96,12 @@ def cv_outputs(folder: str | Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name in CV_OUTPUTS or p.name.startswith(FOLD_PREFIX))
 
 
-def new_folder(out: str | Path, prefix: str) -> Path:
-    """out/<prefix>-<YYYYmmdd-HHMMSS>, created here and so held by no other run (-2, -3, ... when taken)."""
+def new_folder(out: str | Path, prefix: str, *, stamp: bool = True) -> Path:
+    """out/<prefix>-<YYYYmmdd-HHMMSS> (out/<prefix> when not stamp), created here and so held by no other
+    run: -2, -3, ... are appended while the name is taken."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    base = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}" if stamp else prefix
     for n in itertools.count(1):
         folder = out / (base if n == 1 else f"{base}-{n}")
         try:
@@ -128,3 +132,35 @@ def claim_cv_folder(out: str | Path, name: str | None, first_fold: int | str, *,
     except FileExistsError:
         raise RunFolderError(f"{folder}: another CV started in this folder just now; choose another --name") from None
     return folder
+
+
+class CheckpointError(LeukoError, ValueError):
+    """A checkpoint that only unpickling could read (code in it would run): the message names the file."""
+
+
+# What a checkpoint may hold besides tensors, numbers, strings and containers: Lightning stores plain values,
+# but a Path passed as an argument from Python lands in the hyperparameters as one.
+SAFE_GLOBALS = (PosixPath, PurePosixPath)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A checkpoint read weights-only: nothing in it runs code (a pickle can call any function while it is
+    read). A file that needs more is refused with CheckpointError."""
+    import torch  # heavy import here: most users of this module never read a checkpoint
+
+    with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+        try:
+            return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as exc:
+            raise unsafe_checkpoint(path, exc) from None
+
+
+def unsafe_checkpoint(path: str | Path, exc: Exception) -> CheckpointError:
+    """The refusal of a checkpoint that torch's weights-only reader rejected with exc."""
+    text = str(exc)
+    needs = re.search(r"GLOBAL (\S+) was not an allowed global", text) or re.search(r"error:\s*(\S[^\n]*)", text)
+    what = f" (it needs {needs.group(1)})" if needs else ""
+    return CheckpointError(
+        f"{path}: refused: it holds objects that only unpickling can rebuild{what}, and unpickling runs code "
+        "stored in the file. leuko reads checkpoints weights-only; use one that leuko wrote, or retrain"
+    )

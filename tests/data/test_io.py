@@ -1,6 +1,10 @@
 import gzip
+import io
 import re
+import struct
 import time
+import tracemalloc
+import zipfile
 
 import h5py
 import nibabel
@@ -173,3 +177,99 @@ def test_volume_suffix():
     assert volume_suffix("a/b.NII.GZ") == ".nii.gz"
     assert volume_suffix("x.tar.gz") == ".gz"
     assert volume_suffix("cell.tiff") == ".tiff"
+
+
+# ---------------------------------------------------------------- forged headers
+
+HUGE = (10_000, 10_000, 10_000)  # 10^12 float32 voxels: 3.6 TiB
+
+
+def _npy_header(shape=HUGE, data=b"\0" * 64) -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + data
+
+
+def _forge_npy(path):
+    path.write_bytes(_npy_header())
+
+
+def _forge_npz(path):
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("volume.npy", _npy_header())
+
+
+def _forge_h5(path):
+    with h5py.File(path, "w") as h5:  # chunks never written: the file stays a few kB
+        h5.create_dataset("volume", shape=HUGE, dtype="f4", chunks=(1, 100, 100), compression="gzip")
+
+
+def _nifti_header() -> bytes:
+    header = nibabel.Nifti1Header()
+    header.set_data_shape(HUGE)
+    header.set_data_dtype(np.float32)
+    header.set_data_offset(352)
+    return header.binaryblock + b"\0" * 4 + b"\0" * 64
+
+
+def _forge_nii(path):
+    path.write_bytes(_nifti_header())
+
+
+def _forge_nii_gz(path):
+    path.write_bytes(gzip.compress(_nifti_header()))
+
+
+def _forge_tif(path):
+    """A real one-page tif whose width and height tags say 10^6: 10^12 float32 pixels."""
+    write_volume(path, np.random.default_rng(0).random((1, 1, 4, 4)))
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        for name in ("ImageWidth", "ImageLength"):
+            offset = tif.pages[0].tags[name].valueoffset
+            data[offset : offset + 4] = struct.pack("<I", 1_000_000)
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("name", "forge"),
+    [
+        ("cell.npy", _forge_npy),
+        ("cell.npz", _forge_npz),
+        ("cell.h5", _forge_h5),
+        ("cell.nii", _forge_nii),
+        ("cell.nii.gz", _forge_nii_gz),
+        ("cell.tif", _forge_tif),
+    ],
+)
+def test_a_header_claiming_more_data_than_the_file_holds_is_refused_before_allocating(tmp_path, name, forge):
+    path = tmp_path / name
+    forge(path)
+    tracemalloc.start()
+    try:
+        with pytest.raises(VolumeError) as info:
+            read_volume(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    text = str(info.value)
+    assert text.startswith(f"{path}: ") and "TiB" in text, text
+    assert re.search(r": its header claims shape \(.*TiB\) but the file holds only .* of (compressed )?data", text), (
+        text
+    )
+    assert peak < 50e6  # nothing near the claimed size was allocated
+
+
+def test_a_truncated_npy_says_how_much_is_missing(tmp_path, volume):
+    path = write_volume(tmp_path / "cell.npy", volume)
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(
+        VolumeError, match=r"cell\.npy: cannot be read as \.npy \(corrupt or truncated file\?\): .*claims"
+    ):
+        read_volume(path)
+
+
+def test_an_npy_of_python_objects_is_refused(tmp_path):
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    with pytest.raises(VolumeError, match=r"obj\.npy: .*Python objects"):
+        read_volume(tmp_path / "obj.npy")

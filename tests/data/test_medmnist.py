@@ -93,6 +93,37 @@ def test_import_errors_name_the_problem(tmp_path):
     assert dataset_name("a/vesselmnist3d_64.npz") == "vesselmnist3d"
 
 
+def _relabel(npz: Path, **labels) -> Path:
+    """The file with some splits' labels replaced."""
+    arrays = dict(np.load(npz))
+    for split, values in labels.items():
+        arrays[f"{split}_labels"] = np.asarray(values)[:, None]
+    np.savez(npz, **arrays)
+    return npz
+
+
+def test_labels_must_be_integers_within_the_classes(tmp_path):
+    from leuko.data.medmnist import MedMNISTError
+
+    npz = _relabel(_npz(tmp_path / "vesselmnist3d.npz"), train=[0, 1, -1, 0, 1, 0])
+    with pytest.raises(MedMNISTError, match=r"not class indices \(whole numbers from 0\): train_labels\[2\] = -1;"):
+        import_medmnist(npz, tmp_path / "out")
+    npz = _relabel(npz, train=[0, 1, 0, 0, 1, 0], val=[0.7, 1.9, 1.0])
+    with pytest.raises(MedMNISTError, match=r"not class indices .*: val_labels\[0\] = 0\.7, val_labels\[1\] = 1\.9;"):
+        import_medmnist(npz, tmp_path / "out")
+    npz = _relabel(npz, val=[0, 1, 1], test=[0, 1, 2, 1])
+    known = r"labels go up to 2 but 2 class name\(s\) are known"
+    with pytest.raises(MedMNISTError, match=known + r" \(vessel, aneurysm\): test_labels\[2\] = 2;"):
+        import_medmnist(npz, tmp_path / "out")
+    with pytest.raises(MedMNISTError, match=known + r" \(a, b\): test_labels\[2\] = 2;"):
+        import_medmnist(npz, tmp_path / "out", classes=["a", "b"])
+    assert not (tmp_path / "out").exists()
+    # integral floats are unambiguous, and labels of cells left out by limit are not looked at
+    npz = _relabel(npz, val=[0.0, 1.0, 1.0], test=[0, 1, 1, 7])
+    manifest = import_medmnist(npz, tmp_path / "out", limit=3)
+    assert pd.read_csv(manifest)["label"].tolist()[3:6] == ["vessel", "aneurysm", "aneurysm"]
+
+
 def test_cli_prints_counts_and_the_next_step(tmp_path, capsys):
     npz = _npz(tmp_path / "vesselmnist3d.npz")
     assert main(["import-medmnist", str(npz), "--out", str(tmp_path / "v")]) == 0

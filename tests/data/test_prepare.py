@@ -6,42 +6,12 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
+from helpers.cells import LABELS, N_MEDIUM, ri_cell, snapshot, write_cohort
 from leuko.data.io import write_volume
-from leuko.data.manifest import REQUIRED_COLUMNS, ManifestError
+from leuko.data.manifest import ManifestError
 from leuko.data.prepare import prepare
 from leuko.data.prepared import PrepareError, load_prepared
 from leuko.data.preprocess import centre_crop_or_pad, process_cell, resample
-
-N_MEDIUM = 1.337
-LABELS = ("neutrophil", "eosinophil", "lymphocyte", "monocyte")
-
-
-def ri_cell(shape=(16, 20, 18), centre=(8, 10, 9), radius=3.0, n=1.37):
-    """Medium with one ball of refractive index n: (D, H, W)."""
-    grid = np.indices(shape)
-    ball = sum((g - c) ** 2 for g, c in zip(grid, centre)) <= radius**2
-    volume = np.full(shape, N_MEDIUM, dtype=np.float32)
-    volume[ball] = n
-    return volume
-
-
-def write_cohort(folder, n_cells=6, *, volumes=None, extra=None, voxel_size=(0.5, 0.2, 0.2), extra_columns=""):
-    """Cells on two patients plus manifest.csv; volumes[i] overrides cell i's volume."""
-    folder.mkdir(parents=True, exist_ok=True)
-    lines = [",".join(REQUIRED_COLUMNS) + extra_columns]
-    for i in range(n_cells):
-        volume = (volumes or {}).get(i, ri_cell(centre=(6 + i % 4, 9, 8)))
-        write_volume(folder / "cells" / f"c{i}.npy", volume)
-        z, y, x = voxel_size
-        lines.append(f"c{i},cells/c{i}.npy,{LABELS[i % 4]},p{i % 2},blood,{z},{y},{x}")
-    lines += extra or []
-    path = folder / "manifest.csv"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def snapshot(folder):
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 def test_prepare_writes_memmap_index_and_meta(tmp_path):
@@ -160,7 +130,7 @@ def test_reports_every_bad_cell_and_leaves_the_previous_output_intact(tmp_path):
     assert f"line 8 (cell_id c6): file not found: {tmp_path / 'raw' / 'cells' / 'nope.npy'}" in text
     assert "line 9 (cell_id c7): label 'basophil' is not one of" in text
     assert "line 10 (cell_id c8): " + str(tmp_path / "raw" / "cells" / "trunc.npy") + ": cannot be read" in text
-    assert "line 11 (cell_id c9): " in text and "has 2 channel(s) but the first cell (line 2, cell_id c0) has 1" in text
+    assert "line 11 (cell_id c9): " in text and "two.npy has 2 channel(s) but 6 of the 7 readable cells have 1" in text
     assert "line 12 (cell_id c10): " in text and "has 1 NaN and 0 Inf voxels" in text
     assert "line 13 (cell_id c11): " in text and "does not look like a refractive index" in text
     assert "pass --skip-bad to leave them out" in text and "Nothing was written" in text
@@ -289,3 +259,72 @@ def test_registered_models_still_find_process_cell_in_prepare():
 
     assert leuko.data.prepare.process_cell is process_cell
     assert leuko.data.prepare.load_prepared is load_prepared
+
+
+def _forged_npy(path):
+    """An .npy whose header claims 10^12 float32 voxels (3.6 TiB) over 64 bytes of data."""
+    header = {"descr": "<f4", "fortran_order": False, "shape": (10_000, 10_000, 10_000)}
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, header)
+        f.write(b"\0" * 64)
+
+
+def test_a_forged_header_is_a_row_error_and_skip_bad_skips_it(tmp_path):
+    manifest = write_cohort(tmp_path / "raw", 4, extra=["c4,cells/forged.npy,neutrophil,p0,blood,0.5,0.2,0.2"])
+    _forged_npy(tmp_path / "raw" / "cells" / "forged.npy")
+    with pytest.raises(ManifestError, match=r"line 6 \(cell_id c4\): .*forged\.npy: .*claims .*TiB"):
+        prepare(manifest, tmp_path / "prep", shape=(8, 8, 8), progress=False)
+    result = prepare(manifest, tmp_path / "prep", shape=(8, 8, 8), skip_bad=True, progress=False)
+    assert (result.n_cells, result.n_skipped) == (4, 1)
+    skipped = pd.read_csv(tmp_path / "prep" / "skipped.csv")
+    assert skipped["cell_id"].tolist() == ["c4"] and "claims" in skipped["reason"].iloc[0]
+
+
+def test_the_majority_sets_the_channels_not_the_first_cell(tmp_path):
+    # a stray 2-channel file on the first row of a 1-channel cohort
+    manifest = write_cohort(tmp_path / "raw", 6, volumes={0: np.stack([ri_cell(), ri_cell()])})
+    result = prepare(manifest, tmp_path / "prep", shape=(8, 8, 8), skip_bad=True, progress=False)
+    assert (result.n_cells, result.n_skipped) == (5, 1)
+    volumes, index, meta = load_prepared(tmp_path / "prep")
+    assert meta["channels"] == 1 and volumes.shape == (5, 1, 8, 8, 8)
+    assert index["cell_id"].tolist() == ["c1", "c2", "c3", "c4", "c5"] and index["row"].tolist() == list(range(5))
+    reason = pd.read_csv(tmp_path / "prep" / "skipped.csv").set_index("cell_id").loc["c0", "reason"]
+    assert "c0.npy has 2 channel(s) but 5 of the 6 readable cells have 1" in reason
+    # the values match a run on the good cells alone
+    good = write_cohort(tmp_path / "raw2", 6)
+    prepare(good, tmp_path / "prep2", shape=(8, 8, 8), progress=False)
+    np.testing.assert_array_equal(volumes, load_prepared(tmp_path / "prep2")[0][1:])
+
+    with pytest.raises(ManifestError, match=r"(?s)1 problem:.*line 2 \(cell_id c0\): .*has 2 channel\(s\) but 5 of"):
+        prepare(manifest, tmp_path / "prep3", shape=(8, 8, 8), progress=False)
+
+
+def test_a_tie_in_channel_counts_is_an_error_even_with_skip_bad(tmp_path):
+    two = np.stack([ri_cell(), ri_cell()])
+    manifest = write_cohort(tmp_path / "raw", 4, volumes={0: two, 1: two})
+    with pytest.raises(ManifestError, match=r"no majority: 2 cells have 1 channel\(s\) \(lines 4, 5\), 2 have 2"):
+        prepare(manifest, tmp_path / "prep", shape=(8, 8, 8), skip_bad=True, progress=False)
+    assert not (tmp_path / "prep").exists()
+
+
+def test_out_cannot_be_the_current_folder_or_hold_the_inputs(tmp_path, monkeypatch):
+    manifest = write_cohort(tmp_path / "raw", 2)
+    prepare(manifest, tmp_path / "prep", shape=(8, 8, 8), progress=False)
+    before = snapshot(tmp_path / "prep")
+    for cwd in (tmp_path / "prep", tmp_path / "prep" / "sub"):
+        cwd.mkdir(exist_ok=True)
+        monkeypatch.chdir(cwd)
+        out = "." if cwd.name == "prep" else ".."
+        with pytest.raises(PrepareError, match=r"prep.* is the current folder or holds it; .*cd"):
+            prepare(manifest, out, shape=(8, 8, 8), progress=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prep" / "sub").rmdir()
+    assert snapshot(tmp_path / "prep") == before
+
+    # inputs inside an earlier prepared folder: replacing it would delete them
+    inner = write_cohort(tmp_path / "prep" / "raw", 2)
+    with pytest.raises(PrepareError, match=r"prep holds the input .*manifest\.csv.*choose a folder outside"):
+        prepare(inner, tmp_path / "prep", shape=(8, 8, 8), progress=False)
+    assert (tmp_path / "prep" / "raw" / "cells" / "c0.npy").is_file()
+    with pytest.raises(PrepareError, match=r"holds the input"):
+        prepare(manifest, tmp_path / "raw", shape=(8, 8, 8), progress=False)

@@ -4,6 +4,9 @@ it, and alias it champion only when it beats the current champion."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import mlflow
 import pytest
@@ -112,3 +115,128 @@ def test_register_a_config_by_hand(registry, tiny_prepared, monkeypatch, tmp_pat
     assert result["alias"] == CHAMPION and result["cv"] == {}
     client = mlflow.MlflowClient(registry["tracking_uri"])
     assert str(client.get_model_version_by_alias("leuko-manual", "champion").version) == "1"
+
+
+# ---------------------------------------------------------------------------------------------- the code travels
+
+
+@pytest.mark.slow
+def test_registered_model_carries_its_code_and_loads_without_leuko_installed(registry, tmp_path):
+    """No requirement names `leuko` (not ours on the public index): the package travels in the model's code/."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    uri = registry["tracking_uri"]
+    local = Path(
+        mlflow.artifacts.download_artifacts(f"models:/leuko/{registry['result']['version']}", tracking_uri=uri)
+    )
+    names = [
+        re.split(r"[=<>!~ ;@\[]", line.strip(), maxsplit=1)[0].lower() for line in (local / "requirements.txt").open()
+    ]
+    assert "leuko" not in names and {"torch", "mlflow", "timm", "monai"} <= set(names)
+    assert (local / "code" / "leuko" / "nets" / "__init__.py").is_file()
+
+    # a fresh process that cannot import the installed leuko loads the model and predicts with the bundled code
+    script = f"""
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+try:
+    import leuko
+    sys.exit("leuko is importable: the check would prove nothing")
+except ModuleNotFoundError:
+    pass
+import mlflow, numpy as np
+model = mlflow.pyfunc.load_model({str(local)!r})
+out = model.predict(np.zeros((2, 1, 16, 16, 16), np.float32), params={{"preprocess": False}})
+import leuko
+assert leuko.__file__.startswith({str(local)!r}), leuko.__file__
+print(list(out.columns), len(out))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "'pred_label', 'prob_neutrophil'" in done.stdout and done.stdout.strip().endswith("2")
+
+
+# ---------------------------------------------------------------------------------------------- races and kills
+
+# Runs `leuko` with one registry function wrapped, to open a race window or to die at a chosen point.
+HOOKED = """
+import os, pathlib, signal, sys, time
+import mlflow.tracking._model_registry.fluent as fluent
+import leuko.tracking.champion as champion
+from leuko.cli import main
+
+hook = os.environ["HOOK"]
+if hook == "wait_after_reading_champion":  # both registers read the alias before either sets it
+    sync, real = pathlib.Path(os.environ["SYNC"]), champion.current_champion
+
+    def read_then_wait(*args, **kwargs):
+        found = real(*args, **kwargs)
+        (sync / str(os.getpid())).touch()
+        deadline = time.time() + 10
+        while len(list(sync.iterdir())) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        return found
+
+    champion.current_champion = read_then_wait
+elif hook == "kill_after_creating_version":
+    real = fluent._register_model
+
+    def register_then_die(*args, **kwargs):
+        version = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    fluent._register_model = register_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def hooked_register(hook: str, base, out, uri: str, **env) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", HOOKED, "register", "--config", str(base), "--name", "race", "--out", str(out)]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "HOOK": hook, "OMP_NUM_THREADS": "1", **env}
+    # the working directory holds the store's artifacts (./mlruns)
+    return subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_two_registers_at_once_crown_one_champion(tiny_prepared, tmp_path):
+    from helpers.sweep import write_base
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    base = write_base(tmp_path, tiny_prepared)
+    client = mlflow.MlflowClient(uri)
+    client.create_experiment("leuko")  # the store and the experiment exist before the two processes race
+    (tmp_path / "sync").mkdir()
+    procs = [
+        hooked_register("wait_after_reading_champion", base, tmp_path / f"runs{i}", uri, SYNC=str(tmp_path / "sync"))
+        for i in (1, 2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    versions = client.search_model_versions("name = 'race'")
+    decisions = sorted(v.tags["leuko.decision"].split(":")[0] for v in versions)
+    assert decisions == ["challenger", "champion"], [v.tags.get("leuko.decision") for v in versions]
+    champion = client.get_model_version_by_alias("race", "champion")
+    challenger = next(v for v in versions if str(v.version) != str(champion.version))
+    assert challenger.tags["leuko.compared_to"] == str(champion.version)
+    assert all(v.tags["leuko.status"] == "complete" for v in versions)
+    assert all(client.get_run(v.run_id).info.status == "FINISHED" for v in versions)
+
+
+@pytest.mark.slow
+def test_a_register_killed_after_creating_its_version_leaves_it_marked(tiny_prepared, tmp_path):
+    from helpers.sweep import write_base
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = hooked_register("kill_after_creating_version", write_base(tmp_path, tiny_prepared), tmp_path / "runs", uri)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == -9, err[-3000:]
+    client = mlflow.MlflowClient(uri)
+    (version,) = client.search_model_versions("name = 'race'")
+    assert version.tags.get("leuko.status") == "incomplete", version.tags
+    assert client.get_run(version.run_id).info.status in ("KILLED", "FAILED")
+    assert not version.aliases

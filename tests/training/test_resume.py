@@ -16,6 +16,7 @@ KILL = '{"class_path": "helpers.kill_at_step.KillAtStep", "init_args": {"step": 
 
 
 def fit(config, root, *extra, env=None):
+    """`leuko fit` in a subprocess, in root's parent folder (which holds a tracked run's ./mlruns artifacts)."""
     cmd = [
         sys.executable,
         "-m",
@@ -30,7 +31,7 @@ def fit(config, root, *extra, env=None):
         *extra,
     ]
     env = {**(env or os.environ), "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(cmd, cwd=Path(root).parent, env=env, capture_output=True, text=True, timeout=600)
 
 
 def assert_same_weights(a_path: Path, b_path: Path) -> None:
