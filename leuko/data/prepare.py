@@ -180,7 +180,7 @@ def _check_problems(
     """Stop (nothing written) on bad rows unless skip_bad, on problems of the whole file, and when no
     usable cell is left."""
     if any(not p.is_row for p in problems):
-        raise ManifestError(manifest, problems, hint=f"Fix this in {manifest}; nothing was written.")
+        raise ManifestError(manifest, problems, hint="--skip-bad cannot leave this out. Nothing was written.")
     if problems and not skip_bad:
         raise ManifestError(
             manifest,

@@ -57,23 +57,26 @@ def load_prepared(out_dir: str | Path) -> tuple[np.memmap, pd.DataFrame, dict]:
     missing = [name for name in (VOLUMES, INDEX, META) if not (out_dir / name).is_file()]
     if missing:
         raise PrepareError(f"{out_dir}: prepared data is incomplete (missing {', '.join(missing)}); {fix}")
+    rerun = f"rerun `leuko prepare --manifest MANIFEST --out {out_dir}` to rebuild it"
     try:
+        meta = json.loads((out_dir / META).read_text())
+        # sizes always, the checksum of the small index only: hashing volumes.npy on every load would cost
+        # a full read; `leuko prepare` checks it before calling the folder up to date
+        why = damage(out_dir, meta, checksums=(INDEX,)) if "files" in meta else None  # older folders record none
+        if why:
+            raise PrepareError(f"{out_dir}: prepared data is damaged ({why}); {rerun}")
         volumes = np.load(out_dir / VOLUMES, mmap_mode="r")
         text = {"cell_id": str, "label": str, "patient_id": str, "sample_type": str, "split": str}
         index = pd.read_csv(out_dir / INDEX, dtype=text, keep_default_na=False)
-        meta = json.loads((out_dir / META).read_text())
+    except PrepareError:
+        raise
     except (ValueError, OSError) as exc:
-        raise PrepareError(f"{out_dir}: prepared data is damaged ({exc}); {fix}") from exc
-    why = damage(out_dir, meta, checksums=(INDEX,)) if "files" in meta else None  # older folders record none
-    if why:
-        raise PrepareError(
-            f"{out_dir}: prepared data is damaged ({why}); rerun `leuko prepare --manifest MANIFEST --out {out_dir}`"
-        )
+        raise PrepareError(f"{out_dir}: prepared data is damaged ({exc}); {rerun}") from exc
     expected = (meta.get("n_cells"), meta.get("channels"), *meta.get("shape", ()))
     if volumes.shape != expected or len(index) != volumes.shape[0]:
         raise PrepareError(
             f"{out_dir}: {VOLUMES} has shape {volumes.shape}, {INDEX} {len(index)} rows, but {META} says"
-            f" {expected}; the folder is inconsistent, {fix}"
+            f" {expected}; the folder is inconsistent, {rerun}"
         )
     return volumes, index, meta
 
@@ -131,7 +134,8 @@ def check_out_dir(out_dir: Path, inputs: Iterable[str | Path] = ()) -> None:
         )
     folders: dict[str, str | Path] = {}  # each input's folder, resolved once: cohorts share a few folders
     for path in inputs:
-        folders.setdefault(os.path.dirname(os.path.abspath(path)), path)
+        if path:  # a row without a path is a manifest problem, reported elsewhere
+            folders.setdefault(os.path.dirname(os.path.abspath(path)), path)
     for folder, path in folders.items():
         resolved = Path(folder).resolve()
         if resolved == target or target in resolved.parents:

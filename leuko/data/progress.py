@@ -77,7 +77,7 @@ class Progress:
             return
         now = time.monotonic()
         crossed = False
-        if self.total:
+        if self.total and self.n < self.total:  # the line at the end says 100%
             while self._next_step < STEPS and self.n * STEPS >= self._next_step * self.total:
                 self._next_step += 1
                 crossed = True

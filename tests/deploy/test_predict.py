@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -12,7 +13,8 @@ import pytest
 
 from helpers.sweep import env_with, registered_model
 from leuko.cli.app import _wants_model, main
-from leuko.deploy.predict import PredictError, find_cells
+from leuko.deploy.intensity import LEVELS, cell_quantiles, out_of_distribution, training_intensities
+from leuko.deploy.predict import PredictError, differential, find_cells, predict
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +147,172 @@ def test_unknown_model_names_the_store_and_the_fix(registry, tiny_cohort, tmp_pa
     )
     assert code == 1
     assert "set MLFLOW_TRACKING_URI" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- input checks
+CLASSES = ["neutrophil", "eosinophil", "lymphocyte", "monocyte"]
+
+
+def test_duplicate_cell_ids_are_an_error_that_names_them(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("cell_id,path\nc1,a.npy\nc2,b.npy\nc1,c.npy\nc3,d.npy\nc3,e.npy\n")
+    with pytest.raises(PredictError, match=r"duplicate cell_id\(s\) c1 \(lines 2, 4\), c3 \(lines 5, 6\)"):
+        find_cells(manifest)
+    for name in ("x.npy", "x.nii.gz"):  # one cell id from two files of a folder
+        (tmp_path / "scans" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "scans" / name).write_bytes(b"")
+    with pytest.raises(PredictError, match=r"duplicate cell_id\(s\) x \(x.nii.gz, x.npy\)"):
+        find_cells(tmp_path / "scans")
+
+
+def test_a_header_only_manifest_says_so_and_points_to_no_unwritten_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("cell_id,path,patient_id\n")
+    with pytest.raises(PredictError, match="no cell rows") as info:
+        predict("models:/leuko@champion", manifest, tmp_path / "p.csv")
+    assert "skipped" not in str(info.value) and not list(tmp_path.glob("p*.csv"))
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any model was looked up
+
+
+def _cells(labels, patients, sample_types, preds):
+    return pd.DataFrame({"patient_id": patients, "sample_type": sample_types, "label": labels, "pred_label": preds})
+
+
+def test_the_differential_lists_only_the_samples_that_occur():
+    cells = _cells(["x"] * 4, ["P1", "P1", "P2", "P2"], ["blood", "blood", "BALF", "BALF"], CLASSES[:2] * 2)
+    table = differential(cells.drop(columns="label"), CLASSES, ["patient_id", "sample_type"])
+    assert table[["patient_id", "sample_type"]].values.tolist() == [["P1", "blood"], ["P2", "BALF"]]
+    assert list(table["n_cells"]) == [2, 2] and np.allclose(table.filter(like="pred_").sum(axis=1), 100.0)
+
+
+def test_an_unknown_label_keeps_the_reference_of_the_known_classes_and_is_named(capsys):
+    labels = ["neutrophil", "basophil", "lymphocyte", "neutrophil", "", "monocyte"]
+    cells = _cells(labels, ["P1"] * 3 + ["P2"] * 3, ["blood"] * 6, ["neutrophil"] * 6)
+    table = differential(cells, CLASSES, ["patient_id", "sample_type"]).set_index("patient_id")
+    assert "basophil" in capsys.readouterr().err
+    ref = [f"ref_{c}" for c in CLASSES]
+    # P1: 3 labelled cells, one of them a basophil; P2: 2 labelled cells (one has no label)
+    assert table.loc["P1", ref].tolist() == pytest.approx([100 / 3, 0, 100 / 3, 0])
+    assert table.loc["P1", "ref_other"] == pytest.approx(100 / 3)
+    assert table.loc["P2", ref].tolist() == pytest.approx([50, 0, 0, 50]) and table.loc["P2", "ref_other"] == 0
+    assert table.loc["P1", "n_cells"] == 3 and table.loc["P1", "pred_neutrophil"] == 100
+
+
+def test_intensity_quantiles_flag_cells_far_outside_the_training_range(tmp_path):
+    rng = np.random.default_rng(0)
+    volumes = rng.normal(0.0, 1.0, size=(40, 2, 8, 8, 8)).astype(np.float32)
+    volumes[:, 1] += 5.0  # a second channel at another level
+    np.save(tmp_path / "volumes.npy", volumes)
+    reference = training_intensities(tmp_path / "volumes.npy", np.arange(30))
+    assert reference["levels"] == list(LEVELS) and reference["n_cells"] == 30
+    assert np.asarray(reference["low"]).shape == (2, len(LEVELS))
+    assert all(out_of_distribution(cell_quantiles(v), reference) == "" for v in volumes[30:])  # unseen, same kind
+    assert cell_quantiles(volumes[:3]).shape == (3, 2, len(LEVELS))
+    shifted = volumes[30].copy()
+    shifted[1] *= 100.0  # another scale in one channel
+    reason = out_of_distribution(cell_quantiles(shifted), reference)
+    assert reason.startswith("channel 1 ") and "training range" in reason
+
+
+@pytest.fixture(scope="module")
+def thg_cells(tmp_path_factory):
+    """8 one-channel THG intensity volumes (phantoms): a folder, with a manifest whose modality is hhg."""
+    from leuko.data.io import read_volume
+    from leuko.data.phantoms import make_cohort
+
+    root = tmp_path_factory.mktemp("thg")
+    source = make_cohort(
+        root / "hhg", n_patients=2, cells_per_patient=4, shape=(16, 16, 16), modality="hhg", progress=False
+    )
+    table = pd.read_csv(source)
+    folder = root / "thg"
+    folder.mkdir()
+    for cell_id, path in zip(table["cell_id"], table["path"]):
+        np.save(folder / f"{cell_id}.npy", read_volume(source.parent / path)[:1])  # (1, D, H, W) THG
+    table["path"] = [f"{c}.npy" for c in table["cell_id"]]
+    table.to_csv(folder / "manifest_hhg.csv", index=False)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_modality_mismatch_is_refused_naming_both(registry, thg_cells, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["tracking_uri"])
+    out = tmp_path / "p.csv"
+    argv = ["predict", "--model", "models:/leuko@champion", "--input", str(thg_cells / "manifest_hhg.csv")]
+    assert main([*argv, "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "modality hhg" in err and "trained on ri" in err and not out.exists()
+
+
+def _mixed_folder(tmp_path, tiny_cohort, thg_cells, n_ri: int, n_thg: int):
+    folder = tmp_path / "scans"
+    folder.mkdir(parents=True)
+    for src in sorted((tiny_cohort.parent / "volumes" / "P01").iterdir())[:n_ri]:
+        (folder / src.name).write_bytes(src.read_bytes())
+    for src in sorted(thg_cells.glob("*.npy"))[:n_thg]:
+        (folder / f"thg_{src.name}").write_bytes(src.read_bytes())
+    return folder
+
+
+@pytest.mark.slow
+def test_out_of_distribution_cells_are_flagged_and_a_mostly_foreign_input_refused(
+    registry, tiny_cohort, thg_cells, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["tracking_uri"])
+    model = ["predict", "--model", "models:/leuko@champion", "--quiet"]
+    # a minority of foreign cells: predicted, and flagged
+    few = _mixed_folder(tmp_path / "few", tiny_cohort, thg_cells, n_ri=6, n_thg=2)
+    assert main([*model, "--input", str(few), "--out", str(tmp_path / "few.csv")]) == 0
+    cells = pd.read_csv(tmp_path / "few.csv").set_index("cell_id")
+    assert cells["out_of_distribution"].to_dict() == {c: c.startswith("thg_") for c in cells.index}
+    assert "2 of 8 cells are out of the training data's intensity range" in capsys.readouterr().err
+    # only foreign cells (no manifest to say the modality): refused, unless asked for
+    thg = _mixed_folder(tmp_path / "all", tiny_cohort, thg_cells, n_ri=0, n_thg=8)
+    assert main([*model, "--input", str(thg), "--out", str(tmp_path / "thg.csv")]) == 1
+    err = capsys.readouterr().err
+    assert "8 of 8 cells" in err and "--allow-out-of-distribution" in err and not (tmp_path / "thg.csv").exists()
+    argv = [*model, "--input", str(thg), "--out", str(tmp_path / "thg.csv"), "--allow-out-of-distribution"]
+    assert main(argv) == 0
+    assert pd.read_csv(tmp_path / "thg.csv")["out_of_distribution"].all()
+
+
+@pytest.mark.slow
+def test_a_model_registered_before_the_checks_still_predicts(registry, tiny_cohort, tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["tracking_uri"])
+    mlflow.set_tracking_uri(registry["tracking_uri"])
+    folder = Path(mlflow.artifacts.download_artifacts("models:/leuko@champion", dst_path=str(tmp_path / "old")))
+    config_path = folder / "artifacts" / "model_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("intensity")
+    config_path.write_text(json.dumps(config))
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--model", str(folder), "--input", str(tiny_cohort), "--out", str(out), "--quiet"]) == 0
+    assert "out-of-distribution check is off" in capsys.readouterr().err
+    cells = pd.read_csv(out)
+    assert len(cells) == len(pd.read_csv(tiny_cohort)) and "out_of_distribution" not in cells.columns
+
+
+class _PickledModel(mlflow.pyfunc.PythonModel):
+    """A pyfunc model stored as a pickle; unpickling it calls open(marker, "w")."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+    def predict(self, context, model_input, params=None):
+        return model_input
+
+
+def test_a_model_stored_as_a_pickle_is_refused_without_unpickling(tmp_path, monkeypatch, tiny_cohort):
+    monkeypatch.chdir(tmp_path)
+    marker = tmp_path / "code_ran"
+    mlflow.pyfunc.save_model(str(tmp_path / "model"), python_model=_PickledModel(marker))
+    with pytest.raises(PredictError, match="pickle") as info:
+        predict(str(tmp_path / "model"), tiny_cohort, tmp_path / "p.csv")
+    assert str(tmp_path / "model") in str(info.value)
+    assert not marker.exists()
