@@ -58,6 +58,11 @@ def predict_model_parser() -> argparse.ArgumentParser:
         metavar=("Z", "Y", "X"),
         help="voxel size (um) of every volume, when the model resamples and there is no manifest",
     )
+    p.add_argument(
+        "--allow-out-of-distribution",
+        action="store_true",
+        help="predict even when most cells lie outside the training data's intensities (they stay flagged)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict_model, command="predict")
     return p
@@ -74,6 +79,7 @@ def cmd_predict_model(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         voxel_size=args.voxel_size,
         progress=not args.quiet,
+        allow_out_of_distribution=args.allow_out_of_distribution,
     )
     paths = result["paths"]
     print(f"predictions for {result['n_cells']} cells -> {paths['predictions']}")

@@ -7,7 +7,8 @@ A registered leuko model is an MLflow pyfunc in the models-from-code format:
     pyfunc_model.py                               the inference code (a copy of leuko/deploy/pyfunc_model.py)
     code/leuko/                                   the leuko package it imports (requirements never name leuko)
     artifacts/weights.safetensors                 the net's state dict: tensors only
-    artifacts/model_config.json                   net name and kwargs, classes, preprocessing settings
+    artifacts/model_config.json                   net name and kwargs, classes, preprocessing settings, the
+                                                  training data's intensity range (leuko.deploy.intensity)
 
 Trust boundary. Loading a model runs code in two places, and nothing else:
 - pyfunc_model.py from the registry, executed as a Python module (that is how MLflow loads
@@ -16,8 +17,9 @@ Trust boundary. Loading a model runs code in two places, and nothing else:
   loading process has not imported leuko yet, else (and for older models) from the installed package.
 - leuko itself, from the Python environment that loads the model, when that process imported it first.
 The weights are read with safetensors (no pickle), model_config.json with json, and nothing is
-unpickled: loading works with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false. So trust a registry as far
-as you trust the people who can write to it: anyone who can register a version can change the code
-that runs when it is loaded. Give write access to the registry (and its artifact store) only to
-those who may ship code, and pin deployments to a version (models:/leuko/7) or an alias you control.
+unpickled: `leuko predict` loads models with MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false and refuses
+a model stored as a pickle. So trust a registry as far as you trust the people who can write to it:
+anyone who can register a version can change the code that runs when it is loaded. Give write access
+to the registry (and its artifact store) only to those who may ship code, and pin deployments to a
+version (models:/leuko/7) or an alias you control.
 """

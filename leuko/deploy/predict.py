@@ -1,12 +1,19 @@
 """`leuko predict --model URI`: a registered model on a folder of volumes or a manifest.
 
 Writes, next to each other:
-    predictions.csv                cell_id, path, [patient_id, sample_type | folder], [label], pred_label, prob_<class>
-    predictions_differential.csv   per sample (patient_id + sample_type from a manifest) or per folder:
-                                   n_cells, pred_<class> percent [, ref_<class> percent from the labels]
+    predictions.csv                cell_id, path, [patient_id, sample_type | folder], [label], pred_label, prob_<class>,
+                                   [out_of_distribution]
+    predictions_differential.csv   per sample (patient_id + sample_type from a manifest) or per folder that occurs:
+                                   n_cells, [ref_<class> percent of the labelled cells, ref_other], pred_<class> percent
     predictions_skipped.csv        cell_id, path, reason: volumes that could not be read (only if any)
 Each volume is read with leuko.data.io.read_volume and prepared with the model's own copy of the
 settings `leuko prepare` used for its training data (leuko.data.preprocess.process_cell).
+
+Input the model was not trained for is refused before anything is written: a manifest whose modality
+is not the model's, duplicate cell ids, a manifest with no rows, and an input whose cells mostly lie
+outside the intensities of the training data (leuko.deploy.intensity; --allow-out-of-distribution
+predicts anyway). A minority of such cells is predicted and flagged in out_of_distribution. Models
+registered before the intensity range was stored predict without that check, with a note saying so.
 """
 
 from __future__ import annotations
@@ -22,12 +29,15 @@ import pandas as pd
 from leuko.data.io import SUPPORTED_SUFFIXES, VolumeError, read_volume, volume_suffix
 from leuko.data.manifest import VOXEL_SIZE_COLUMNS, read_manifest_table
 from leuko.data.progress import progress as progress_bar
+from leuko.deploy.intensity import cell_quantiles, out_of_distribution
 from leuko.errors import LeukoError
-from leuko.evaluation.agreement import differentials
+from leuko.evaluation.agreement import percentages
 from leuko.training.predictions import PRED, prob_columns, probability_table
 
 MANIFEST = "manifest.csv"
 SAMPLE_KEYS = ("patient_id", "sample_type")
+OOD = "out_of_distribution"
+PICKLE_SWITCH = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
 
 
 class PredictError(LeukoError, ValueError):
@@ -37,7 +47,7 @@ class PredictError(LeukoError, ValueError):
 def find_cells(source: str | Path, *, voxel_size: Sequence[float] | None = None) -> tuple[pd.DataFrame, list[str]]:
     """(cells, group columns). A manifest (or a folder holding manifest.csv): its rows, grouped by
     patient_id and sample_type when it has them. Any other folder: every volume file below it, grouped by
-    the folder each file is in."""
+    the folder each file is in. A manifest's modality column, if any, comes along as `modality`."""
     source = Path(source)
     if source.is_dir() and (source / MANIFEST).is_file():
         source = source / MANIFEST
@@ -57,6 +67,7 @@ def find_cells(source: str | Path, *, voxel_size: Sequence[float] | None = None)
             "folder": [str(r.parent) for r in rel],
         }
     )
+    _unique_ids(cells, [str(r) for r in rel], f"--input {source}", "give each volume its own file name")
     _add_voxel_size(cells, voxel_size)
     return cells, ["folder"]
 
@@ -67,12 +78,19 @@ def _from_manifest(path: Path, voxel_size: Sequence[float] | None) -> tuple[pd.D
     table = read_manifest_table(path)
     if "path" not in table.columns:
         raise PredictError(f"--input {path}: the manifest has no `path` column (columns: {', '.join(table.columns)})")
+    if table.empty:
+        raise PredictError(f"--input {path}: the manifest has a header but no cell rows; add one row per volume")
     cells = pd.DataFrame(
         {"cell_id": table["cell_id"] if "cell_id" in table else table["path"], "path": table["abs_path"]}
+    )
+    _unique_ids(
+        cells, [str(n) for n in table["line"]], f"--input {path}", "give each row its own cell_id", kind="lines "
     )
     groups = [k for k in SAMPLE_KEYS if k in table.columns]
     for key in groups + (["label"] if "label" in table.columns else []):
         cells[key] = table[key].to_numpy()
+    if "modality" in table.columns:
+        cells["modality"] = table["modality"].str.lower().to_numpy()
     if not groups:
         cells["folder"] = [str(Path(p).parent) for p in table["path"]]
         groups = ["folder"]
@@ -84,13 +102,30 @@ def _from_manifest(path: Path, voxel_size: Sequence[float] | None) -> tuple[pd.D
     return cells, groups
 
 
+def _unique_ids(cells: pd.DataFrame, where: list[str], source: str, fix: str, *, kind: str = "") -> None:
+    """PredictError naming each cell_id that more than one row (or file) has, and where (kind + where[i])."""
+    ids = cells["cell_id"].astype(str).reset_index(drop=True)
+    taken = ids[ids.duplicated(keep=False)]
+    if taken.empty:
+        return
+    shown = [
+        f"{cell_id} ({kind}{', '.join(where[i] for i in rows)})"
+        for cell_id, rows in taken.groupby(taken).groups.items()
+    ]
+    more = f", ... ({len(shown)} in all)" if len(shown) > 5 else ""
+    raise PredictError(f"{source}: duplicate cell_id(s) {', '.join(shown[:5])}{more}; {fix}")
+
+
 def _add_voxel_size(cells: pd.DataFrame, voxel_size: Sequence[float] | None) -> None:
     for c, v in zip(VOXEL_SIZE_COLUMNS, voxel_size or (np.nan,) * 3):
         cells[c] = float(v)
 
 
 def load_model(model_uri: str):
-    """(pyfunc model, its LeukoModel). MLFLOW_TRACKING_URI, or sqlite:///mlflow.db, says where models:/ lives."""
+    """(pyfunc model, its LeukoModel). MLFLOW_TRACKING_URI, or sqlite:///mlflow.db, says where models:/ lives.
+
+    Nothing is unpickled: a leuko model is code, safetensors weights and JSON, so a model stored as a
+    pickle (which would run code stored in it while loading) is refused."""
     # heavy imports here: mlflow and leuko.tracking.runs (Lightning) take seconds to load
     import mlflow
 
@@ -103,14 +138,26 @@ def load_model(model_uri: str):
             f"--model {model_uri}: give a model URI such as models:/leuko@champion, or a folder with an MLmodel file"
         )
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one progress bar (ours) is enough
+    allowed = os.environ.get(PICKLE_SWITCH)
+    os.environ[PICKLE_SWITCH] = "false"
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except mlflow.exceptions.MlflowException as exc:
+        if "pickle" in exc.message:
+            raise PredictError(
+                f"--model {model_uri}: refused: it is stored as a pickle, and unpickling runs code stored in the "
+                "model. A leuko model is code, safetensors weights and JSON; register one with `leuko register`"
+            ) from exc
         raise PredictError(
             f"--model {model_uri}: cannot load it from {uri} ({exc.message.splitlines()[0]}); set "
             "MLFLOW_TRACKING_URI to the store the model was registered in, and check the name, version or alias "
             "(`leuko register` prints them)"
         ) from exc
+    finally:
+        if allowed is None:
+            os.environ.pop(PICKLE_SWITCH, None)
+        else:
+            os.environ[PICKLE_SWITCH] = allowed
     impl = model.unwrap_python_model()
     if not hasattr(impl, "preprocess"):
         raise PredictError(f"--model {model_uri}: not a leuko model (registered with `leuko register`)")
@@ -125,6 +172,7 @@ def predict(
     batch_size: int = 32,
     voxel_size: Sequence[float] | None = None,
     progress: bool = True,
+    allow_out_of_distribution: bool = False,
 ) -> dict:
     """Run the model on every cell; unreadable cells are reported on stderr, listed, and skipped."""
     out = Path(out)
@@ -135,39 +183,97 @@ def predict(
     cells, groups = find_cells(source, voxel_size=voxel_size)
     model, impl = load_model(model_uri)
     settings = impl.config["preprocessing"]
+    _check_modality(cells, settings.get("modality"), source, model_uri)
     if settings.get("target_voxel_size") is not None and cells[list(VOXEL_SIZE_COLUMNS)].isna().any(axis=None):
         raise PredictError(
             f"the model resamples to {settings['target_voxel_size']} um, so it needs each volume's voxel size: "
             "give a manifest with voxel_size_z/y/x, or --voxel-size Z Y X"
         )
-    classes = impl.classes
-    kept, probs, skipped = _run(cells, model, impl, batch_size=batch_size, progress=progress)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    base = out.with_suffix("")
-    paths = {
-        "predictions": out,
-        "differential": Path(f"{base}_differential.csv"),
-        "skipped": Path(f"{base}_skipped.csv"),
-    }
+    reference = impl.config.get("intensity")
+    if reference is None:
+        print(
+            f"note: {model_uri} was registered without the intensity range of its training data: the "
+            "out-of-distribution check is off (register the model again to turn it on)",
+            file=sys.stderr,
+        )
+    kept, probs, reasons, skipped = _run(cells, model, impl, reference, batch_size=batch_size, progress=progress)
+    paths = _paths(out)
     if skipped:
         pd.DataFrame(skipped).to_csv(paths["skipped"], index=False)
     elif paths["skipped"].exists():
         os.remove(paths["skipped"])  # from an earlier run: it would describe other inputs
     if not kept:
         raise PredictError(f"none of the {len(cells)} volume(s) could be read (see {paths['skipped']})")
-    table = pd.DataFrame(kept).drop(columns=list(VOXEL_SIZE_COLUMNS))
-    table = pd.concat([table, probability_table(np.concatenate(probs), classes)], axis=1)
+    drop = list(VOXEL_SIZE_COLUMNS) + (["modality"] if "modality" in cells.columns else [])
+    table = pd.DataFrame(kept).drop(columns=drop)
+    table = pd.concat([table, probability_table(np.concatenate(probs), impl.classes)], axis=1)
+    if reference is not None:
+        table[OOD] = [bool(r) for r in reasons]
+        _check_distribution(table, reasons, model_uri, allow_out_of_distribution)
+    out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
-    differential(table, classes, groups).to_csv(paths["differential"], index=False)
-    return {"n_cells": len(table), "n_skipped": len(skipped), "paths": paths, "groups": groups, "classes": classes}
+    differential(table, impl.classes, groups).to_csv(paths["differential"], index=False)
+    n_out = int(table[OOD].sum()) if reference is not None else None
+    return {
+        "n_cells": len(table),
+        "n_skipped": len(skipped),
+        "n_out_of_distribution": n_out,
+        "paths": paths,
+        "groups": groups,
+        "classes": impl.classes,
+    }
 
 
-def _run(cells: pd.DataFrame, model, impl, *, batch_size: int, progress: bool) -> tuple[list, list, list[dict]]:
-    """(cells read, their (b, classes) probability batches, {cell_id, path, reason} of the skipped ones)."""
+def _paths(out: Path) -> dict[str, Path]:
+    base = out.with_suffix("")
+    return {
+        "predictions": out,
+        "differential": Path(f"{base}_differential.csv"),
+        "skipped": Path(f"{base}_skipped.csv"),
+    }
+
+
+def _check_modality(cells: pd.DataFrame, trained: str | None, source, model_uri: str) -> None:
+    """PredictError when the manifest names a modality other than the one the model was trained on."""
+    if trained is None:
+        print(f"note: {model_uri} does not record its modality: the modality check is off", file=sys.stderr)
+        return
+    given = sorted({m for m in cells.get("modality", pd.Series(dtype=object)).dropna() if m})
+    if given and given != [trained]:
+        raise PredictError(
+            f"--input {source}: the manifest gives modality {', '.join(given)}, but {model_uri} was trained on "
+            f"{trained} data; give it {trained} volumes, or use a model trained on {given[0]} data"
+        )
+
+
+def _check_distribution(table: pd.DataFrame, reasons: list[str], model_uri: str, allow: bool) -> None:
+    """Report cells outside the training intensities; PredictError when they are most cells, unless allowed."""
+    out = [i for i, r in enumerate(reasons) if r]
+    if not out:
+        return
+    first = f"{table['cell_id'].iloc[out[0]]}: {reasons[out[0]]}"
+    if 2 * len(out) > len(table) and not allow:
+        raise PredictError(
+            f"{len(out)} of {len(table)} cells are out of the training data's intensity range (e.g. {first}): this "
+            f"input is not what {model_uri} was trained for (another modality, scale or instrument?). Check --input "
+            "and --model; to predict anyway, pass --allow-out-of-distribution (the cells are flagged in the "
+            f"{OOD} column)"
+        )
+    print(
+        f"warning: {len(out)} of {len(table)} cells are out of the training data's intensity range (e.g. {first}); "
+        f"they are flagged in the {OOD} column: do not trust their predictions",
+        file=sys.stderr,
+    )
+
+
+def _run(
+    cells: pd.DataFrame, model, impl, reference: dict | None, *, batch_size: int, progress: bool
+) -> tuple[list, list, list[str], list[dict]]:
+    """(cells read, their (b, classes) probability batches, why each read cell is out of distribution ('' when
+    it is not, or without a reference), {cell_id, path, reason} of the skipped ones)."""
     read_options = impl.config["preprocessing"].get("read_options") or {}
     classes = impl.classes
-    kept, probs, skipped = [], [], []
+    kept, probs, reasons, skipped = [], [], [], []
     batch: list[np.ndarray] = []
 
     def flush() -> None:
@@ -181,28 +287,44 @@ def _run(cells: pd.DataFrame, model, impl, *, batch_size: int, progress: bool) -
         size = [getattr(cell, c) for c in VOXEL_SIZE_COLUMNS]
         try:
             volume = read_volume(cell.path, **read_options)
-            window = impl.preprocess(volume, None if any(np.isnan(size)) else size)
+            window = impl.preprocess(volume, None if any(np.isnan(size)) else size)  # (C, *shape)
         except (VolumeError, ValueError, OSError) as exc:
             reason = " ".join(str(exc).split())
             bar.write(f"skipped {cell.cell_id}: {reason}")
             skipped.append({"cell_id": cell.cell_id, "path": cell.path, "reason": reason})
             continue
+        reasons.append(out_of_distribution(cell_quantiles(window), reference) if reference else "")
         batch.append(window)
         kept.append(cell)
         if len(batch) == batch_size:
             flush()
     flush()
-    return kept, probs, skipped
+    return kept, probs, reasons, skipped
 
 
 def differential(cells: pd.DataFrame, classes: Sequence[str], groups: list[str]) -> pd.DataFrame:
-    """Per group: n_cells and pred_<class> percent; with labels that are all model classes, also ref_<class>."""
-    labels = cells["label"].astype(str) if "label" in cells.columns else None
-    if labels is not None and set(labels) <= set(classes):
-        return differentials(cells, classes, by=groups)
-    keys = cells[groups].astype(str)
-    counts = pd.crosstab([keys[g] for g in groups], pd.Categorical(cells[PRED], categories=list(classes)), dropna=False)
-    table = (100.0 * counts.div(counts.sum(axis=1), axis=0)).add_prefix("pred_")
-    table.insert(0, "n_cells", counts.sum(axis=1))
+    """Per group that occurs: n_cells, pred_<class> percent and, with labels, ref_<class> percent of the
+    group's labelled cells. Labels that are not model classes are named in a warning and counted as
+    ref_other; cells without a label are left out of the reference."""
+    classes = list(classes)
+    keys = cells[groups].astype(str).reset_index(drop=True)
+    table = keys.groupby(groups, sort=True).size().rename("n_cells").to_frame()  # index: the groups that occur
+    if "label" in cells.columns:
+        labels = cells["label"].reset_index(drop=True)
+        labelled = labels.notna() & (labels.astype(str).str.strip() != "")
+        labels = labels.astype(str).str.strip().where(labelled)  # (N,) text, NaN where unlabelled
+        unknown = sorted(set(labels[labelled]) - set(classes))
+        other = "other" if "other" not in classes else "other_label"
+        if unknown:
+            counts = labels[labels.isin(unknown)].value_counts()
+            print(
+                f"warning: label(s) {', '.join(f'{u} ({counts[u]} cells)' for u in unknown)} are not classes of the "
+                f"model ({', '.join(classes)}): ref_<class> is each class's share of the labelled cells, "
+                f"ref_{other} the share of these",
+                file=sys.stderr,
+            )
+            labels = labels.where(~labels.isin(unknown), other)
+        table = table.join(percentages(labels, keys, classes + ([other] if unknown else []), "ref_"))
+    table = table.join(percentages(cells[PRED].reset_index(drop=True), keys, classes, "pred_"))
     table.columns.name = None
     return table.reset_index()

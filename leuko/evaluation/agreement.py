@@ -66,9 +66,9 @@ def differentials(
 
     keys = cells[by].astype(str).reset_index(drop=True)
     out = keys.groupby(by, sort=True).size().rename("n_cells").to_frame()  # index: the by columns
-    out = out.join(_percentages(cells[pred_col], keys, classes, "pred_"))
+    out = out.join(percentages(cells[pred_col], keys, classes, "pred_"))
     if reference is None:
-        out = out.join(_percentages(cells[label_col], keys, classes, "ref_"))
+        out = out.join(percentages(cells[label_col], keys, classes, "ref_"))
     else:
         out = out.join(_reference_by_sample(reference, by, classes, out.index))
     out = out.reset_index()
@@ -265,7 +265,9 @@ def metric_part(name) -> str:
     return re.sub(r"[^\w\-. ]", "_", str(name))
 
 
-def _percentages(labels: pd.Series, keys: pd.DataFrame, classes: list[str], prefix: str) -> pd.DataFrame:
+def percentages(labels: pd.Series, keys: pd.DataFrame, classes: list[str], prefix: str) -> pd.DataFrame:
+    """Per group of keys (rows aligned by position): each class's percentage of the rows whose label is one of
+    classes; other labels are not counted."""
     onehot = pd.get_dummies(pd.Categorical(labels.astype(str), categories=classes), dtype=float)
     onehot.columns = [f"{prefix}{c}" for c in classes]
     counts = pd.concat([keys, onehot], axis=1).groupby(list(keys.columns), sort=True).sum()

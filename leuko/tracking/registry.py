@@ -147,7 +147,9 @@ def _refit_folder(out: str | Path, source: Source) -> Path:
 
 
 def _model_config(cli) -> dict:
-    from leuko.nets import constructor_kwargs  # heavy import here (torch), as in source_from_study
+    # heavy imports here (torch, numpy), as in source_from_study
+    from leuko.deploy.intensity import training_intensities
+    from leuko.nets import constructor_kwargs
 
     model, meta = cli.model, cli.datamodule.meta
     hp = model.hparams
@@ -167,6 +169,8 @@ def _model_config(cli) -> dict:
             "read_options": settings.get("read_options", {}),
             "normalisation": meta.get("normalisation"),
         },
+        # what `leuko predict` checks each cell against (leuko.deploy.intensity): the cells it was fit on
+        "intensity": training_intensities(cli.datamodule.volumes_path, cli.datamodule.subset("train")["row"]),
         "prepared_fingerprint": meta.get("fingerprint"),
         "manifest_sha256": meta.get("manifest_sha256"),
         "leuko_version": __version__,

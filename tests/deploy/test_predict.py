@@ -311,7 +311,8 @@ class _PickledModel(mlflow.pyfunc.PythonModel):
 def test_a_model_stored_as_a_pickle_is_refused_without_unpickling(tmp_path, monkeypatch, tiny_cohort):
     monkeypatch.chdir(tmp_path)
     marker = tmp_path / "code_ran"
-    mlflow.pyfunc.save_model(str(tmp_path / "model"), python_model=_PickledModel(marker))
+    mlflow.pyfunc.save_model(str(tmp_path / "model"), python_model=_PickledModel(marker), pip_requirements=[])
+    assert not marker.exists()  # saving only pickled it
     with pytest.raises(PredictError, match="pickle") as info:
         predict(str(tmp_path / "model"), tiny_cohort, tmp_path / "p.csv")
     assert str(tmp_path / "model") in str(info.value)
