@@ -5,7 +5,8 @@
 
 For each layout, in its own fresh git + DVC repository with a local remote, it times what a user runs:
 `dvc add data` (hash every file, copy into the cache), `dvc status` with nothing changed, `dvc status` and
-`dvc add` after one cell changed, `dvc push`, and `dvc pull` into an empty workspace and cache (a new clone). --cache-type hardlink,symlink measures DVC's
+`dvc add` after one cell changed, `dvc push`, and `dvc pull` into an empty workspace and cache (a new clone).
+--cache-type hardlink,symlink measures DVC's
 link cache types, which let checkout and pull link files from the cache instead of copying them.
 
     per-file   data/volumes/<patient>/<cell>.npy + manifest.csv   (what `leuko phantoms` and most microscopes write)

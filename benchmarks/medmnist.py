@@ -137,7 +137,8 @@ def environment(accelerator: str) -> str:
     if accelerator == "gpu" and torch.cuda.is_available():
         device = torch.cuda.get_device_name(0)
     else:
-        device = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+        cpu = platform.processor() or platform.machine()
+        device = f"CPU ({cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
     return f"{device}; Python {platform.python_version()}, torch {torch.__version__}, lightning {lightning.__version__}"
 
 
@@ -227,7 +228,8 @@ def main() -> None:
             f"VesselMNIST3D (28^3; MedMNIST v2, CC BY 4.0), official split: train 1335, val 191, test 382 volumes, "
             f"about 11% aneurysm. Protocol of the MedMNIST v2 benchmark (Adam, lr {args.lr:g}, lr x0.1 at 50% and 75% "
             f"of the epochs, batch {args.batch_size}, model chosen on val AUC, tested once) with {epochs} epochs "
-            f"(per net, in table order; the protocol's 100 where CPU time allowed). Balanced accuracy matters here: a net that "
+            f"(per net, in table order; the protocol's 100 where CPU time allowed). "
+            "Balanced accuracy matters here: a net that "
             "always says vessel scores ACC 0.887.\n\n"
             f"- date: {datetime.date.today().isoformat()}\n- device: {env}\n- command: `{command}`\n\n{text}\n"
         )

@@ -25,8 +25,8 @@ import traceback
 
 from leuko.cli import data, deploy, evaluation, sweep, tracking, training
 from leuko.cli.command import UsageError, formatter
-from leuko.params import ParamsError, expand
 from leuko.errors import LeukoError
+from leuko.params import ParamsError, expand
 
 __all__ = ["UsageError", "build_parser", "main"]
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import textwrap
 
-from leuko.params import COMMAND_SECTIONS
 from leuko.errors import LeukoError
+from leuko.params import COMMAND_SECTIONS
 
 
 class UsageError(LeukoError):

@@ -198,30 +198,34 @@ def predict(
         )
     kept, probs, reasons, skipped = _run(cells, model, impl, reference, batch_size=batch_size, progress=progress)
     paths = _paths(out)
-    if skipped:
-        pd.DataFrame(skipped).to_csv(paths["skipped"], index=False)
-    elif paths["skipped"].exists():
-        os.remove(paths["skipped"])  # from an earlier run: it would describe other inputs
     if not kept:
+        _write_skipped(paths["skipped"], skipped)
         raise PredictError(f"none of the {len(cells)} volume(s) could be read (see {paths['skipped']})")
     drop = list(VOXEL_SIZE_COLUMNS) + (["modality"] if "modality" in cells.columns else [])
     table = pd.DataFrame(kept).drop(columns=drop)
     table = pd.concat([table, probability_table(np.concatenate(probs), impl.classes)], axis=1)
     if reference is not None:
         table[OOD] = [bool(r) for r in reasons]
-        _check_distribution(table, reasons, model_uri, allow_out_of_distribution)
-    out.parent.mkdir(parents=True, exist_ok=True)
+        _check_distribution(table, reasons, model_uri, allow_out_of_distribution)  # before anything is written
+    _write_skipped(paths["skipped"], skipped)
     table.to_csv(out, index=False)
     differential(table, impl.classes, groups).to_csv(paths["differential"], index=False)
-    n_out = int(table[OOD].sum()) if reference is not None else None
     return {
         "n_cells": len(table),
         "n_skipped": len(skipped),
-        "n_out_of_distribution": n_out,
+        "n_out_of_distribution": int(table[OOD].sum()) if reference is not None else None,
         "paths": paths,
         "groups": groups,
         "classes": impl.classes,
     }
+
+
+def _write_skipped(path: Path, skipped: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if skipped:
+        pd.DataFrame(skipped).to_csv(path, index=False)
+    elif path.exists():
+        os.remove(path)  # from an earlier run: it would describe other inputs
 
 
 def _paths(out: Path) -> dict[str, Path]:

@@ -10,9 +10,9 @@ import pytest
 
 from leuko.cli.app import build_parser, main
 from leuko.cli.deploy import predict_model_parser, wants_model
-from leuko.params import COMMAND_SECTIONS
 from leuko.cli.training import LIGHTNING_COMMANDS
 from leuko.data.optics import DEFAULT_CLASSES
+from leuko.params import COMMAND_SECTIONS
 
 COMMANDS = {
     "phantoms",

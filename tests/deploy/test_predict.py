@@ -87,6 +87,7 @@ def test_predict_in_a_fresh_process_matches_the_prepared_data(registry, tiny_coh
     probs = cells.filter(like="prob_")
     assert list(probs.columns) == [f"prob_{c}" for c in ("neutrophil", "eosinophil", "lymphocyte", "monocyte")]
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    assert not cells["out_of_distribution"].any()  # the held-out test cells too: the same kind of data
 
     diff = pd.read_csv(out.parent / "predictions_differential.csv")
     assert list(diff.columns[:3]) == ["patient_id", "sample_type", "n_cells"]
