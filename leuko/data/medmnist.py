@@ -20,24 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
+from leuko.data.manifest import OPTIONAL_COLUMNS, REQUIRED_COLUMNS
 from leuko.data.swap import recover, staging_dir, swap_into_place
 from leuko.errors import LeukoError
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.csv"
 INFO = "medmnist.json"  # source, dataset, classes, counts per split, shape, dtype
-MANIFEST_COLUMNS = (
-    "cell_id",
-    "path",
-    "label",
-    "patient_id",
-    "sample_type",
-    "voxel_size_z",
-    "voxel_size_y",
-    "voxel_size_x",
-    "modality",
-    "split",
-)
+MANIFEST_COLUMNS = (*REQUIRED_COLUMNS, *OPTIONAL_COLUMNS)  # modality, split
 # Class names per dataset, from the MedMNIST v2 INFO table (medmnist/info.py); index = label value.
 KNOWN_CLASSES = {
     "vesselmnist3d": ("vessel", "aneurysm"),

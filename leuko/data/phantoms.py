@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from leuko.data.io import write_volume
+from leuko.data.manifest import REQUIRED_COLUMNS
 from leuko.data.optics import DEFAULT_CLASSES, N_MEDIUM, RI_CELL_THRESHOLD
 from leuko.data.phantom_cells import Acquisition, Grid, render_cell
 from leuko.data.progress import progress as progress_bar
@@ -32,17 +33,7 @@ from leuko.errors import LeukoError
 MODALITIES = ("ri", "hhg")
 FORMATS = ("npy", "tif", "nii.gz", "h5")
 SAMPLE_TYPES = ("BALF", "blood")
-MANIFEST_COLUMNS = (
-    "cell_id",
-    "path",
-    "label",
-    "patient_id",
-    "sample_type",
-    "voxel_size_z",
-    "voxel_size_y",
-    "voxel_size_x",
-    "modality",
-)
+MANIFEST_COLUMNS = (*REQUIRED_COLUMNS, "modality")
 CHANNELS = {"ri": ("ri",), "hhg": ("thg", "shg")}
 GENERATOR = "leuko.data.phantoms"
 MANIFEST = "manifest.csv"
