@@ -16,9 +16,12 @@ Columns:
   epoch         that epoch, counted from 1
   best          the highest validation balanced accuracy of the fit, and (@) its epoch
   total s       the whole fit, process exit included
+  target cpu s  CPU seconds (all threads and data-loader workers) until that epoch: on a shared machine
+                this moves far less with the load than wall time
+  cpu s         CPU seconds of the whole fit
   volumes/s     training volumes per second of the training phases (loading, augmentation, steps;
                 not validation)
-  x first       target s over the first variant's target s for the same recipe in the same repeat
+  x first       target s (and target cpu s) over the first variant's, for the same recipe and repeat
 
 --variants NAME:ARGS adds leuko fit arguments to every recipe (rows = repeats x recipes x variants, run in
 that order, so the variants of one repeat run side by side under the same machine load). Timings on a shared
@@ -28,8 +31,10 @@ machine move by tens of percent between runs: compare within one run, and use --
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import resource
 import shlex
 import statistics
 import subprocess
@@ -85,6 +90,7 @@ class EpochClock(Callback):
                 "score": score,
                 "train_volumes": self._volumes,
                 "train_seconds": getattr(self, "_train_seconds", 0.0),
+                "cpu": cpu_seconds(),
             }
         )
         if self.stop_at_target and score >= self.target:
@@ -93,6 +99,19 @@ class EpochClock(Callback):
     def _write(self, record: dict) -> None:
         with self.log_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process, its live children (data-loader workers) and its finished ones."""
+    import psutil  # an mlflow dependency; only the fit process needs it
+
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:4])  # user, system, children_user, children_system
+    for child in me.children(recursive=True):
+        # a child that ended in between: its time is in children_* once reaped
+        with contextlib.suppress(psutil.Error):
+            total += sum(child.cpu_times()[:2])
+    return total
 
 
 def recipe_path(spec: str) -> Path:
@@ -136,14 +155,20 @@ def run_fit(recipe: Path, variant: tuple[str, list[str]], args: argparse.Namespa
         root, clock = Path(tmp), Path(tmp) / "clock.jsonl"
         cmd = fit_command(recipe, args, variant[1], clock, root)
         print(f"[{recipe.stem}/{variant[0]}] {shlex.join(cmd[1:])}", file=sys.stderr, flush=True)
-        start = time.time()
+        start, cpu_before = time.time(), _children_cpu()
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-        total = time.time() - start
+        total, cpu = time.time() - start, _children_cpu() - cpu_before
         records = [json.loads(line) for line in clock.read_text().splitlines()] if clock.exists() else []
     if proc.returncode != 0:
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
         raise SystemExit(f"time_to_accuracy: {recipe.stem}/{variant[0]} failed (exit {proc.returncode}):\n{tail}")
-    return summarise(recipe.stem, variant[0], records, start=start, total=total, target=args.target)
+    row = summarise(recipe.stem, variant[0], records, start=start, total=total, target=args.target)
+    return row | {"cpu_s": round(cpu, 1)}
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def summarise(recipe: str, variant: str, records: list[dict], *, start: float, total: float, target: float) -> dict:
@@ -159,6 +184,7 @@ def summarise(recipe: str, variant: str, records: list[dict], *, start: float, t
         "net": head.get("net", "?"),
         "threads": head.get("threads"),
         "target_s": round(hit["time"] - start, 1) if hit else None,
+        "target_cpu_s": round(hit["cpu"], 1) if hit else None,
         "epoch": hit["epoch"] if hit else None,
         "best": round(best["score"], 3) if best else None,
         "best_epoch": best["epoch"] if best else None,
@@ -169,12 +195,12 @@ def summarise(recipe: str, variant: str, records: list[dict], *, start: float, t
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """x first: target s over the first variant's, per recipe and repeat."""
-    firsts: dict[tuple, float | None] = {}
-    for row in rows:
-        key = (row["repeat"], row["recipe"])
-        first = firsts.setdefault(key, row["target_s"])
-        row["x_first"] = round(row["target_s"] / first, 2) if first and row["target_s"] else None
+    """x_first (x_first_cpu): target s (target cpu s) over the first variant's, per recipe and repeat."""
+    for field, ratio in (("target_s", "x_first"), ("target_cpu_s", "x_first_cpu")):
+        firsts: dict[tuple, float | None] = {}
+        for row in rows:
+            first = firsts.setdefault((row["repeat"], row["recipe"]), row[field])
+            row[ratio] = round(row[field] / first, 2) if first and row[field] else None
 
 
 def print_table(rows: list[dict], target: float) -> None:
@@ -188,6 +214,9 @@ def print_table(rows: list[dict], target: float) -> None:
         "best": "best bal. acc",
         "total_s": "total s",
         "volumes_per_s": "volumes/s",
+        "target_cpu_s": "target cpu s",
+        "x_first_cpu": "x first cpu",
+        "cpu_s": "cpu s",
     }
     show = [k for k in cols if k != "variant" or any(r["variant"] for r in rows)]
     cells = [[_cell(r, k) for k in show] for r in rows]
@@ -210,9 +239,12 @@ def medians(rows: list[dict]) -> list[dict]:
     for key in dict.fromkeys((r["recipe"], r["variant"]) for r in rows):
         group = [r for r in rows if (r["recipe"], r["variant"]) == key]
         row = dict(group[0], repeat="median")
-        for field in ("target_s", "epoch", "best", "total_s", "volumes_per_s", "x_first"):
+        for field in ("target_s", "epoch", "best", "total_s", "volumes_per_s", "target_cpu_s", "cpu_s"):
             values = [r[field] for r in group if r[field] is not None]
-            row[field] = round(statistics.median(values), 3 if field in ("best", "x_first") else 1) if values else None
+            row[field] = round(statistics.median(values), 3 if field == "best" else 1) if values else None
+        for field in ("x_first", "x_first_cpu"):
+            values = [r[field] for r in group if r[field] is not None]
+            row[field] = round(statistics.median(values), 2) if values else None
         row["best_epoch"] = "/".join(str(r["best_epoch"]) for r in group)
         out.append(row)
     return out

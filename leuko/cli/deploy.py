@@ -39,6 +39,9 @@ def predict_model_parser() -> argparse.ArgumentParser:
             MLFLOW_TRACKING_URI=http://mlflow.lab:5001 leuko predict --model models:/leuko@champion --input scans/
             a folder holding manifest.csv is read through it; other folders are searched for volume files
             and grouped by the folder each file is in. Writes OUT, OUT_differential.csv, OUT_skipped.csv.
+            OUT has per cell the calibrated probabilities, uncertainty, review (true: a person should look at
+            the cell) and seen_patient (a patient the model was trained on); OUT_differential.csv gives each
+            sample's differential with and without the cells to review, and n_review.
             """
         ),
         formatter_class=formatter,
@@ -63,6 +66,13 @@ def predict_model_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="predict even when most cells lie outside the training data's intensities (they stay flagged)",
     )
+    p.add_argument(
+        "--runtime",
+        choices=["auto", "onnx", "torch"],
+        default="auto",
+        help="onnx: ONNX Runtime on the CPU, with the model's graph exported once to a cache and checked against "
+        "PyTorch; torch: the model's own PyTorch code; auto (default): onnx unless an NVIDIA GPU is visible",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict_model, command="predict")
     return p
@@ -80,9 +90,12 @@ def cmd_predict_model(args: argparse.Namespace) -> None:
         voxel_size=args.voxel_size,
         progress=not args.quiet,
         allow_out_of_distribution=args.allow_out_of_distribution,
+        runtime=args.runtime,
     )
     paths = result["paths"]
     print(f"predictions for {result['n_cells']} cells -> {paths['predictions']}")
     print(f"differential per {' + '.join(result['groups'])} -> {paths['differential']}")
+    if result.get("n_review") is not None:
+        print(f"{result['n_review']} of {result['n_cells']} cells to review (the review column)")
     if result["n_skipped"]:
         print(f"skipped {result['n_skipped']} unreadable volume(s): see {paths['skipped']}", file=sys.stderr)

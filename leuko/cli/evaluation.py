@@ -31,7 +31,8 @@ def _add_evaluate(sub) -> None:
         leuko evaluate --predictions runs/refit/predictions.csv --prepared prepared --out eval_test --run-id RUN_ID
         --counts CSV: one row per sample, columns patient_id, sample_type and one count (or %) column per class.
         writes metrics.json, differentials.csv, bland_altman.csv/.png, confusion.csv, confusion_matrix.png,
-        per_class.csv, learning_curves.csv and umap_*.png into --out (default runs/NAME/eval).
+        per_class.csv, learning_curves.csv and umap_*.png into --out (default runs/NAME/eval), with
+        calibration.json + reliability.png (temperature scaling) and coverage.csv/.png + review.json (cells to review).
         """,
     )
     p.add_argument("--cv", default=None, metavar="DIR", help="output folder of `leuko cv` (runs/NAME)")
@@ -78,6 +79,7 @@ def _add_evaluate(sub) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     # heavy imports here: keeps `leuko --help` instant
     from leuko.evaluation.evaluate import evaluate, load_cv, load_predictions
+    from leuko.evaluation.review import TARGET_ACCURACY
 
     if bool(args.cv) == bool(args.predictions):
         raise UsageError(
@@ -114,6 +116,13 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
             print(f"  pooled {key:<18} {metrics[f'oof/{key}']:.3f}{cv}")
     print("Bland-Altman, predicted - reference (% points):")
     print(result["ba"].to_string(index=False, float_format=lambda v: f"{v:+.2f}"))
+    if "calibration/temperature" in metrics:
+        retained = f"{metrics['review/coverage']:.1%} of cells" if "review/threshold" in metrics else "no share"
+        ece = f"{metrics['calibration/ece_before']:.3f} -> {metrics['calibration/ece_after']:.3f}"
+        print(
+            f"calibration: T = {metrics['calibration/temperature']:.3f}, ECE {ece}; "
+            f"review: {retained} retained at {TARGET_ACCURACY:.0%} accuracy"
+        )
     print(f"wrote {out}/: {', '.join(sorted(p.name for p in out.iterdir() if p.is_file()))}")
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from leuko.cli.command import UsageError, add_command
+from leuko.training.run_dir import OOF
 
 
 def add_parsers(sub) -> None:
@@ -24,6 +26,7 @@ def _add_register(sub) -> None:
         leuko register --space conf/sweep/default.yaml                  # the study's best trial
         leuko register --space conf/sweep/default.yaml --trial 7 --name leuko-balf
         leuko register --config conf/experiment/phantoms_tiny.yaml --model.net vit3d_tiny --model.lr 0.002
+        leuko register --config params.yaml --cv runs/dvc        # calibrated on that CV's out-of-fold cells
         MLFLOW_TRACKING_URI=http://127.0.0.1:5001 leuko register --space conf/sweep/default.yaml
         """,
     )
@@ -39,6 +42,13 @@ def _add_register(sub) -> None:
         action="append",
         default=[],
         help="register this config instead of a trial (repeatable; overrides may follow)",
+    )
+    p.add_argument(
+        "--cv",
+        default=None,
+        metavar="DIR",
+        help="a `leuko cv` of the same config: its out-of-fold predictions give the temperature and review "
+        "threshold (a trial from --space brings its own)",
     )
     p.add_argument("--name", default="leuko", help="registered model name (default leuko)")
     p.add_argument(
@@ -61,6 +71,10 @@ def cmd_register(args: argparse.Namespace, rest: list[str]) -> None:
     else:
         source = source_from_study(args.space, storage=args.storage, trial=args.trial)
         print(f"registering trial {source.trial} of study {source.study}", file=sys.stderr)
+    if args.cv:
+        if not (Path(args.cv) / OOF).is_file():
+            raise UsageError(f"--cv {args.cv}: no {OOF} in it; give the output folder of a finished `leuko cv`")
+        source.cv_dir = args.cv
     result = register(source, name=args.name, metric=args.metric, out=args.out)
     if result:
         print_summary(result)

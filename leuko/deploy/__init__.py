@@ -8,7 +8,9 @@ A registered leuko model is an MLflow pyfunc in the models-from-code format:
     code/leuko/                                   the leuko package it imports (requirements never name leuko)
     artifacts/weights.safetensors                 the net's state dict: tensors only
     artifacts/model_config.json                   net name and kwargs, classes, preprocessing settings, the
-                                                  training data's intensity range (leuko.deploy.intensity)
+                                                  training data's intensity range (leuko.deploy.intensity),
+                                                  temperature, review threshold and salted hashes of the
+                                                  training patients (leuko.deploy.trust)
 
 Trust boundary. Loading a model runs code in two places, and nothing else:
 - pyfunc_model.py from the registry, executed as a Python module (that is how MLflow loads

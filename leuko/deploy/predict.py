@@ -2,9 +2,10 @@
 
 Writes, next to each other:
     predictions.csv                cell_id, path, [patient_id, sample_type | folder], [label], pred_label, prob_<class>,
-                                   [out_of_distribution]
+                                   [out_of_distribution], [uncertainty, review], [seen_patient]
     predictions_differential.csv   per sample (patient_id + sample_type from a manifest) or per folder that occurs:
                                    n_cells, [ref_<class> percent of the labelled cells, ref_other], pred_<class> percent
+                                   [, n_review: cells to review, retained_<class>: percent of the other cells]
     predictions_skipped.csv        cell_id, path, reason: volumes that could not be read (only if any)
 Each volume is read with leuko.data.io.read_volume and prepared with the model's own copy of the
 settings `leuko prepare` used for its training data (leuko.data.preprocess.process_cell).
@@ -14,13 +15,19 @@ is not the model's, duplicate cell ids, a manifest with no rows, and an input wh
 outside the intensities of the training data (leuko.deploy.intensity; --allow-out-of-distribution
 predicts anyway). A minority of such cells is predicted and flagged in out_of_distribution. Models
 registered before the intensity range was stored predict without that check, with a note saying so.
+
+Probabilities are calibrated by the model's temperature; uncertainty, review and seen_patient (cells of a
+patient the model was trained on, whose scores would be optimistic) come from what the model stores:
+see leuko.deploy.trust.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,15 +36,20 @@ import pandas as pd
 from leuko.data.io import SUPPORTED_SUFFIXES, VolumeError, read_volume, volume_suffix
 from leuko.data.manifest import VOXEL_SIZE_COLUMNS, read_manifest_table
 from leuko.data.progress import progress as progress_bar
+from leuko.deploy import onnx_model
 from leuko.deploy.intensity import cell_quantiles, out_of_distribution
+from leuko.deploy.trust import add_trust_columns
 from leuko.errors import LeukoError
 from leuko.evaluation.agreement import percentages
+from leuko.evaluation.review import REVIEW, review_differential
+from leuko.tracking.uri import resolve_tracking_uri
 from leuko.training.predictions import PRED, prob_columns, probability_table
 
 MANIFEST = "manifest.csv"
 SAMPLE_KEYS = ("patient_id", "sample_type")
 OOD = "out_of_distribution"
 PICKLE_SWITCH = "MLFLOW_ALLOW_PICKLE_DESERIALIZATION"
+RUNTIMES = ("auto", "onnx", "torch")  # see load_model
 
 
 class PredictError(LeukoError, ValueError):
@@ -121,15 +133,19 @@ def _add_voxel_size(cells: pd.DataFrame, voxel_size: Sequence[float] | None) -> 
         cells[c] = float(v)
 
 
-def load_model(model_uri: str):
-    """(pyfunc model, its LeukoModel). MLFLOW_TRACKING_URI, or sqlite:///mlflow.db, says where models:/ lives.
+def load_model(model_uri: str, *, runtime: str = "torch"):
+    """(model, impl): what to call predict on, and what answers config, classes and preprocess. MLFLOW_TRACKING_URI,
+    or sqlite:///mlflow.db, says where models:/ lives.
+
+    runtime "torch": the pyfunc model and its LeukoModel (the model's own inference code, PyTorch). "onnx":
+    the model's ONNX graph from the cache (leuko.deploy.onnx_model), written there on first use if it matches
+    PyTorch, as an OnnxModel (both); PyTorch, with a note, when it cannot be. "auto": "onnx" when onnxruntime
+    is installed and no NVIDIA GPU is visible, else "torch".
 
     Nothing is unpickled: a leuko model is code, safetensors weights and JSON, so a model stored as a
     pickle (which would run code stored in it while loading) is refused."""
-    # heavy imports here: mlflow and leuko.tracking.runs (Lightning) take seconds to load
+    # heavy import here: mlflow takes seconds to load
     import mlflow
-
-    from leuko.tracking.runs import resolve_tracking_uri
 
     uri = resolve_tracking_uri()
     mlflow.set_tracking_uri(uri)
@@ -137,11 +153,16 @@ def load_model(model_uri: str):
         raise PredictError(
             f"--model {model_uri}: give a model URI such as models:/leuko@champion, or a folder with an MLmodel file"
         )
+    use_onnx = _use_onnx(runtime)
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one progress bar (ours) is enough
     allowed = os.environ.get(PICKLE_SWITCH)
     os.environ[PICKLE_SWITCH] = "false"
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        folder = mlflow.artifacts.download_artifacts(model_uri)
+        graph = onnx_model.cached(folder) if use_onnx else None
+        if graph is not None:
+            return graph, graph
+        model = mlflow.pyfunc.load_model(folder)
     except mlflow.exceptions.MlflowException as exc:
         if "pickle" in exc.message:
             raise PredictError(
@@ -161,7 +182,27 @@ def load_model(model_uri: str):
     impl = model.unwrap_python_model()
     if not hasattr(impl, "preprocess"):
         raise PredictError(f"--model {model_uri}: not a leuko model (registered with `leuko register`)")
+    if use_onnx:
+        from leuko.deploy.graph import cache_graph  # heavy import here (torch's ONNX exporter): a model's first run
+
+        graph = cache_graph(impl, folder, model_uri)
+        if graph is not None:
+            return graph, graph
     return model, impl
+
+
+def _use_onnx(runtime: str) -> bool:
+    if runtime not in RUNTIMES:
+        raise PredictError(f"--runtime {runtime}: choose one of {', '.join(RUNTIMES)}")
+    if runtime == "torch":
+        return False
+    if not onnx_model.available():
+        if runtime == "onnx":
+            raise PredictError(
+                "--runtime onnx: onnxruntime is not installed; pip install onnxruntime, or use --runtime torch"
+            )
+        return False
+    return runtime == "onnx" or not onnx_model.gpu_visible()
 
 
 def predict(
@@ -173,15 +214,17 @@ def predict(
     voxel_size: Sequence[float] | None = None,
     progress: bool = True,
     allow_out_of_distribution: bool = False,
+    runtime: str = "auto",
 ) -> dict:
-    """Run the model on every cell; unreadable cells are reported on stderr, listed, and skipped."""
+    """Run the model on every cell; unreadable cells are reported on stderr, listed, and skipped.
+    runtime: "auto", "onnx" or "torch" (load_model)."""
     out = Path(out)
     if out.suffix.lower() != ".csv":
         raise PredictError(f"--out {out}: give a .csv file name (the differential goes next to it)")
     if batch_size < 1:
         raise PredictError(f"--batch-size {batch_size}: must be at least 1")
     cells, groups = find_cells(source, voxel_size=voxel_size)
-    model, impl = load_model(model_uri)
+    model, impl = load_model(model_uri, runtime=runtime)
     settings = impl.config["preprocessing"]
     _check_modality(cells, settings.get("modality"), source, model_uri)
     if settings.get("target_voxel_size") is not None and cells[list(VOXEL_SIZE_COLUMNS)].isna().any(axis=None):
@@ -207,6 +250,7 @@ def predict(
     if reference is not None:
         table[OOD] = [bool(r) for r in reasons]
         _check_distribution(table, reasons, model_uri, allow_out_of_distribution)  # before anything is written
+    trust = add_trust_columns(table, impl.config, impl.classes, model_uri)  # uncertainty, review, seen_patient
     _write_skipped(paths["skipped"], skipped)
     table.to_csv(out, index=False)
     differential(table, impl.classes, groups).to_csv(paths["differential"], index=False)
@@ -214,9 +258,11 @@ def predict(
         "n_cells": len(table),
         "n_skipped": len(skipped),
         "n_out_of_distribution": int(table[OOD].sum()) if reference is not None else None,
+        **trust,
         "paths": paths,
         "groups": groups,
         "classes": impl.classes,
+        "runtime": "onnxruntime" if isinstance(impl, onnx_model.OnnxModel) else "pytorch",
     }
 
 
@@ -279,12 +325,16 @@ def _run(
     classes = impl.classes
     kept, probs, reasons, skipped = [], [], [], []
     batch: list[np.ndarray] = []
+    # The model runs on one batch (outside the GIL) while the next is read and prepared; at most `waiting`
+    # batches wait for it, so memory stays at a few batches.
+    pool, pending = ThreadPoolExecutor(max_workers=1), deque()
 
-    def flush() -> None:
+    def flush(waiting: int = 1) -> None:
         if batch:
-            frame = model.predict(np.stack(batch), params={"preprocess": False})
-            probs.append(frame[prob_columns(classes)].to_numpy())
+            pending.append(pool.submit(model.predict, np.stack(batch), params={"preprocess": False}))
             batch.clear()
+        while len(pending) > waiting:
+            probs.append(pending.popleft().result()[prob_columns(classes)].to_numpy())
 
     bar = progress_bar(cells.itertuples(index=False), total=len(cells), desc="predict", unit="cell", enabled=progress)
     for cell in bar:
@@ -302,7 +352,8 @@ def _run(
         kept.append(cell)
         if len(batch) == batch_size:
             flush()
-    flush()
+    flush(0)
+    pool.shutdown()
     return kept, probs, reasons, skipped
 
 
@@ -330,5 +381,7 @@ def differential(cells: pd.DataFrame, classes: Sequence[str], groups: list[str])
             labels = labels.where(~labels.isin(unknown), other)
         table = table.join(percentages(labels, keys, classes + ([other] if unknown else []), "ref_"))
     table = table.join(percentages(cells[PRED].reset_index(drop=True), keys, classes, "pred_"))
+    if REVIEW in cells.columns:  # the differential without the cells flagged for review
+        table = table.join(review_differential(cells, classes, groups, PRED))
     table.columns.name = None
     return table.reset_index()

@@ -6,7 +6,8 @@ Input: float32 volumes (B, C, D, H, W), or one volume (C, D, H, W).
   training data was prepared with, so a served model sees exactly what training saw. voxel_size
   (z, y, x um) is needed only when the training data was resampled.
 - preprocess=false: volumes already prepared (normalised and cropped to the training shape).
-Output: one row per volume: pred_label and prob_<class> per class (they sum to 1).
+Output: one row per volume: pred_label and prob_<class> per class (they sum to 1): the softmax of the net's
+logits divided by the model's temperature (model_config.json calibration.temperature; 1 when it has none).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from mlflow.pyfunc import PythonModel
 from safetensors.torch import load_file
 
-from leuko.data.preprocess import process_cell
+from leuko.deploy.inputs import check_prepared, prepare_volume
 from leuko.nets import build_net
 from leuko.training.predictions import probability_table
 
@@ -38,6 +39,7 @@ class LeukoModel(PythonModel):
         config = self.config
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config["net_kwargs"].items()}
         self.classes = list(config["classes"])
+        self.temperature = float((config.get("calibration") or {}).get("temperature", 1.0))  # 1: uncalibrated
         self.net = build_net(config["net"], in_channels=config["in_channels"], num_classes=len(self.classes), **kwargs)
         self.net.load_state_dict(load_file(context.artifacts["weights"]), strict=True)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -49,44 +51,16 @@ class LeukoModel(PythonModel):
 
     def preprocess(self, volume: np.ndarray, voxel_size=None) -> np.ndarray:
         """A raw (C, D, H, W) volume -> (C, *shape) float32, exactly as `leuko prepare` did for training."""
-        settings = self.config["preprocessing"]
-        volume = np.asarray(volume, dtype=np.float32)
-        if volume.ndim == 3:
-            volume = volume[None]
-        if volume.ndim != 4 or len(volume) != self.config["in_channels"]:
-            raise ValueError(
-                f"volume of shape {volume.shape}: this model takes (C, D, H, W) with C={self.config['in_channels']} "
-                f"({settings['modality']} data)"
-            )
-        target = settings.get("target_voxel_size")
-        if target is not None and not (voxel_size is not None and len(voxel_size) == 3):
-            raise ValueError(
-                f"the model was trained on volumes resampled to {target} um; give each volume's voxel size "
-                "(z, y, x um): the manifest's voxel_size_* columns, --voxel-size, or the voxel_size param"
-            )
-        window, _ = process_cell(
-            volume,
-            tuple(voxel_size) if voxel_size is not None and len(voxel_size) == 3 else (1.0, 1.0, 1.0),
-            modality=settings["modality"],
-            shape=self.shape,
-            target_voxel_size=target,
-            n_medium=settings["n_medium"],
-            ri_scale=settings["ri_scale"],
-        )
-        return window
+        return prepare_volume(self.config, volume, voxel_size)
 
     def predict_proba(self, prepared: np.ndarray) -> np.ndarray:
         """(B, C, *shape) prepared volumes -> (B, classes) probabilities."""
-        if prepared.ndim != 5 or tuple(prepared.shape[1:]) != (self.config["in_channels"], *self.shape):
-            raise ValueError(
-                f"prepared volumes of shape {tuple(prepared.shape)}: expected (B, {self.config['in_channels']}, "
-                f"{', '.join(map(str, self.shape))}); send raw volumes with preprocess=true instead"
-            )
+        check_prepared(self.config, prepared)
         out = []
         with torch.inference_mode():
             for start in range(0, len(prepared), BATCH):
                 x = torch.from_numpy(np.ascontiguousarray(prepared[start : start + BATCH])).to(self.device)
-                out.append(self.net(x).float().softmax(-1).cpu().numpy())  # (b, classes)
+                out.append((self.net(x).float() / self.temperature).softmax(-1).cpu().numpy())  # (b, classes)
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:

@@ -14,6 +14,9 @@ Files in the output folder (stable names: a DVC stage lists them as outputs):
     learning_curves.csv     epoch, fold_<f> ..., mean: validation balanced accuracy per epoch, from the fold
                             runs in MLflow; only the header when MLflow has no history for them
     umap_class.png, umap_patient.png, umap.csv   (unless umap=False) see leuko.evaluation.embedding
+    calibration.json, reliability.png, coverage.csv/.png, review.json   see leuko.evaluation.review
+    metrics_ci.json, differentials_ci.csv   bootstrap 95% intervals (patients resampled for the pooled metrics,
+                            cells within a sample for its differential): see leuko.evaluation.intervals
 
 Everything is logged to the CV's MLflow parent run (artifacts under eval/, metrics as in metrics.json but cv/*,
 which the CV logged itself); the UMAP also goes to the run of the fold whose model it shows.
@@ -43,7 +46,9 @@ from leuko.evaluation.agreement import (
     metric_part,
     reference_from_counts,
 )
+from leuko.evaluation.intervals import DIFFERENTIALS_CI, METRICS_CI, log_intervals, write_intervals
 from leuko.evaluation.metrics import confusion, per_class_table, pooled_metrics
+from leuko.evaluation.review import CALIBRATION_OUTPUTS, calibrate_and_review
 from leuko.training.predictions import PRED, PROB_PREFIX, classes_from_columns
 from leuko.training.run_dir import EVAL, FOLD_PREFIX, OOF, RUN_ID, SUMMARY, CheckpointError, read_run_id
 
@@ -65,6 +70,9 @@ OUTPUTS = (
     CONFUSION_PLOT,
     PER_CLASS,
     LEARNING_CURVES,
+    METRICS_CI,
+    DIFFERENTIALS_CI,
+    *CALIBRATION_OUTPUTS,
 )
 CURVE_METRIC = "val/balanced_accuracy"
 TEXT_COLUMNS = {"cell_id": str, "patient_id": str, "sample_type": str, "label": str, PRED: str}
@@ -285,11 +293,13 @@ def evaluate(
     if curves.empty:
         log("learning curves: no fold runs with a validation history in MLflow; learning_curves.csv has only a header")
     embedding = _embedding(pred, out_dir, umap=umap, fold=umap_fold, cells=umap_cells)
-    metrics = metrics_json(pred, pooled, per_class, ba)
+    metrics = metrics_json(pred, pooled, per_class, ba) | calibrate_and_review(pred, out_dir)
     (out_dir / METRICS_JSON).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    intervals, _ = write_intervals(pred.cells, pred.classes, diffs, out_dir)
 
     if client is not None and run_id is not None:
         log_evaluation(client, run_id, out_dir, diffs=diffs, ba=ba, metrics=metrics)
+        log_intervals(client, run_id, intervals)
         if embedding is not None and embedding["run_id"]:
             for path in embedding["paths"]:
                 client.log_artifact(embedding["run_id"], str(path), "embedding")
@@ -312,6 +322,7 @@ def evaluate(
         "run_id": run_id,
         "embedding": embedding,
         "curves": curves,
+        "intervals": intervals,
     }
 
 

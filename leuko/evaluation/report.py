@@ -25,8 +25,9 @@ import pandas as pd
 import yaml
 
 from leuko.errors import LeukoError
-from leuko.evaluation import baselines, embedding, evaluate
-from leuko.evaluation.report_sections import ReportInputs, page
+from leuko.evaluation import baselines, embedding, evaluate, intervals
+from leuko.evaluation.report_sections import SECTIONS, ReportInputs, page
+from leuko.evaluation.report_trust import with_trust_sections
 from leuko.training.run_dir import BASELINES, CONFIG, EVAL, FOLD_METRICS, SUMMARY, fold_configs
 
 # MLflow stores metrics as doubles; CSV and JSON round-trips keep 15+ significant digits.
@@ -144,6 +145,11 @@ def _read_csv(path: Path | None) -> pd.DataFrame | None:
     return pd.read_csv(path) if path is not None and path.is_file() else None
 
 
+def _metrics_ci(eval_dir: Path | None) -> dict:
+    path = eval_dir / intervals.METRICS_CI if eval_dir else None
+    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
+
+
 def _config(files: RunFiles) -> tuple[dict, str]:
     for candidate in [files.root / CONFIG, *fold_configs(files.root)]:
         if candidate.is_file():
@@ -167,6 +173,7 @@ def collect(files: RunFiles) -> dict:
                 if not k.startswith("cv/")
             }
         )
+        numbers.update(intervals.ci_metrics(_metrics_ci(files.eval_dir)))  # the bounds shown, as logged
     table = _read_csv(files.baselines_dir / baselines.TABLE if files.baselines_dir else None)
     if table is not None:
         numbers.update(baselines.metric_dict(table))
@@ -214,6 +221,8 @@ def read_inputs(files: RunFiles) -> ReportInputs:
         ba=eval_csv(evaluate.BLAND_ALTMAN),
         ba_by=eval_csv(evaluate.BLAND_ALTMAN_BY_SAMPLE_TYPE),
         diffs=eval_csv(evaluate.DIFFERENTIALS),
+        metrics_ci=_metrics_ci(ev),
+        diffs_ci=_read_csv(ev / intervals.DIFFERENTIALS_CI if ev else None),
         curves=eval_csv(evaluate.LEARNING_CURVES),
         umap_cells=eval_csv(embedding.UMAP_CSV),
         baselines=_read_csv(files.baselines_dir / baselines.TABLE if files.baselines_dir else None),
@@ -226,7 +235,7 @@ def read_inputs(files: RunFiles) -> ReportInputs:
 def build(files: RunFiles) -> tuple[str, dict]:
     """(HTML text, numbers shown) for one run."""
     inputs = read_inputs(files)
-    return page(inputs), inputs.numbers
+    return page(inputs, with_trust_sections(SECTIONS)), inputs.numbers
 
 
 def write_report(

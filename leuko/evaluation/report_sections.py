@@ -23,6 +23,7 @@ from leuko import __version__
 from leuko.evaluation.baselines import SETTINGS, TABLE
 from leuko.evaluation.embedding import UMAP_CLASS, UMAP_PATIENT
 from leuko.evaluation.evaluate import BLAND_ALTMAN_PLOT, CONFUSION_PLOT
+from leuko.evaluation.intervals import BA_STATS, ba_key, differential_text, format_ci
 from leuko.evaluation.report_figures import baselines_figure, curves_figure
 from leuko.training.run_dir import SUMMARY
 
@@ -56,6 +57,8 @@ class ReportInputs:
     config: dict
     config_text: str
     eval_metrics: dict = field(default_factory=dict)  # eval/metrics.json
+    metrics_ci: dict = field(default_factory=dict)  # eval/metrics_ci.json (leuko.evaluation.intervals)
+    diffs_ci: pd.DataFrame | None = None  # eval/differentials_ci.csv
     per_class: pd.DataFrame | None = None
     ba: pd.DataFrame | None = None
     ba_by: pd.DataFrame | None = None
@@ -115,9 +118,15 @@ def _img_file(path: Path | None, alt: str, caption: str = "", width: int | None 
     return _img(path.read_bytes(), alt, caption, width)
 
 
-def _ba_cells(r: dict) -> list[str]:
-    """bias, SD, lower and upper LoA (2 decimals) and samples of one Bland-Altman row."""
-    return [_fmt(r["bias"], 2), _fmt(r["sd"], 2), _fmt(r["loa_low"], 2), _fmt(r["loa_high"], 2), str(int(r["n"]))]
+def _ci(entry: dict | None, value, digits: int = 3, dash: str = "-") -> str:
+    """value with its bootstrap 95% CI when `leuko evaluate` wrote one: "0.910 (0.870-0.940)"."""
+    return _e(format_ci(entry, digits, dash=dash)) if entry else _fmt(value, digits)
+
+
+def _ba_cells(r: dict, ci: dict | None = None) -> list[str]:
+    """bias, SD, lower and upper LoA (2 decimals; 95% CIs from ci, metrics_ci.json) and samples of one row."""
+    bias, low, high = (_ci((ci or {}).get(ba_key(r["class"], k)), r[k], 2, " to ") for k in BA_STATS)
+    return [bias, _fmt(r["sd"], 2), low, high, str(int(r["n"]))]
 
 
 # ---------------------------------------------------------------------------------------------- sections
@@ -160,13 +169,14 @@ def metrics_section(inp: ReportInputs) -> Section:
     )
     if inp.eval_metrics:
         pooled = [
-            [_e(METRIC_NAMES.get(k, k)), _fmt(inp.eval_metrics[f"oof/{k}"])]
+            [_e(METRIC_NAMES.get(k, k)), _ci(inp.metrics_ci.get(f"oof/{k}"), inp.eval_metrics[f"oof/{k}"])]
             for k in METRIC_ORDER
             if f"oof/{k}" in inp.eval_metrics
         ]
         body += (
             '<h3>Pooled out-of-fold</h3><p class="note">Every validation cell once, scored '
-            "together (folds of unequal size weigh by their cells).</p>" + _table(["metric", "value"], pooled)
+            "together (folds of unequal size weigh by their cells); 95% CI: bootstrap, patients resampled.</p>"
+            + _table(["metric", "value (95% CI)"], pooled)
         )
     return "metrics", "Metrics across folds", body
 
@@ -183,7 +193,7 @@ def confusion_section(inp: ReportInputs) -> Section | None:
             [
                 _e(row["class"]),
                 str(int(row["support"])),
-                _fmt(row["recall"]),
+                _ci(inp.metrics_ci.get(f"recall/{row['class']}"), row["recall"]),
                 _pm(fold_recall["mean"], fold_recall["std"]) if fold_recall else "–",
                 _fmt(row["precision"]),
                 _fmt(row["f1"]),
@@ -198,7 +208,7 @@ def confusion_section(inp: ReportInputs) -> Section | None:
             430,
         )
         + "<div><h3>Per-class recall</h3>"
-        + _table(["class", "cells", "recall (pooled)", "recall across folds", "precision", "F1"], rows)
+        + _table(["class", "cells", "recall (pooled, 95% CI)", "recall across folds", "precision", "F1"], rows)
         + '<p class="note">Recall is the share of a class\'s cells predicted as that class; balanced '
         "accuracy is its mean over classes.</p></div></div>"
     )
@@ -211,14 +221,14 @@ def agreement_section(inp: ReportInputs) -> Section | None:
     if ba is None:
         return None
     n_samples = len(inp.diffs) if inp.diffs is not None else int(ba["n"].max())
-    rows = [[_e(r["class"]), *_ba_cells(r)] for r in ba.to_dict("records")]
+    rows = [[_e(r["class"]), *_ba_cells(r, inp.metrics_ci)] for r in ba.to_dict("records")]
     body = (
         '<p class="note">Per sample (patient and sample type): predicted minus reference percentage of each '
         "class in percentage points (pp); bias is the mean difference, the limits of agreement (LoA) are "
         "bias ± 1.96 SD (sample SD). "
         f"{n_samples} samples.</p>"
         + _img_file(inp.eval_dir / BLAND_ALTMAN_PLOT, "Bland-Altman plots per class")
-        + _table(["class", "bias (pp)", "SD (pp)", "lower LoA (pp)", "upper LoA (pp)", "samples"], rows)
+        + _table(["class", "bias (pp, 95% CI)", "SD (pp)", "lower LoA (95% CI)", "upper LoA (95% CI)", "samples"], rows)
     )
     if ba_by is not None:
         group = ba_by.columns[0]
@@ -235,6 +245,11 @@ def agreement_section(inp: ReportInputs) -> Section | None:
             ],
             rows,
             text_cols=2,
+        )
+    if inp.diffs_ci is not None:
+        wide = differential_text(inp.diffs_ci)
+        body += "<h3>Predicted differential per sample (%, 95% CI: the sample's cells resampled)</h3>" + _table(
+            [c.replace("_", " ") for c in wide.columns], [[_e(v) for v in r] for r in wide.values], text_cols=2
         )
     return "agreement", "Differentials: Bland-Altman per class", body
 
@@ -367,9 +382,9 @@ def header_meta(inp: ReportInputs) -> str:
     return "".join(meta)
 
 
-def page(inp: ReportInputs) -> str:
+def page(inp: ReportInputs, makers: tuple[Callable[[ReportInputs], Section | None], ...] = SECTIONS) -> str:
     """The whole HTML page: report_template.html filled with the header, the sections and the numbers as JSON."""
-    sections = [s for make in SECTIONS if (s := make(inp)) is not None]
+    sections = [s for make in makers if (s := make(inp)) is not None]
     template = Template(
         resources.files("leuko.evaluation").joinpath("report_template.html").read_text(encoding="utf-8")
     )

@@ -3,6 +3,14 @@
 Conv3d patch embedding + cls token + learned position embedding, then timm's pre-norm
 transformer blocks (fused scaled-dot-product attention), a final LayerNorm and a linear head on
 the cls token. Unlike MONAI's ViT, forward returns logits only.
+
+stem="patch" (the study's ViT) embeds each patch with one linear map. stem="conv" (the `*_cs`
+variants) embeds them with a convolutional stem instead (Xiao et al. 2021, "Early convolutions help
+transformers see better"): stride-2 3x3x3 convs with batch norm and ReLU halve the volume until it
+is on the patch grid, then a 1x1x1 conv projects to embed_dim. The token grid is the same; what
+changes is that the patch embedding is non-linear and sees across patch borders, which makes ViTs
+train stably and fast on small data sets (a linear 8^3 embedding of a 32^3 cell did not learn on
+the phantom cohort; see benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -10,7 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +47,15 @@ def _resize_pos_embed(pos_embed: torch.Tensor, old_grid: Size3, new_grid: Size3)
     return torch.cat([cls_pos, patch_pos], dim=1)  # (1, 1 + N', E)
 
 
+def _check_multiple(spatial: Size3, patch_size: Size3) -> None:
+    if any(s % p for s, p in zip(spatial, patch_size, strict=True)):
+        fits = tuple(max(p, round(s / p) * p) for s, p in zip(spatial, patch_size, strict=True))
+        raise ConfigError(
+            f"ViT3D: input spatial shape {spatial} is not a multiple of patch_size {patch_size}; "
+            f"crop or pad the volumes (e.g. to {fits}) or choose another patch_size"
+        )
+
+
 class PatchEmbed3D(nn.Module):
     def __init__(self, *, in_channels: int, embed_dim: int, patch_size: Size3) -> None:
         super().__init__()
@@ -46,13 +63,40 @@ class PatchEmbed3D(nn.Module):
         self.proj = nn.Conv3d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Size3]:
-        spatial = tuple(x.shape[-3:])
-        if any(s % p for s, p in zip(spatial, self.patch_size, strict=True)):
-            fits = tuple(max(p, round(s / p) * p) for s, p in zip(spatial, self.patch_size, strict=True))
-            raise ConfigError(
-                f"ViT3D: input spatial shape {spatial} is not a multiple of patch_size {self.patch_size}; "
-                f"crop or pad the volumes (e.g. to {fits}) or choose another patch_size"
-            )
+        _check_multiple(tuple(x.shape[-3:]), self.patch_size)
+        x = self.proj(x)  # (B, E, gd, gh, gw)
+        grid: Size3 = tuple(x.shape[-3:])  # type: ignore[assignment]
+        return x.flatten(2).transpose(1, 2), grid  # (B, N, E)
+
+
+class ConvStem3D(nn.Module):
+    """Stride-2 3x3x3 conv -> BN -> ReLU, repeated until the volume is on the patch grid, then a 1x1x1 conv.
+
+    Each step halves the axes whose patch size is not yet reached (patch (8, 16, 16): three steps over
+    all axes, a fourth over H and W), so patch sides must be powers of two. Widths double per step and
+    end at embed_dim // 2 (at least min_width), as in Xiao et al. 2021.
+    """
+
+    def __init__(self, *, in_channels: int, embed_dim: int, patch_size: Size3, min_width: int = 16) -> None:
+        super().__init__()
+        if any(p & (p - 1) for p in patch_size):
+            raise ConfigError(f"ViT3D: stem='conv' needs patch sizes that are powers of two, got {patch_size}")
+        self.patch_size = patch_size
+        steps = max(p.bit_length() - 1 for p in patch_size)  # log2 of the largest patch side
+        layers: list[nn.Module] = []
+        c_in, reached = in_channels, [1, 1, 1]
+        for i in range(steps):
+            c_out = max(embed_dim // 2 ** (steps - i), min_width)
+            stride = tuple(2 if r < p else 1 for r, p in zip(reached, patch_size, strict=True))
+            reached = [r * s for r, s in zip(reached, stride, strict=True)]
+            layers += [nn.Conv3d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm3d(c_out)]
+            layers.append(nn.ReLU(inplace=True))
+            c_in = c_out
+        layers.append(nn.Conv3d(c_in, embed_dim, 1))
+        self.proj = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Size3]:
+        _check_multiple(tuple(x.shape[-3:]), self.patch_size)
         x = self.proj(x)  # (B, E, gd, gh, gw)
         grid: Size3 = tuple(x.shape[-3:])  # type: ignore[assignment]
         return x.flatten(2).transpose(1, 2), grid  # (B, N, E)
@@ -71,6 +115,7 @@ class ViT3D(nn.Module):
         num_heads: int = 6,
         mlp_ratio: float = 4.0,
         qkv_bias: bool = True,
+        stem: Literal["patch", "conv"] = "patch",
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
@@ -79,12 +124,15 @@ class ViT3D(nn.Module):
         img_size, patch_size = _triple(img_size, "img_size"), _triple(patch_size, "patch_size")
         if any(s % p for s, p in zip(img_size, patch_size, strict=True)):
             raise ConfigError(f"ViT3D: img_size {img_size} must be a multiple of patch_size {patch_size}")
+        if stem not in ("patch", "conv"):
+            raise ConfigError(f"ViT3D: stem={stem!r} is not one of 'patch' (linear, the study's) or 'conv'")
         if embed_dim % num_heads:
             raise ConfigError(f"ViT3D: embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
         self.grid: Size3 = tuple(s // p for s, p in zip(img_size, patch_size, strict=True))  # type: ignore[assignment]
         self.num_features = embed_dim
 
-        self.patch_embed = PatchEmbed3D(in_channels=in_channels, embed_dim=embed_dim, patch_size=patch_size)
+        embed = PatchEmbed3D if stem == "patch" else ConvStem3D
+        self.patch_embed = embed(in_channels=in_channels, embed_dim=embed_dim, patch_size=patch_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + math.prod(self.grid), embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)

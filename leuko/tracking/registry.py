@@ -55,6 +55,7 @@ class Source:
     trial: int | None = None
     sweep_run_id: str | None = None
     objective: str = "balanced_accuracy"
+    cv_dir: str | None = None  # a CV of this config, whose out-of-fold predictions calibrate the model
 
 
 def source_from_study(space: str | Path, *, storage: str | None = None, trial: int | None = None) -> Source:
@@ -63,7 +64,7 @@ def source_from_study(space: str | Path, *, storage: str | None = None, trial: i
     import optuna
 
     from leuko.sweep.space import load_sweep_config
-    from leuko.sweep.study import A_CONFIG, A_CV, A_OVERRIDES, open_storage
+    from leuko.sweep.study import A_CONFIG, A_CV, A_DIR, A_OVERRIDES, open_storage
 
     cfg = load_sweep_config(space)
     url = cfg.storage_url(storage)
@@ -93,6 +94,7 @@ def source_from_study(space: str | Path, *, storage: str | None = None, trial: i
         study=cfg.study,
         trial=chosen.number,
         sweep_run_id=study.user_attrs.get("leuko.sweep_run_id"),
+        cv_dir=attrs.get(A_DIR),
         objective=cfg.objective,
     )
 
@@ -201,7 +203,9 @@ def _log_and_register(cli, source: Source, test: dict, *, name: str, metric: str
     # heavy imports here, as in source_from_study
     import mlflow
 
+    from leuko.deploy.trust import trust_config
     from leuko.tracking.lineage import lineage_tags
+    from leuko.tracking.model_card import card_for_refit
     from leuko.tracking.runs import resolve_tracking_uri
 
     uri = resolve_tracking_uri(cli.config["tracking"].uri)
@@ -214,11 +218,15 @@ def _log_and_register(cli, source: Source, test: dict, *, name: str, metric: str
     # SIGKILL, which no handler can catch.
     client.set_terminated(run_id, "KILLED")
     try:
-        model_uri = _log_model(client, cli, config, source, run_id)
-        tags = _version_tags(source, test, metric, config, lineage_tags(cli.config["data"]["prepared_dir"]))
+        # temperature and review threshold from the CV's out-of-fold cells; hashes of the training patients
+        config.update(trust_config(source.cv_dir, config["classes"], cli.datamodule.subset("train")["patient_id"]))
+        lineage = lineage_tags(cli.config["data"]["prepared_dir"])
+        card = card_for_refit(cli, config, lineage, cv=source.cv, metric=metric, run_id=run_id)  # MODEL_CARD.md
+        model_uri = _log_model(client, cli, config, source, run_id, card)
+        tags = _version_tags(source, test, metric, config, lineage)
         version = str(mlflow.register_model(model_uri, name, tags={**tags, STATUS: INCOMPLETE}).version)
         decision = crown(client, uri, name, version, score, metric)
-        _complete_version(client, name, version, decision, config, source.cv.get(metric), score, metric)
+        _complete_version(client, name, version, decision, config, source.cv.get(metric), score, metric, card)
     except BaseException as exc:
         client.set_terminated(run_id, "FAILED" if isinstance(exc, Exception) else "KILLED")
         raise
@@ -238,8 +246,13 @@ def _log_and_register(cli, source: Source, test: dict, *, name: str, metric: str
     }
 
 
-def _complete_version(client, name: str, version: str, decision, config: dict, cv, score: float, metric: str) -> None:
-    """The decision tags and description of a crowned version, then leuko.status=complete, last."""
+def _complete_version(
+    client, name: str, version: str, decision, config: dict, cv, score: float, metric: str, card: str | None = None
+) -> None:
+    """The decision tags and description (a summary line, then the model card) of a crowned version, then
+    leuko.status=complete, last."""
+    from leuko.tracking.model_card import description  # heavy imports here, as in source_from_study
+
     compared = {
         "leuko.decision": f"{decision.alias}: {decision.reason}",
         "leuko.compared_to": decision.compared_to or "none",
@@ -247,18 +260,17 @@ def _complete_version(client, name: str, version: str, decision, config: dict, c
     }
     for key, value in compared.items():
         client.set_model_version_tag(name, version, key, value)
-    client.update_model_version(
-        name,
-        version,
-        description=f"{config['net']} refit on all non-test patients; test {metric} {score:.4f}"
+    summary = (
+        f"{config['net']} refit on all non-test patients; test {metric} {score:.4f}"
         + (f", cross-validated {cv['mean']:.4f} +- {cv['std']:.4f}" if cv else "")
-        + f". {decision.alias}: {decision.reason}.",
+        + f". {decision.alias}: {decision.reason}."
     )
+    client.update_model_version(name, version, description=description(summary, card) if card else summary)
     client.set_model_version_tag(name, version, STATUS, COMPLETE)
 
 
-def _log_model(client, cli, config: dict, source: Source, run_id: str) -> str:
-    """Log the CV scores and the pyfunc model (weights, config, code) to the refit run: the model's URI.
+def _log_model(client, cli, config: dict, source: Source, run_id: str, card: str | None = None) -> str:
+    """Log the CV scores and the pyfunc model (weights, config, code, MODEL_CARD.md) to the refit run: its URI.
 
     The run is addressed by id, never made the active run, so its status stays what _log_and_register set.
     """
@@ -268,6 +280,7 @@ def _log_model(client, cli, config: dict, source: Source, run_id: str) -> str:
     from mlflow.entities import Metric
     from safetensors.torch import save_file
 
+    from leuko.tracking.model_card import MODEL_CARD
     from leuko.tracking.runs import log_batch
 
     now = int(time.time() * 1000)
@@ -283,6 +296,10 @@ def _log_model(client, cli, config: dict, source: Source, run_id: str) -> str:
         save_file(state, str(weights))
         config_path = Path(tmp) / "model_config.json"
         config_path.write_text(json.dumps(config, indent=2) + "\n")
+        files = {"weights": str(weights), "model_config": str(config_path)}
+        if card is not None:  # beside the weights and config, in the model's artifacts/
+            (Path(tmp) / MODEL_CARD).write_text(card, encoding="utf-8")
+            files["model_card"] = str(Path(tmp) / MODEL_CARD)
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         info = mlflow.models.Model.log(
             artifact_path=None,  # deprecated in favour of name, but still a required argument
@@ -292,7 +309,7 @@ def _log_model(client, cli, config: dict, source: Source, run_id: str) -> str:
             run_id=run_id,
             python_model=str(CODE),
             code_paths=[str(PACKAGE)],
-            artifacts={"weights": str(weights), "model_config": str(config_path)},
+            artifacts=files,
             signature=_signature(config),
             input_example=(example, {"preprocess": False}),
             pip_requirements=_requirements(),

@@ -6,7 +6,6 @@ What every run is tagged with (code and data lineage): leuko.tracking.lineage.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import lightning as L
@@ -15,17 +14,10 @@ from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from leuko.tracking.figures import log_confusion
+from leuko.tracking.uri import DEFAULT_TRACKING_URI, resolve_tracking_uri  # noqa: F401 (re-exported)
 from leuko.training import run_dir
 
-# MLflow 3 rejects the old file store and the registry needs a database; Lightning's MLFlowLogger
-# would default to file:./mlruns, so leuko always passes a URI.
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_EXPERIMENT = "leuko"
-
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """MLFLOW_TRACKING_URI wins, then the config's value, then a SQLite store in the working directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or uri or DEFAULT_TRACKING_URI
 
 
 def experiment_id(client, name: str) -> str:

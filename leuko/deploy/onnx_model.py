@@ -1,0 +1,156 @@
+"""A registered model run by ONNX Runtime on the CPU, and the cache of its graphs.
+
+`leuko predict` runs a model through ONNX Runtime when it can: the model's net exported once
+(leuko.deploy.export) to a graph that maps prepared volumes (B, C, D, H, W) float32 to calibrated class
+probabilities, kept in a cache:
+
+    $LEUKO_CACHE_DIR (default $XDG_CACHE_HOME/leuko, else ~/.cache/leuko) / onnx / <key> /
+        model.onnx      the graph
+        model.json      its sidecar (leuko.deploy.export.sidecar): classes, preprocessing, input shape,
+                        temperature, and the parity with PyTorch measured when it was written
+    key = sha256 of the model's weights.safetensors, its model_config.json and GRAPH_VERSION
+
+So each model version gets its graph once, and a changed weight or setting gets a new one. A graph
+enters the cache only when its probabilities match PyTorch's within PARITY on the model's own example
+cells. OnnxModel answers like the model's inference code (leuko.deploy.pyfunc_model.LeukoModel):
+config, classes, temperature, preprocess, predict_proba and predict; it never imports torch, which
+is most of a model's loading time. A graph is data: loading one runs no code, so the cache is only as
+trustworthy as the folder it is in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from leuko.deploy.inputs import check_prepared, prepare_volume
+from leuko.training.predictions import probability_table
+
+GRAPH_VERSION = 1  # bump when the exported graph changes for the same weights and config
+PARITY = 1e-4  # largest |p_onnx - p_torch| a graph may show: the probabilities predict writes stay the same
+INPUT, OUTPUT = "volumes", "probabilities"  # the graph's input and output names
+GRAPH, SIDECAR = "model.onnx", "model.json"
+CODE_LOADER = "mlflow.pyfunc.loaders.code_model"  # MLmodel's loader of a models-from-code pyfunc
+BATCH = 32  # volumes per run: the same batches as the PyTorch path
+
+
+def available() -> bool:
+    """Whether onnxruntime can be imported."""
+    try:
+        import onnxruntime  # noqa: F401  (heavy import here: only when a graph is to be run)
+    except ImportError:
+        return False
+    return True
+
+
+def gpu_visible() -> bool:
+    """Whether an NVIDIA GPU is there for PyTorch (asked of the driver, so that torch need not be imported)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    return any(Path("/proc/driver/nvidia/gpus").glob("*"))
+
+
+def cache_root() -> Path:
+    if os.environ.get("LEUKO_CACHE_DIR"):
+        return Path(os.environ["LEUKO_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "leuko"
+
+
+def model_files(folder: str | Path) -> dict[str, Path] | None:
+    """{"weights", "model_config"} of a leuko model folder (MLmodel, artifacts/...), or None when the folder
+    is not a leuko models-from-code pyfunc (e.g. a pickled model: that is for the pyfunc loader to refuse)."""
+    folder = Path(folder)
+    try:
+        meta = yaml.safe_load((folder / "MLmodel").read_text())
+        flavor = meta["flavors"]["python_function"]
+        artifacts = flavor["artifacts"]
+        files = {name: folder / artifacts[name]["path"] for name in ("weights", "model_config")}
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    if flavor.get("loader_module") != CODE_LOADER or not all(p.is_file() for p in files.values()):
+        return None
+    return files
+
+
+def cache_folder(files: dict[str, Path]) -> Path:
+    """Where the graph of the model with these files lives (the module docstring's key)."""
+    digest = hashlib.sha256(f"leuko-onnx-{GRAPH_VERSION}\n".encode())
+    for name in ("weights", "model_config"):
+        with open(files[name], "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        digest.update(b"\n")
+    return cache_root() / "onnx" / digest.hexdigest()[:32]
+
+
+def cached(folder: str | Path) -> OnnxModel | None:
+    """The cached graph of the model in folder, when there is one that passed its parity check."""
+    files = model_files(folder)
+    if files is None:
+        return None
+    where = cache_folder(files)
+    try:
+        sidecar = json.loads((where / SIDECAR).read_text())
+    except (OSError, ValueError):
+        return None
+    if not (where / GRAPH).is_file() or sidecar.get("parity", {}).get("max_abs_difference", 1.0) >= PARITY:
+        return None
+    return OnnxModel(where / GRAPH, json.loads(files["model_config"].read_text()))
+
+
+def session(path: str | Path, threads: int | None = None):
+    """An onnxruntime CPU session on the graph at path. threads: intra-op threads (default: OMP_NUM_THREADS
+    when set, else onnxruntime's choice, one per physical core)."""
+    import onnxruntime as ort  # heavy import here: only when a graph is to be run
+
+    options = ort.SessionOptions()
+    threads = threads or int(os.environ.get("OMP_NUM_THREADS") or 0)
+    options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only: its warnings about unused initialisers are noise here
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+class OnnxModel:
+    """A model's graph with its config: the interface of leuko.deploy.pyfunc_model.LeukoModel, without torch."""
+
+    def __init__(self, path: str | Path, config: dict, *, threads: int | None = None) -> None:
+        self.path = Path(path)
+        self.config = config
+        self.classes = list(config["classes"])
+        self.temperature = float((config.get("calibration") or {}).get("temperature", 1.0))  # in the graph
+        self.session = session(self.path, threads)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.config["preprocessing"]["shape"])
+
+    def preprocess(self, volume: np.ndarray, voxel_size=None) -> np.ndarray:
+        """A raw (C, D, H, W) volume -> (C, *shape) float32, exactly as `leuko prepare` did for training."""
+        return prepare_volume(self.config, volume, voxel_size)
+
+    def predict_proba(self, prepared: np.ndarray) -> np.ndarray:
+        """(B, C, *shape) prepared volumes -> (B, classes) calibrated probabilities."""
+        prepared = np.asarray(prepared, dtype=np.float32)
+        check_prepared(self.config, prepared)
+        out = [
+            self.session.run([OUTPUT], {INPUT: np.ascontiguousarray(prepared[start : start + BATCH])})[0]
+            for start in range(0, len(prepared), BATCH)
+        ]  # each (b, classes)
+        return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
+
+    def predict(self, model_input, params=None) -> pd.DataFrame:
+        """As the pyfunc model's predict: params preprocess (default true) and voxel_size."""
+        params = params or {}
+        x = np.asarray(model_input, dtype=np.float32)
+        if x.ndim == 4:
+            x = x[None]  # one volume
+        if params.get("preprocess", True):
+            voxel_size = params.get("voxel_size") or None
+            x = np.stack([self.preprocess(v, voxel_size) for v in x]) if len(x) else x
+        return probability_table(self.predict_proba(x), self.classes)
