@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leuko.errors import ConfigError
+from leuko.nets.layers import SpaceToDepth3D
 
 # the paper names leaky ReLU without a slope: PyTorch's default
 NEGATIVE_SLOPE = 0.01
@@ -48,21 +49,6 @@ class PreActBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the first BN reads x before the in-place activation: x itself is not modified
         return x + self.body(x)
-
-
-class SpaceToDepth3D(nn.Module):
-    """(B, C, D, H, W) -> (B, 8 C, ceil(D/2), ceil(H/2), ceil(W/2)): each 2x2x2 block becomes 8 channels.
-
-    Odd sides are zero-padded at the end first: 0 is the medium around a cell in normalised volumes.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        d, h, w = x.shape[-3:]
-        x = F.pad(x, (0, w % 2, 0, h % 2, 0, d % 2))  # (B, C, D', H', W'), all even
-        b, c, d, h, w = x.shape
-        x = x.reshape(b, c, d // 2, 2, h // 2, 2, w // 2, 2)
-        x = x.permute(0, 1, 3, 5, 7, 2, 4, 6)  # (B, C, 2, 2, 2, D'/2, H'/2, W'/2)
-        return x.reshape(b, c * 8, d // 2, h // 2, w // 2)
 
 
 class DownBlock(nn.Sequential):
