@@ -134,12 +134,11 @@ def parse_variant(spec: str) -> tuple[str, list[str]]:
 
 
 def fit_command(recipe: Path, args: argparse.Namespace, extra: list[str], clock: Path, root: Path) -> list[str]:
-    callbacks = root / "clock.yaml"
-    init = {"log": str(clock), "target": args.target, "threads": args.threads, "stop_at_target": args.stop_at_target}
-    # JSON is YAML: a config file holding only the extra callback (default checkpoints are still added)
-    clock_callback = {"class_path": "time_to_accuracy.EpochClock", "init_args": init}
-    callbacks.write_text(json.dumps({"trainer": {"callbacks": [clock_callback]}}))
-    cmd = [sys.executable, "-m", "leuko.cli", "fit", "--config", str(recipe), "--config", str(callbacks)]
+    cmd = [sys.executable, "-m", "leuko.cli", "fit", "--config", str(recipe)]
+    # `+=` appends the clock to the recipe's own callbacks (leuko still adds its default checkpoints)
+    cmd += ["--trainer.callbacks+=time_to_accuracy.EpochClock", "--trainer.callbacks.log", str(clock)]
+    cmd += ["--trainer.callbacks.target", str(args.target), "--trainer.callbacks.threads", str(args.threads)]
+    cmd += ["--trainer.callbacks.stop_at_target", str(args.stop_at_target).lower()]
     cmd += ["--data.fold", str(args.fold), "--tracking.enabled", "false", "--trainer.default_root_dir", str(root)]
     cmd += ["--trainer.enable_progress_bar", "false"]
     if args.max_epochs:
@@ -183,6 +182,7 @@ def summarise(recipe: str, variant: str, records: list[dict], *, start: float, t
         "variant": variant,
         "net": head.get("net", "?"),
         "threads": head.get("threads"),
+        "setup_s": round(head["time"] - start, 1) if head else None,
         "target_s": round(hit["time"] - start, 1) if hit else None,
         "target_cpu_s": round(hit["cpu"], 1) if hit else None,
         "epoch": hit["epoch"] if hit else None,

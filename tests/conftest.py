@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
@@ -11,6 +12,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")
+# ONNX graphs `leuko predict` caches (leuko.deploy.onnx_model) go to a folder of this session, not ~/.cache
+os.environ.setdefault("LEUKO_CACHE_DIR", tempfile.mkdtemp(prefix="leuko-test-cache-"))
 
 
 @pytest.fixture(scope="session")

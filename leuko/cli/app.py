@@ -7,7 +7,7 @@ One module per command group, each subcommand's parser beside its handler:
     sweep       sweep
     tracking    register, lineage
     evaluation  evaluate, baselines, report
-    deploy      predict --model URI (a registered model on volume files)
+    deploy      predict --model URI (a registered model on volume files), export, explain
 
 Heavy imports (torch, lightning, mlflow, optuna, pandas) happen inside the handlers so `leuko --help` is
 instant. Errors: a LeukoError (or a missing file the user named) is an input error and prints as one line,
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for group in (data, training, sweep, tracking, evaluation):
+    for group in (data, training, sweep, tracking, evaluation, deploy):
         group.add_parsers(sub)
     training.add_lightning_parsers(sub)
     return parser

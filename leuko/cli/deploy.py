@@ -1,4 +1,5 @@
-"""`leuko predict --model URI`: a registered model on a folder of volumes or a manifest.
+"""Deployment commands: `leuko predict --model URI` (a registered model on a folder of volumes or a manifest),
+`leuko export` (the model as an ONNX graph) and `leuko explain` (what the model looked at in chosen cells).
 
 Without --model (or with LightningCLI's `--model CONFIG.yaml`), `leuko predict` is LightningCLI predict
 (leuko.cli.training); `wants_model` tells the two apart before any parser runs.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from leuko.cli.command import examples, formatter
+from leuko.cli.command import UsageError, add_command, examples, formatter
 
 
 def wants_model(argv: list[str]) -> bool:
@@ -99,3 +100,128 @@ def cmd_predict_model(args: argparse.Namespace) -> None:
         print(f"{result['n_review']} of {result['n_cells']} cells to review (the review column)")
     if result["n_skipped"]:
         print(f"skipped {result['n_skipped']} unreadable volume(s): see {paths['skipped']}", file=sys.stderr)
+
+
+def add_parsers(sub) -> None:
+    _add_export(sub)
+    _add_explain(sub)
+
+
+# ---------------------------------------------------------------------------------------------- export
+def _add_export(sub) -> None:
+    p = add_command(
+        sub,
+        "export",
+        "write a registered model as an ONNX graph of calibrated probabilities, checked against PyTorch",
+        """
+        leuko export --model models:/leuko@champion --format onnx --out model.onnx
+        leuko export --model models:/leuko/3 --out deploy/leuko3.onnx --input data/manifest.csv --cells 64
+        the graph maps prepared volumes (B, C, D, H, W) float32, B dynamic, to calibrated class probabilities;
+        OUT.json beside it holds the classes, preprocessing, input shape and temperature. The command checks
+        the graph against PyTorch on real cells (--input, else the model's example cell) at two batch sizes and
+        prints the largest probability difference (must be < 1e-4) and both runtimes' CPU throughput.
+        """,
+    )
+    p.add_argument(
+        "--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a folder"
+    )
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="graph format (default onnx)")
+    p.add_argument("--out", default="model.onnx", help="graph file, ending in .onnx (default model.onnx)")
+    p.add_argument(
+        "--input",
+        default=None,
+        help="volumes (folder or manifest) to check parity on; default: the "
+        "model's logged example cell and its mirror images",
+    )
+    p.add_argument("--cells", type=int, default=32, help="cells of --input to check on (default 32)")
+    p.add_argument("--batch-size", type=int, default=32, help="batch for the parity check and timing (default 32)")
+    p.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"), help="voxel size (um) of --input")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    # heavy imports here: keeps `leuko --help` instant
+    from leuko.deploy.export import export
+
+    result = export(
+        args.model,
+        args.out,
+        fmt=args.format,
+        source=args.input,
+        n_cells=args.cells,
+        batch_size=args.batch_size,
+        voxel_size=args.voxel_size,
+    )
+    print(f"ONNX graph -> {result['graph']}; sidecar -> {result['sidecar']}")
+    print(
+        f"parity: max |p_onnx - p_torch| = {result['parity']:.2e} over {result['n_cells']} cells "
+        f"(batch sizes {', '.join(map(str, result['batch_sizes']))}; limit 1e-04)"
+    )
+    print(
+        f"throughput at batch {result['batch_size']}: onnxruntime (CPU) {result['onnxruntime_cells_per_s']:.1f} "
+        f"cells/s, PyTorch ({result['torch_device']}) {result['torch_cells_per_s']:.1f} cells/s"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- explain
+def _add_explain(sub) -> None:
+    p = add_command(
+        sub,
+        "explain",
+        "what a registered model looked at: 3D Grad-CAM and occlusion sensitivity of chosen cells, as PNGs",
+        """
+        leuko explain --model models:/leuko@champion --input data/manifest.csv --cells P01_C001,P01_C002 --out expl
+        leuko explain --model models:/leuko/3 --input scans/ --n 8 --methods gradcam --out expl
+        leuko explain --model models:/leuko@champion --input data --cells P02_C007 --cam-layer net.down2.0
+        writes OUT/<cell>_gradcam.png and OUT/<cell>_occlusion.png (mid-slices z, y, x and maximum projections
+        with the map over the cell, for the predicted class) and OUT/explain.csv, OUT/explain.json.
+        """,
+    )
+    p.add_argument(
+        "--model", required=True, help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a folder"
+    )
+    p.add_argument("--input", required=True, help="a manifest CSV or a folder of volumes, as for leuko predict")
+    p.add_argument("--cells", default=None, metavar="ID,...", help="cell ids to explain (default: the first --n)")
+    p.add_argument("--n", type=int, default=4, help="cells to explain without --cells (default 4)")
+    p.add_argument("--out", default="explain", help="output folder (default explain)")
+    p.add_argument("--methods", default="gradcam,occlusion", help="gradcam, occlusion or both (default both)")
+    p.add_argument(
+        "--cam-layer",
+        default=None,
+        help="Grad-CAM layer, e.g. net.backbone.layer4 (default: per net, the deepest feature map that keeps at "
+        "least 4 voxels per axis)",
+    )
+    p.add_argument(
+        "--mask-size",
+        type=int,
+        nargs=3,
+        metavar=("D", "H", "W"),
+        help="occluded cube (default: a quarter of each side)",
+    )
+    p.add_argument("--voxel-size", type=float, nargs=3, metavar=("Z", "Y", "X"), help="voxel size (um) of --input")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_explain)
+
+
+def cmd_explain(args: argparse.Namespace) -> None:
+    # heavy imports here: keeps `leuko --help` instant
+    from leuko.deploy.explain import explain
+
+    if args.n < 1:
+        raise UsageError(f"--n {args.n}: must be at least 1")
+    result = explain(
+        args.model,
+        args.input,
+        args.out,
+        cells=[c.strip() for c in args.cells.split(",") if c.strip()] if args.cells else None,
+        n=args.n,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        layer=args.cam_layer,
+        mask_size=args.mask_size,
+        voxel_size=args.voxel_size,
+        progress=not args.quiet,
+    )
+    index = result["index"]
+    print(f"explained {result['n_cells']} cells -> {result['out']}/ ({len(index)} PNGs, explain.csv, explain.json)")
+    for row in index.drop_duplicates("cell_id").itertuples(index=False):
+        print(f"  {row.cell_id}: predicted {row.pred_label} ({row.probability:.2f})")

@@ -310,6 +310,14 @@ def _add_report(sub) -> None:
     p.add_argument("--eval", default=None, metavar="DIR", help="evaluation folder (default runs/NAME/eval)")
     p.add_argument("--baselines", default=None, metavar="DIR", help="baselines folder (default runs/NAME/baselines)")
     p.add_argument("--no-evaluate", action="store_true", help="do not run `leuko evaluate` when eval/ is missing")
+    p.add_argument(
+        "--explain",
+        type=int,
+        default=0,
+        metavar="N",
+        help="first write Grad-CAM and occlusion maps of N right and N wrong cells per class from the first fold's "
+        "best checkpoint into runs/NAME/explain/ (default 0: only show that folder if it exists)",
+    )
     p.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow tracking URI (MLFLOW_TRACKING_URI wins)")
     p.set_defaults(func=cmd_report)
 
@@ -320,6 +328,12 @@ def cmd_report(args: argparse.Namespace) -> None:
 
     run = Path(args.run)
     out = args.out or (run / "report.html" if run.is_dir() else f"report-{args.run[:8]}.html")
+    if args.explain:
+        if not run.is_dir():
+            raise UsageError(f"--explain {args.explain}: needs a CV folder as --run (runs/NAME), not a run id")
+        from leuko.evaluation.report_saliency import explain_cv  # heavy import (torch, MONAI), as above
+
+        explain_cv(run, args.explain)
     result = write_report(
         args.run,
         out,

@@ -14,8 +14,9 @@ A registered leuko model is an MLflow pyfunc in the models-from-code format:
 
 Trust boundary. Loading a model runs code in two places, and nothing else:
 - pyfunc_model.py from the registry, executed as a Python module (that is how MLflow loads
-  models-from-code). It imports leuko.nets, leuko.data.preprocess and leuko.training.predictions
-  (older registered models: leuko.nets and leuko.data.prepare): from the model's code/leuko/ when the
+  models-from-code). It imports leuko.nets, leuko.deploy.inputs (leuko.data.preprocess) and
+  leuko.training.predictions (older registered models: leuko.nets, leuko.data.preprocess or
+  leuko.data.prepare): from the model's code/leuko/ when the
   loading process has not imported leuko yet, else (and for older models) from the installed package.
 - leuko itself, from the Python environment that loads the model, when that process imported it first.
 The weights are read with safetensors (no pickle), model_config.json with json, and nothing is
@@ -24,4 +25,10 @@ a model stored as a pickle. So trust a registry as far as you trust the people w
 anyone who can register a version can change the code that runs when it is loaded. Give write access
 to the registry (and its artifact store) only to those who may ship code, and pin deployments to a
 version (models:/leuko/7) or an alias you control.
+
+`leuko predict` runs a model through ONNX Runtime on the CPU when it can (leuko.deploy.onnx_model): its
+net exported once to an ONNX graph (leuko.deploy.graph), kept in a cache keyed by the weights and config,
+and used only when it matches PyTorch within 1e-4. A graph is data, not code. `leuko export` writes such a
+graph for use outside Python (leuko.deploy.export); `leuko explain` draws what a model looked at
+(leuko.deploy.explain).
 """

@@ -8,7 +8,9 @@ Writes, next to each other:
                                    [, n_review: cells to review, retained_<class>: percent of the other cells]
     predictions_skipped.csv        cell_id, path, reason: volumes that could not be read (only if any)
 Each volume is read with leuko.data.io.read_volume and prepared with the model's own copy of the
-settings `leuko prepare` used for its training data (leuko.data.preprocess.process_cell).
+settings `leuko prepare` used for its training data (leuko.data.preprocess.process_cell). The net runs
+through ONNX Runtime on the CPU when it can, on a graph cached per model and checked against PyTorch
+(load_model's runtime; leuko.deploy.onnx_model), while the next batch is read and prepared.
 
 Input the model was not trained for is refused before anything is written: a manifest whose modality
 is not the model's, duplicate cell ids, a manifest with no rows, and an input whose cells mostly lie

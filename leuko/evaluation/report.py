@@ -26,6 +26,7 @@ import yaml
 
 from leuko.errors import LeukoError
 from leuko.evaluation import baselines, embedding, evaluate, intervals
+from leuko.evaluation.report_saliency import with_saliency_section
 from leuko.evaluation.report_sections import SECTIONS, ReportInputs, page
 from leuko.evaluation.report_trust import with_trust_sections
 from leuko.training.run_dir import BASELINES, CONFIG, EVAL, FOLD_METRICS, SUMMARY, fold_configs
@@ -235,7 +236,7 @@ def read_inputs(files: RunFiles) -> ReportInputs:
 def build(files: RunFiles) -> tuple[str, dict]:
     """(HTML text, numbers shown) for one run."""
     inputs = read_inputs(files)
-    return page(inputs, with_trust_sections(SECTIONS)), inputs.numbers
+    return page(inputs, with_saliency_section(with_trust_sections(SECTIONS))), inputs.numbers
 
 
 def write_report(

@@ -28,7 +28,6 @@ from torch import nn
 
 from leuko.nets import FishNet3D, ResNet3D, ViT3D
 
-METHODS = ("gradcam", "occlusion")
 MIN_GRID = 4  # voxels per axis a Grad-CAM layer keeps, when the net has such a layer
 TOKENS = "tokens"  # the name of the ViT token grid layer in _CamNet
 
@@ -145,12 +144,12 @@ def explain_cell(
     x: np.ndarray,
     class_idx: int,
     *,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str],
     layer: str | None = None,
     temperature: float = 1.0,
     mask_size: Sequence[int] | None = None,
 ) -> tuple[dict[str, np.ndarray], str | None]:
-    """({method: (D, H, W) map}, Grad-CAM layer or None) of one prepared cell."""
+    """({method: (D, H, W) map}, Grad-CAM layer or None) of one prepared cell; methods: "gradcam", "occlusion"."""
     maps, used = {}, None
     if "gradcam" in methods:
         maps["gradcam"], used = grad_cam(net, x, class_idx, layer=layer, temperature=temperature)

@@ -90,13 +90,15 @@ class FishNet3D(nn.Module):
         widths: Sequence[int] = (8, 16, 32, 64, 128),
         blocks: int = 2,
         num_features: int = 256,
-        stem: Literal["conv", "s2d"] = "conv",
+        stem: Literal["conv", "s2d", "pool"] = "conv",
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
         widths = tuple(widths)
-        if stem not in ("conv", "s2d"):
-            raise ConfigError(f"FishNet3D: stem={stem!r} is not one of 'conv' (the paper's) or 's2d' (space-to-depth)")
+        if stem not in ("conv", "s2d", "pool"):
+            raise ConfigError(
+                f"FishNet3D: stem={stem!r} is not one of 'conv' (the paper's), 's2d' (space-to-depth) or 'pool'"
+            )
         if len(widths) < 3:
             raise ConfigError(
                 f"FishNet3D: widths={widths} needs at least 3 entries (stem width and two or more "
@@ -109,8 +111,15 @@ class FishNet3D(nn.Module):
         # normalised input volume
         if stem == "conv":
             self.stem = nn.Conv3d(in_channels, widths[0], 3, padding=1, bias=False)
-        else:
+        elif stem == "s2d":
             self.stem = nn.Sequential(SpaceToDepth3D(), nn.Conv3d(8 * in_channels, widths[0], 3, padding=1, bias=False))
+        else:
+            self.stem = nn.Sequential(
+                nn.Conv3d(in_channels, widths[0], 3, padding=1, bias=False),
+                nn.BatchNorm3d(widths[0]),
+                nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True),
+                nn.MaxPool3d(2),
+            )
         self.down1 = nn.ModuleList(DownBlock(widths[i], widths[i + 1]) for i in range(depth))
         self.bridge = nn.Sequential(*(PreActBlock(widths[-1]) for _ in range(blocks)))
         # up[k] goes from level depth-k to level depth-k-1, ending at level 1 (R/2): the full

@@ -27,6 +27,8 @@ COMMANDS = {
     "evaluate",
     "baselines",
     "report",
+    "export",
+    "explain",
     *LIGHTNING_COMMANDS,
 }
 HEAVY = ("torch", "lightning", "mlflow", "optuna", "pandas", "numpy", "yaml")
