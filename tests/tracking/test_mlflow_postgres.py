@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 
 import mlflow
 import pytest
 
 from helpers.postgres import postgres_server
 from helpers.sweep import BIN, REPO, env_with, free_port, stop, wait_http, write_base
-from leuko.cli import main
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.mark.timeout(500)
-def test_mlflow_server_on_postgres_takes_a_cv_and_a_registration(tiny_prepared, tmp_path, monkeypatch):
+def test_mlflow_server_on_postgres_takes_a_cv_and_a_registration(tiny_prepared, tmp_path):
     port = free_port()
     artifacts = tmp_path / "artifacts"
     with postgres_server("mlflow") as backend, open(tmp_path / "server.log", "w") as log:
@@ -26,13 +26,17 @@ def test_mlflow_server_on_postgres_takes_a_cv_and_a_registration(tiny_prepared, 
         try:
             wait_http(f"{uri}/health", server, timeout=240)
             base = write_base(tmp_path, tiny_prepared)
-            monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-            monkeypatch.chdir(tmp_path)
+            # as a user runs them: separate processes pointed at the server by the environment
+            env = env_with(MLFLOW_TRACKING_URI=uri)
             experiment = ["--tracking.experiment", "t_postgres"]
-            assert main(["cv", "--config", str(base), "--name", "pgcv", "--folds", "0", *experiment]) == 0
+            cv = ["cv", "--config", str(base), "--name", "pgcv", "--folds", "0", *experiment]
             register = ["register", "--config", str(base), "--name", "leuko-pg", "--out", str(tmp_path / "reg")]
-            assert main([*register, *experiment]) == 0
-            client = mlflow.MlflowClient(uri)
+            for args in (cv, register + experiment):
+                done = subprocess.run(
+                    [sys.executable, "-m", "leuko.cli", *args], cwd=tmp_path, env=env, capture_output=True, text=True
+                )
+                assert done.returncode == 0, done.stderr[-3000:]
+            client = mlflow.MlflowClient(uri, registry_uri=uri)
             runs = client.search_runs([client.get_experiment_by_name("t_postgres").experiment_id])
             names = {r.info.run_name: r.info.status for r in runs}
             assert names.get("pgcv") == "FINISHED" and names.get("pgcv/fold_0") == "FINISHED", names
