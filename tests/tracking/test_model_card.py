@@ -174,6 +174,14 @@ def test_test_predictions_run_the_model_on_the_held_out_cells(tiny_prepared):
 def test_registered_version_carries_the_card_and_shows_it(tmp_path_factory, tiny_prepared):
     registry = registered_model(tmp_path_factory.getbasetemp(), tiny_prepared)
     uri, version = registry["tracking_uri"], registry["result"]["version"]
+    mlflow.set_registry_uri(uri)  # models:/ below resolves the registry process-wide: pin it to this store
+    try:
+        _check_card(uri, version)
+    finally:
+        mlflow.set_registry_uri(None)
+
+
+def _check_card(uri: str, version: str) -> None:
     local = Path(mlflow.artifacts.download_artifacts(f"models:/leuko/{version}", tracking_uri=uri))
     cards = list(local.rglob(MODEL_CARD))
     assert len(cards) == 1 and (cards[0].parent / "weights.safetensors").is_file()  # beside the weights

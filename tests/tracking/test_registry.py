@@ -18,7 +18,12 @@ from leuko.tracking.registry import CHALLENGER, CHAMPION, RegisterError, Source,
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory, tiny_prepared):
-    return registered_model(tmp_path_factory.getbasetemp(), tiny_prepared)
+    registry = registered_model(tmp_path_factory.getbasetemp(), tiny_prepared)
+    # models:/ URIs and clients without registry_uri resolve the registry from the process-wide setting, which an
+    # earlier test in the session may have pointed elsewhere: pin it to this store while these tests run
+    mlflow.set_registry_uri(registry["tracking_uri"])
+    yield registry
+    mlflow.set_registry_uri(None)
 
 
 def test_decide_champion_only_when_strictly_better():
