@@ -22,6 +22,7 @@ def registry(tmp_path_factory, tiny_prepared):
     # models:/ URIs and clients without registry_uri resolve the registry from the process-wide setting, which an
     # earlier test in the session may have pointed elsewhere: pin it to this store while these tests run
     mlflow.set_registry_uri(registry["tracking_uri"])
+    os.environ.pop("MLFLOW_REGISTRY_URI", None)  # set_registry_uri exports it: keep it from the subprocesses below
     yield registry
     mlflow.set_registry_uri(None)
 
@@ -50,7 +51,7 @@ def test_register_without_a_study_says_what_to_run(tmp_path):
 @pytest.mark.slow
 def test_best_trial_is_refit_tested_logged_and_champion(registry):
     result, uri = registry["result"], registry["tracking_uri"]
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     version = client.get_model_version("leuko", result["version"])
     assert str(client.get_model_version_by_alias("leuko", "champion").version) == str(version.version)
     assert version.tags["leuko.decision"].startswith("champion: no champion yet")
@@ -212,7 +213,7 @@ def test_two_registers_at_once_crown_one_champion(tiny_prepared, tmp_path):
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     base = write_base(tmp_path, tiny_prepared)
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     client.create_experiment("leuko")  # the store and the experiment exist before the two processes race
     (tmp_path / "sync").mkdir()
     procs = [
@@ -240,7 +241,7 @@ def test_a_register_killed_after_creating_its_version_leaves_it_marked(tiny_prep
     proc = hooked_register("kill_after_creating_version", write_base(tmp_path, tiny_prepared), tmp_path / "runs", uri)
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == -9, err[-3000:]
-    client = mlflow.MlflowClient(uri)
+    client = mlflow.MlflowClient(uri, registry_uri=uri)
     (version,) = client.search_model_versions("name = 'race'")
     assert version.tags.get("leuko.status") == "incomplete", version.tags
     assert client.get_run(version.run_id).info.status in ("KILLED", "FAILED")
