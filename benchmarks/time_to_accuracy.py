@@ -21,7 +21,8 @@ Columns:
   cpu s         CPU seconds of the whole fit
   volumes/s     training volumes per second of the training phases (loading, augmentation, steps;
                 not validation)
-  x first       target s (and target cpu s) over the first variant's, for the same recipe and repeat
+  x first       target s (and target cpu s) over that of the first row of the same repeat: list the
+                reference recipe (or variant) first
 
 --variants NAME:ARGS adds leuko fit arguments to every recipe (rows = repeats x recipes x variants, run in
 that order, so the variants of one repeat run side by side under the same machine load). Timings on a shared
@@ -195,11 +196,11 @@ def summarise(recipe: str, variant: str, records: list[dict], *, start: float, t
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """x_first (x_first_cpu): target s (target cpu s) over the first variant's, per recipe and repeat."""
+    """x_first (x_first_cpu): target s (target cpu s) over that of the first row of the same repeat."""
     for field, ratio in (("target_s", "x_first"), ("target_cpu_s", "x_first_cpu")):
-        firsts: dict[tuple, float | None] = {}
+        firsts: dict[int, float | None] = {}
         for row in rows:
-            first = firsts.setdefault((row["repeat"], row["recipe"]), row[field])
+            first = firsts.setdefault(row["repeat"], row[field])
             row[ratio] = round(row[field] / first, 2) if first and row[field] else None
 
 

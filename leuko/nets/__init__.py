@@ -18,9 +18,9 @@ from typing import Any
 from torch import nn
 
 from leuko.errors import ConfigError
-from leuko.nets.fishnet3d import FishNet3D, fishnet3d, fishnet3d_tiny
+from leuko.nets.fishnet3d import FishNet3D, fishnet3d, fishnet3d_pool_tiny, fishnet3d_tiny
 from leuko.nets.resnet3d import ResNet3D, resnet3d_50, resnet3d_50_tiny
-from leuko.nets.vit3d import ViT3D, vit3d, vit3d_tiny
+from leuko.nets.vit3d import ViT3D, vit3d, vit3d_convstem, vit3d_convstem_tiny, vit3d_tiny
 
 NETS: dict[str, Callable[..., nn.Module]] = {
     "resnet3d_50": resnet3d_50,
@@ -29,6 +29,10 @@ NETS: dict[str, Callable[..., nn.Module]] = {
     "vit3d_tiny": vit3d_tiny,
     "fishnet3d": fishnet3d,
     "fishnet3d_tiny": fishnet3d_tiny,
+    # other stems under new names, so that the names above stay the studies' nets
+    "fishnet3d_pool_tiny": fishnet3d_pool_tiny,
+    "vit3d_convstem": vit3d_convstem,
+    "vit3d_convstem_tiny": vit3d_convstem_tiny,
 }
 
 

@@ -3,17 +3,12 @@
 MONAI builds the backbone (stem, bottleneck stages, global average pool); this file only adds
 the pieces every leuko net shares: `forward_features` -> (B, num_features), a dropout + linear
 head, and variants sized for single-cell volumes.
-
-stem="conv" is MONAI's (a conv1_kernel^3 conv, then a stride-2 max pool unless no_max_pool). stem="s2d"
-(the `*_s2d` variants) replaces both with a space-to-depth fold of each 2x2x2 block into channels and a
-3x3x3 conv at half resolution: the same total stride, but no full-resolution conv, which is most of the
-time of a 3D ResNet on a CPU.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from monai.networks.nets import ResNet
@@ -21,7 +16,6 @@ from monai.networks.nets.resnet import ResNetBlock, ResNetBottleneck
 from torch import nn
 
 from leuko.errors import ConfigError
-from leuko.nets.layers import SpaceToDepth3D
 
 _EXPANSION = {"basic": ResNetBlock.expansion, "bottleneck": ResNetBottleneck.expansion}
 
@@ -38,12 +32,9 @@ class ResNet3D(nn.Module):
         conv1_kernel: int = 7,
         conv1_stride: int = 1,
         no_max_pool: bool = False,
-        stem: Literal["conv", "s2d"] = "conv",
         drop_rate: float = 0.0,
     ) -> None:
         super().__init__()
-        if stem not in ("conv", "s2d"):
-            raise ConfigError(f"ResNet3D: stem={stem!r} is not one of 'conv' (MONAI's) or 's2d' (space-to-depth)")
         if block not in _EXPANSION:
             raise ConfigError(f"ResNet3D: block={block!r} is not one of {sorted(_EXPANSION)}")
         if len(layers) != 4 or len(block_inplanes) != 4:
@@ -63,15 +54,11 @@ class ResNet3D(nn.Module):
             n_input_channels=in_channels,
             conv1_t_size=conv1_kernel,
             conv1_t_stride=conv1_stride,
-            no_max_pool=no_max_pool or stem == "s2d",
+            no_max_pool=no_max_pool,
             num_classes=num_classes,
             feed_forward=False,
             bias_downsample=False,
         )
-        if stem == "s2d":  # the max pool is off: the fold is the stem's stride 2
-            conv = nn.Conv3d(8 * in_channels, block_inplanes[0], 3, padding=1, bias=False)
-            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")  # as MONAI inits conv1
-            self.backbone.conv1 = nn.Sequential(SpaceToDepth3D(), conv)
         self.num_features = block_inplanes[-1] * _EXPANSION[block]
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes)
@@ -84,7 +71,7 @@ class ResNet3D(nn.Module):
         return set()  # only the biases and norm weights, which every net leaves undecayed
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        # (B, C, D, H, W) -> stem /2 (max pool, or the s2d fold) -> stages /1, /2, /2, /2 -> global average pool
+        # (B, C, D, H, W) -> stem /2 (max pool) -> stages /1, /2, /2, /2 -> global average pool
         return self.backbone(x)  # (B, num_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

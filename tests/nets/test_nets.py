@@ -22,7 +22,16 @@ def _on_meta(name: str, **kwargs) -> nn.Module:
 
 
 def test_registry_names():
-    assert set(NETS) == {"resnet3d_50", "resnet3d_50_tiny", "vit3d", "vit3d_tiny", "fishnet3d", "fishnet3d_tiny"}
+    studies = {"resnet3d_50", "resnet3d_50_tiny", "vit3d", "vit3d_tiny", "fishnet3d", "fishnet3d_tiny"}
+    other_stems = {"fishnet3d_pool_tiny", "vit3d_convstem", "vit3d_convstem_tiny"}
+    assert set(NETS) == studies | other_stems
+
+
+def test_other_stems_keep_the_study_nets_as_they_are():
+    fishnet = build_net("fishnet3d_tiny", in_channels=1, num_classes=4)
+    assert isinstance(fishnet.stem, nn.Conv3d)  # the paper's full-resolution conv, no pooling
+    vit = build_net("vit3d_tiny", in_channels=1, num_classes=4)
+    assert vit.global_pool == "token" and isinstance(vit.patch_embed.proj, nn.Conv3d)  # one linear map per patch
 
 
 @pytest.mark.parametrize("in_channels", [1, 2])
@@ -137,6 +146,44 @@ def test_vit3d_other_input_size_interpolates_pos_embed():
     assert net.pos_embed.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize(
+    ("patch_size", "strides"),
+    [
+        ((8, 8, 8), [(2, 2, 2)] * 3),
+        ((8, 16, 16), [(2, 2, 2)] * 3 + [(1, 2, 2)]),
+        ((4, 8, 8), [(2, 2, 2)] * 2 + [(1, 2, 2)]),
+    ],
+)
+def test_vit3d_conv_stem_halves_until_the_patch_grid(patch_size, strides):
+    img_size = tuple(2 * p for p in patch_size)
+    net = build_net("vit3d_convstem_tiny", in_channels=2, num_classes=4, img_size=img_size, patch_size=patch_size)
+    convs = [m for m in net.patch_embed.proj if isinstance(m, nn.Conv3d)]
+    assert [c.stride for c in convs[:-1]] == strides
+    assert convs[-1].kernel_size == (1, 1, 1) and convs[-1].out_channels == net.num_features
+    assert net.grid == (2, 2, 2)
+    tokens, grid = net.patch_embed(torch.randn(1, 2, *img_size))
+    assert tokens.shape == (1, 8, net.num_features) and grid == (2, 2, 2)
+
+
+def test_vit3d_convstem_pools_the_patch_tokens():
+    torch.manual_seed(0)
+    net = build_net("vit3d_convstem_tiny", in_channels=1, num_classes=4).eval()
+    seen = {}
+    net.blocks.register_forward_hook(lambda module, args, out: seen.update(tokens=out))
+    features = net.forward_features(torch.randn(2, 1, 32, 32, 32))
+    assert seen["tokens"].shape == (2, 1 + 64, net.num_features)  # cls token + 4^3 patch tokens
+    torch.testing.assert_close(features, net.norm(seen["tokens"][:, 1:].mean(dim=1)))  # the cls token is left out
+
+
+def test_vit3d_stem_and_pool_errors():
+    with pytest.raises(ValueError, match="powers of two"):
+        build_net("vit3d_convstem_tiny", in_channels=1, num_classes=4, img_size=(24, 24, 24), patch_size=(6, 6, 6))
+    with pytest.raises(ValueError, match="stem='linear'"):
+        build_net("vit3d_tiny", in_channels=1, num_classes=4, stem="linear")
+    with pytest.raises(ValueError, match="global_pool='max'"):
+        build_net("vit3d_tiny", in_channels=1, num_classes=4, global_pool="max")
+
+
 def test_vit3d_img_size_and_patch_errors():
     with pytest.raises(ValueError, match="multiple of patch_size"):
         build_net("vit3d_tiny", in_channels=1, num_classes=4, img_size=(30, 32, 32))
@@ -159,6 +206,33 @@ def test_fishnet3d_residual_transfer_concatenation():
     net.down2[0].register_forward_hook(record_input)
     net(torch.randn(2, 1, 33, 32, 31))  # odd sizes: upsampling must land on the transfer's size
     assert seen["in"] == (2, 16, 16, 16, 15)
+
+
+def test_fishnet3d_pool_stem_runs_the_net_from_half_resolution():
+    seen = {}
+
+    def record(name):
+        def hook(module, args, out):
+            seen[name] = tuple(args[0].shape)
+
+        return hook
+
+    paper = build_net("fishnet3d_tiny", in_channels=1, num_classes=4)  # widths (4, 8, 16, 32)
+    pooled = build_net("fishnet3d_pool_tiny", in_channels=1, num_classes=4)  # widths (8, 16, 32, 64)
+    paper.down1[0].register_forward_hook(record("paper"))
+    pooled.down1[0].register_forward_hook(record("pool"))
+    pooled.bridge.register_forward_hook(record("pool bridge"))
+    x = torch.randn(2, 1, 32, 32, 32)
+    paper(x), pooled(x)
+    assert seen["paper"] == (2, 4, 32, 32, 32)
+    assert seen["pool"] == (2, 8, 16, 16, 16)  # conv -> BN -> leaky ReLU -> 2x max pool
+    assert seen["pool bridge"] == (2, 64, 2, 2, 2)  # the 2^3 grid of fishnet3d on 32^3 cells
+    assert pooled(torch.randn(2, 1, 33, 32, 31)).shape == (2, 4)  # odd sides line up as with the conv stem
+
+
+def test_fishnet3d_unknown_stem_names_the_choices():
+    with pytest.raises(ValueError, match="stem='s2d'.*'conv'.*'pool'"):
+        build_net("fishnet3d_tiny", in_channels=1, num_classes=4, stem="s2d")
 
 
 def test_fishnet3d_needs_two_downsampling_steps():
