@@ -6,10 +6,11 @@ STAMP  := $(VENV)/.installed
 DATA   ?= data
 PREPARED ?= prepared
 PYTEST_ARGS ?=
-# make sweep: the search space, new trials (default: the sweep file's), worker processes, extra configs
+# make sweep: the search space, its wall-time budget and/or new trials (default: the sweep file's), worker processes, extra configs
 # layered on every trial (e.g. conf/trainer/gpu.yaml), study storage (journal file or database URL).
 SWEEP   ?= conf/sweep/default.yaml
 TRIALS  ?=
+BUDGET  ?=
 WORKERS ?= 1
 CONFIG  ?=
 STORAGE ?=
@@ -59,8 +60,8 @@ $(PREPARED)/meta.json: $(DATA)/manifest.csv params.yaml
 
 prepared: $(PREPARED)/meta.json  ## validate and cache the default cohort in prepared/
 
-sweep: $(PREPARED)/meta.json  ## Optuna sweep over the model families, then register the best (TRIALS= WORKERS= CONFIG= SWEEP= STORAGE=)
-	$(BIN)/leuko sweep --space $(SWEEP) --workers $(WORKERS) $(if $(TRIALS),--trials $(TRIALS)) $(foreach c,$(CONFIG),--config $(c)) $(if $(STORAGE),--storage $(STORAGE)) --data.prepared_dir $(PREPARED)
+sweep: $(PREPARED)/meta.json  ## Optuna sweep over the model families, then register the best (BUDGET=10m TRIALS= WORKERS= CONFIG= SWEEP= STORAGE=)
+	$(BIN)/leuko sweep --space $(SWEEP) --workers $(WORKERS) $(if $(TRIALS),--trials $(TRIALS)) $(if $(BUDGET),--budget $(BUDGET)) $(foreach c,$(CONFIG),--config $(c)) $(if $(STORAGE),--storage $(STORAGE)) --data.prepared_dir $(PREPARED)
 	$(BIN)/leuko register --space $(SWEEP) --name $(MODEL_NAME) $(if $(STORAGE),--storage $(STORAGE))
 
 lint: $(STAMP)  ## ruff lint and format check, and the import contracts (no circles, layers)

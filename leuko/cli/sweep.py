@@ -14,7 +14,8 @@ def add_parsers(sub) -> None:
         "sweep",
         "Optuna study over model families and hyperparameters; each trial a cross-validated fit",
         """
-        leuko sweep --space conf/sweep/default.yaml                     # the defaults: 2 CPU cores, ~10 min
+        leuko sweep --space conf/sweep/default.yaml                     # the file's budget (8 min on 2 CPU cores)
+        leuko sweep --space conf/sweep/default.yaml --budget 30m        # resumes the study for 30 more minutes
         leuko sweep --space conf/sweep/default.yaml --trials 20 --workers 2   # resumes: adds 20 trials
         leuko sweep --space conf/sweep/gpu.yaml --trials 200 --workers 4 --storage postgresql://optuna@db/leuko
         leuko sweep --space conf/sweep/default.yaml --trials 4 --trainer.strategy ddp --trainer.devices 2
@@ -33,6 +34,13 @@ def add_parsers(sub) -> None:
         type=int,
         default=None,
         help="new trials to run, over all workers (default: the sweep file's `trials`)",
+    )
+    p.add_argument(
+        "--budget",
+        default=None,
+        metavar="TIME",
+        help="wall time for new trials, e.g. 600, 600s, 10m, 1.5h (default: the sweep file's `budget`); "
+        "with --trials, whichever ends first",
     )
     p.add_argument(
         "--workers", type=int, default=1, help="worker processes on this machine sharing the study (default 1)"
@@ -76,6 +84,7 @@ def cmd_sweep(args: argparse.Namespace, rest: list[str]) -> None:
         run_sweep(
             args.space,
             trials=args.trials,
+            budget=args.budget,
             workers=args.workers,
             configs=args.config,
             overrides=rest,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import optuna
 import pandas as pd
@@ -72,3 +74,33 @@ def print_leaderboard(board: pd.DataFrame, cfg: SweepConfig, limit: int = 20) ->
     print(table.to_string(index=False))
     if len(board) > limit:
         print(f"... {len(board) - limit} more in leaderboard.csv")
+
+
+def print_heldout(cfg: SweepConfig, data: dict, cache: Path) -> None:
+    """The sweep file's baselines on the held-out test patients (cached in `cache`), under the leaderboard."""
+    from leuko.errors import LeukoError
+    from leuko.evaluation.heldout import format_heldout, heldout_baselines  # heavy imports: sklearn, torch
+    from leuko.evaluation.mip import DEFAULT_MIP_NET
+
+    spec = dict(cfg.baselines or {})
+    try:
+        table = heldout_baselines(
+            data["prepared_dir"],
+            spec["manifest"],
+            k=data["k"],
+            test_fraction=data["test_fraction"],
+            seed=data["seed"],
+            mip_net=spec.get("mip_net", DEFAULT_MIP_NET),
+            mip_epochs=int(spec.get("mip_epochs", 10)),
+            cache=cache,
+        )
+    except (LeukoError, OSError, ValueError) as exc:
+        print(f"warning: no held-out baselines ({exc}); check `baselines:` in {cfg.path}", file=sys.stderr)
+        return
+    if table.empty:
+        return
+    print(
+        f"\nbaselines on the {int(table['n_test'].iloc[0])} cells of the held-out test patients "
+        "(the champion's test score on the same cells comes with `leuko register`):"
+    )
+    print(format_heldout(table))

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,17 @@ from pathlib import Path
 import optuna
 import pandas as pd
 
-from leuko.sweep.leaderboard import leaderboard, print_leaderboard
+from leuko.sweep.leaderboard import leaderboard, print_heldout, print_leaderboard
 from leuko.sweep.recovery import recover
-from leuko.sweep.space import SweepConfig, SweepConfigError, first_point, load_sweep_config, overrides_for
+from leuko.sweep.space import (
+    NET_KWARGS,
+    SweepConfig,
+    SweepConfigError,
+    first_point,
+    load_sweep_config,
+    overrides_for,
+    parse_budget,
+)
 from leuko.sweep.study import (
     A_CONFIG,
     A_FOLDS,
@@ -51,6 +60,7 @@ def run_sweep(
     space: str | Path,
     *,
     trials: int | None = None,
+    budget: str | float | None = None,
     workers: int = 1,
     configs: list[str] | None = None,
     overrides: list[str] | None = None,
@@ -62,18 +72,23 @@ def run_sweep(
     worker_index: int = 0,
     sweep_run_id: str | None = None,
 ) -> pd.DataFrame | None:
-    """Run `trials` new trials of the study (split over `workers` processes); return the leaderboard.
+    """Run new trials of the study (split over `workers` processes) until `trials` ran or the wall-time
+    `budget` (seconds, or "10m"; default the sweep file's) is spent; return the leaderboard.
 
     Worker 0 is this process: it sets up the study and the MLflow sweep run, starts workers 1..N-1
     (`leuko sweep ... --workers 1`), runs its share, waits for them and prints the leaderboard.
+    A trial still running when the budget is spent stops after its current epoch (PRUNED).
     """
     cfg = load_sweep_config(space)
     url = cfg.storage_url(storage)
     configs = cfg.config + list(configs or [])
     overrides = list(overrides or [])
-    trials = cfg.trials if trials is None else trials
-    if trials < 0 or workers < 1:
+    budget_s = parse_budget(budget) if budget is not None else cfg.budget
+    trials = cfg.trials if trials is None else trials  # None: as many as the budget allows
+    if (trials is not None and trials < 0) or workers < 1:
         raise SweepConfigError(f"--trials {trials} --workers {workers}: need trials >= 0 and workers >= 1")
+    if trials is None and budget_s is None:
+        raise SweepConfigError("give --trials N or a wall-time --budget (e.g. 10m), or set one in the sweep file")
     out = Path(out)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if threading.current_thread() is threading.main_thread():
@@ -83,11 +98,18 @@ def run_sweep(
 
     if worker_index > 0:
         worker = _extra_worker(cfg, url, configs, overrides, out, worker_index, n_workers, sweep_run_id)
-        study.optimize(worker, n_trials=trials, catch=(TrialFailed,), gc_after_trial=True)
+        timeout = None if worker.deadline is None else max(worker.deadline - time.time(), 0.0)
+        study.optimize(worker, n_trials=trials, timeout=timeout, catch=(TrialFailed,), gc_after_trial=True)
         return None
     if leaderboard_only or fail_stale:
         return _report(study, cfg, url, configs, overrides, fail_stale=fail_stale, grace=grace)
-    return _sweep(study, cfg, url, configs, overrides, out, trials, workers, storage_given=storage is not None)
+    deadline = None if budget_s is None else time.time() + budget_s
+    return _sweep(
+        study, cfg, url, configs, overrides, out, trials, workers, deadline, storage_given=storage is not None
+    )
+
+
+DEADLINE = "LEUKO_SWEEP_DEADLINE"  # the sweep's end (Unix time), for the workers worker 0 starts
 
 
 def _raise_interrupt(signum, frame):  # SIGTERM (e.g. SLURM preemption) ends the trial as FAIL, cleanly
@@ -110,7 +132,8 @@ def _extra_worker(
     tracking = SweepTracking(resolve_tracking_uri(), run_id=run_id) if run_id else None
     isolate = os.environ.get("LEUKO_SWEEP_ISOLATE") == "1"
     gpus = os.environ.get("LEUKO_SWEEP_GPUS")
-    return Worker(cfg, url, configs, overrides, out, run_id, tracking, index, workers, isolate, gpus)
+    deadline = float(os.environ[DEADLINE]) if os.environ.get(DEADLINE) else None
+    return Worker(cfg, url, configs, overrides, out, run_id, tracking, index, workers, isolate, gpus, deadline)
 
 
 def _report(
@@ -143,8 +166,9 @@ def _sweep(
     configs: list[str],
     overrides: list[str],
     out: Path,
-    trials: int,
+    trials: int | None,
     workers: int,
+    deadline: float | None,
     *,
     storage_given: bool,
 ) -> pd.DataFrame:
@@ -154,25 +178,32 @@ def _sweep(
     isolate, gpus = _devices(cfg, probe.multi_device, workers)
     sweep_run_id = tracking.sweep_run(study, cfg, url, probe.lineage) if tracking else None
     share = gpu_share(0, workers, gpus) if gpus > 1 else None
-    worker = Worker(cfg, url, configs, overrides, out, sweep_run_id, tracking, 0, workers, isolate, share)
+    worker = Worker(cfg, url, configs, overrides, out, sweep_run_id, tracking, 0, workers, isolate, share, deadline)
+    if cfg.start_from_config and not study.get_trials(deepcopy=False):
+        study.enqueue_trial(probe.point, skip_if_exists=True)  # the base recipe first: the sweep can only improve it
     for number in recover(study, url, cfg.heartbeat["grace"]):
         worker.mark(number, "FAIL")
     study.set_user_attr(S_OBJECTIVE, cfg.objective)
     study.set_user_attr(S_BASE_NET, probe.net)
     if tracking:
         tracking.client.log_artifact(sweep_run_id, str(cfg.path))
-    existing = len(study.get_trials(deepcopy=False))
+    existing = len(study.get_trials(deepcopy=False, states=_FINISHED))
+    budget = "" if deadline is None else f" within {(deadline - time.time()) / 60:.1f} min"
+    new = "new trials" if trials is None else f"{trials} new"
     print(
-        f"study {cfg.study} ({url}): {existing} earlier trial(s), {trials} new on {workers} worker(s); "
+        f"study {cfg.study} ({url}): {existing} earlier trial(s), {new}{budget} on {workers} worker(s); "
         f"objective {cfg.objective} over {cfg.folds} fold(s) per trial; trials run "
         + ("in their own processes" if isolate else "inside the workers"),
         flush=True,
     )
-    shares = [trials // workers + (i < trials % workers) for i in range(workers)]
+    shares = (
+        [None] * workers if trials is None else [trials // workers + (i < trials % workers) for i in range(workers)]
+    )
     procs = _start_workers(worker, shares, gpus)
     status = "FAILED"
+    timeout = None if deadline is None else max(deadline - time.time(), 0.0)
     try:
-        study.optimize(worker, n_trials=shares[0], catch=(TrialFailed,), gc_after_trial=True)
+        study.optimize(worker, n_trials=shares[0], timeout=timeout, catch=(TrialFailed,), gc_after_trial=True)
         for i, proc in procs:
             code = proc.wait()
             if code != 0:
@@ -191,6 +222,8 @@ def _sweep(
         for number in recover(study, url, cfg.heartbeat["grace"]):
             worker.mark(number, "FAIL")
         board = _finish(study, cfg, url, out, tracking, sweep_run_id, status, storage_given=storage_given)
+    if cfg.baselines:
+        print_heldout(cfg, probe.data, out / cfg.study)
     return board
 
 
@@ -209,7 +242,10 @@ def _devices(cfg: SweepConfig, multi_device: bool, workers: int) -> tuple[bool, 
     return isolate, gpus
 
 
-def _start_workers(worker: Worker, shares: list[int], gpus: int) -> list[tuple[int, subprocess.Popen]]:
+_FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+
+def _start_workers(worker: Worker, shares: list[int | None], gpus: int) -> list[tuple[int, subprocess.Popen]]:
     """Start workers 1..N-1 with worker 0's settings, each on its share of the trials: [(index, process)]."""
     cfg, workers = worker.cfg, worker.workers
     env = dict(os.environ, LEUKO_SWEEP_WORKERS=str(workers), LEUKO_SWEEP_ISOLATE=str(int(worker.isolate)))
@@ -217,11 +253,18 @@ def _start_workers(worker: Worker, shares: list[int], gpus: int) -> list[tuple[i
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
     if worker.tracking:
         env["MLFLOW_TRACKING_URI"] = worker.tracking.uri
+    if worker.deadline is not None:
+        env[DEADLINE] = repr(worker.deadline)
     procs = []
     for i in range(1, workers):
         if shares[i] == 0:
             continue
-        cmd = [sys.executable, "-m", "leuko.cli", "sweep", "--space", str(cfg.path), "--trials", str(shares[i])]
+        cmd = [sys.executable, "-m", "leuko.cli", "sweep", "--space", str(cfg.path)]
+        cmd += (
+            ["--trials", str(shares[i])]
+            if shares[i] is not None
+            else ["--budget", f"{max(worker.deadline - time.time(), 1):.0f}"]
+        )
         cmd += ["--workers", "1", "--storage", worker.url, "--out", str(worker.out), "--worker-index", str(i)]
         cmd += [a for c in worker.configs[len(cfg.config) :] for a in ("--config", c)]
         cmd += ["--sweep-run-id", worker.sweep_run_id] if worker.sweep_run_id else []
@@ -268,6 +311,8 @@ class _Probe:
     lineage: dict
     multi_device: bool
     net: str
+    point: dict  # the base config's own point of the space (start_from_config)
+    data: dict  # prepared_dir, k, test_fraction, seed: where the held-out test patients are
 
 
 def _probe(configs: list[str], overrides: list[str], validate: SweepConfig | None = None) -> _Probe:
@@ -294,11 +339,36 @@ def _probe(configs: list[str], overrides: list[str], validate: SweepConfig | Non
     tracking = probe.config["tracking"]
     multi = _multi_device(probe.config["trainer"])
     net = probe.config["model"]["net"]
+    data = {key: probe.config["data"][key] for key in ("prepared_dir", "k", "test_fraction", "seed")}
+    point = {}
+    if validate is not None:  # parsed only, not instantiated: the base config without the probe's point
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            base = probe.parser.parse_args([a for c in configs for a in ("--config", c)] + list(overrides))
+        point = config_point(base, validate.space)
     if not tracking.enabled:
-        return _Probe(None, {}, multi, net)
+        return _Probe(None, {}, multi, net, point, data)
     tags = lineage_tags(probe.config["data"]["prepared_dir"]) if validate else {}
     client = SweepTracking(resolve_tracking_uri(tracking.uri), experiment=tracking.experiment or DEFAULT_EXPERIMENT)
-    return _Probe(client, tags, multi, net)
+    return _Probe(client, tags, multi, net, point, data)
+
+
+def config_point(config, space: dict) -> dict:
+    """The values a config gives the space's keys, where they lie in the space (others are left to the sampler)."""
+    point: dict = {}
+    for key, param in space.items():
+        if not param.active(point):
+            continue
+        if key.startswith(NET_KWARGS + "."):
+            value = (config.get(NET_KWARGS) or {}).get(key[len(NET_KWARGS) + 1 :])
+        else:
+            value = config.get(key)
+        if param.kind == "categorical":
+            if value in param.choices:
+                point[key] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and param.low <= value <= param.high:
+            point[key] = int(value) if param.kind == "int" else float(value)
+    return point
 
 
 def _multi_device(trainer) -> bool:

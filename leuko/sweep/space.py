@@ -37,7 +37,10 @@ SWEEP_KEYS = (
     "study",
     "storage",
     "config",
+    "budget",
     "trials",
+    "start_from_config",
+    "baselines",
     "objective",
     "folds",
     "isolate",
@@ -83,7 +86,8 @@ class SweepConfig:
     study: str
     storage: str | None
     config: list[str]
-    trials: int
+    budget: float | None  # seconds of wall time for the trials; None: no limit but `trials`
+    trials: int | None  # None: as many as the budget allows
     objective: str
     folds: int
     isolate: str  # auto | always | never: a process per trial (auto: when a trial uses more than one device)
@@ -92,6 +96,8 @@ class SweepConfig:
     heartbeat: dict
     fixed: dict
     space: dict[str, Param]
+    start_from_config: bool = False  # the study's first trial is the base config's own point of the space
+    baselines: dict | None = None  # {manifest, mip_net, mip_epochs}: held-out baselines beside the champion
 
     @property
     def direction(self) -> str:
@@ -119,9 +125,21 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
     objective = need("objective", str, "balanced_accuracy")
     if objective not in OBJECTIVES:
         raise SweepConfigError(f"{path}: `objective: {objective}` is not one of {', '.join(OBJECTIVES)}")
-    trials, folds = need("trials", int, 10), need("folds", int, 1)
-    if trials < 0 or folds < 1:
-        raise SweepConfigError(f"{path}: `trials` must be >= 0 and `folds` >= 1 (got {trials}, {folds})")
+    budget = parse_budget(raw.get("budget"), f"{path}: `budget`")
+    trials = raw.get("trials", None if budget else 10)
+    folds = need("folds", int, 1)
+    if trials is not None and (not isinstance(trials, int) or isinstance(trials, bool) or trials < 0):
+        raise SweepConfigError(f"{path}: `trials: {trials!r}` must be an integer >= 0 (or null with a budget)")
+    if trials is None and budget is None:
+        raise SweepConfigError(f"{path}: `trials: null` needs a `budget` (e.g. budget: 10m), or give a number")
+    if folds < 1:
+        raise SweepConfigError(f"{path}: `folds` must be >= 1 (got {folds})")
+    baselines = raw.get("baselines")
+    if baselines is not None and (not isinstance(baselines, dict) or "manifest" not in baselines):
+        raise SweepConfigError(
+            f"{path}: `baselines: {baselines!r}` should be a mapping with `manifest` (the raw cells' manifest, "
+            "for the morphology features), e.g. {manifest: data/manifest.csv, mip_epochs: 10}; or null"
+        )
     isolate = str(need("isolate", (str, bool), "auto")).lower()
     isolate = {"true": "always", "false": "never"}.get(isolate, isolate)
     if isolate not in ("auto", "always", "never"):
@@ -142,6 +160,7 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
         study=study,
         storage=None if storage is None else str(storage),
         config=config,
+        budget=budget,
         trials=trials,
         objective=objective,
         folds=folds,
@@ -151,7 +170,31 @@ def load_sweep_config(path: str | Path) -> SweepConfig:
         heartbeat=heartbeat,
         fixed=dict(fixed),
         space=space,
+        start_from_config=bool(raw.get("start_from_config", False)),
+        baselines=None if baselines is None else dict(baselines),
     )
+
+
+_UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600}
+
+
+def parse_budget(value: Any, where: str = "--budget") -> float | None:
+    """A wall-time budget in seconds: 600, "600s", "10m", "1.5h"; None for null."""
+    if value is None:
+        return None
+    text = str(value).strip().lower()
+    number, unit = text, "s"
+    for suffix in sorted(_UNITS, key=len, reverse=True):
+        if text.endswith(suffix):
+            number, unit = text[: -len(suffix)].strip(), suffix
+            break
+    try:
+        seconds = float(number) * _UNITS[unit]
+    except ValueError:
+        seconds = -1.0
+    if isinstance(value, bool) or not seconds > 0:
+        raise SweepConfigError(f"{where}: {value!r} is not a wall time; write e.g. 600, 600s, 10m or 1.5h")
+    return seconds
 
 
 def _read(path: Path) -> dict:

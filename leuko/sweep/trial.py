@@ -23,6 +23,7 @@ import os
 import shlex
 import signal
 import sys
+import time
 import traceback
 import warnings
 from pathlib import Path
@@ -46,12 +47,14 @@ def cv_command(configs: list[str], folds: list[int], overrides: list[str]) -> li
     ]
 
 
-def trial_pruning(trial: optuna.Trial | None, monitor: str):
+def trial_pruning(trial: optuna.Trial | None, monitor: str, deadline: float | None = None):
     """optuna-integration's Lightning pruning callback, adapted to a cross-validated, possibly DDP trial.
 
     - Steps count epochs across the trial's folds (fold position * max_epochs + epoch), so a trial's
       later folds keep reporting, and step s means the same amount of training in every trial.
     - Only during fit: the validate() cross_validate runs after fit must not report again.
+    - deadline (Unix time): the sweep's wall-time budget; the first epoch that ends after it prunes the
+      trial ("budget spent"), so a sweep overruns its budget by at most one epoch.
     - DDP: global rank 0 holds the trial (the other ranks get None), reports and decides; the
       decision is broadcast and every rank raises TrialPruned at the same point, so no rank waits
       in a collective for one that left. Any storage works (the callback's own DDP mode needs a
@@ -75,7 +78,7 @@ def trial_pruning(trial: optuna.Trial | None, monitor: str):
                 return
             epochs = max(trainer.max_epochs or 1, 1)
             step = self.fold_position * epochs + pl_module.current_epoch
-            prune = False
+            prune, why = False, "pruned"
             if trainer.is_global_zero and self._trial is not None:
                 score = trainer.callback_metrics.get(self.monitor)
                 if score is None:
@@ -86,11 +89,13 @@ def trial_pruning(trial: optuna.Trial | None, monitor: str):
                 else:
                     self._trial.report(float(score), step=step)
                     prune = self._trial.should_prune()
+                if deadline is not None and time.time() > deadline and not prune:
+                    prune, why = True, "the sweep's budget is spent"
             if self.is_ddp_backend:
                 prune = trainer.strategy.broadcast(prune)
             if prune:
                 raise optuna.TrialPruned(
-                    f"pruned at step {step} (fold {self.fold_position + 1}, epoch {pl_module.current_epoch})"
+                    f"{why} at step {step} (fold {self.fold_position + 1}, epoch {pl_module.current_epoch})"
                 )
 
     return _TrialPruning()
@@ -109,7 +114,7 @@ def execute_trial(spec: dict, trial: optuna.Trial | None) -> dict:
             folds=spec["folds"],
             name=spec["name"],
             out=spec["out"],
-            trial_callbacks=[trial_pruning(trial, f"val/{spec['objective']}")],
+            trial_callbacks=[trial_pruning(trial, f"val/{spec['objective']}", spec.get("deadline"))],
             parent_run_id=spec["sweep_run_id"],
             extra_tags=spec["tags"],
         )

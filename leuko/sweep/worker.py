@@ -43,6 +43,7 @@ class Worker:
     workers: int = 1
     isolate: bool = False  # run each trial in its own process (needed for DDP)
     gpus: str | None = None  # CUDA_VISIBLE_DEVICES for this worker's trial processes
+    deadline: float | None = None  # Unix time when the sweep's budget is spent: trials stop after that epoch
 
     def say(self, text: str) -> None:
         prefix = f"[worker {self.index}] " if self.workers > 1 else ""
@@ -91,6 +92,7 @@ class Worker:
             "name": name,
             "out": str(trial_dir.parent),
             "sweep_run_id": self.sweep_run_id,
+            "deadline": self.deadline,
             "tags": {"leuko.study": self.cfg.study, "leuko.trial": str(trial.number), "leuko.command": "sweep-trial"},
         }
         (trial_dir / SPEC).write_text(json.dumps(spec, indent=2) + "\n")

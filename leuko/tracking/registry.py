@@ -1,7 +1,8 @@
-"""`leuko register`: refit the best trial on every non-test patient, test it once on the held-out
-patients, log it to MLflow as a pyfunc and register it; alias `champion` only when it beats the
-current champion's test score, `challenger` otherwise (leuko.tracking.champion decides, as a
-compare-and-set that two registers at once cannot both win).
+"""`leuko register`: refit the best trial on every non-test patient (or, with ensemble, take the k fold
+models of a CV of it: leuko.tracking.fold_ensemble), test it once on the held-out patients, log it to
+MLflow as a pyfunc (with its test-time augmentation, leuko.deploy.tta) and register it; alias `champion`
+only when it beats the current champion's test score, `challenger` otherwise (leuko.tracking.champion
+decides, as a compare-and-set that two registers at once cannot both win).
 
 A version is tagged leuko.status=incomplete when it is created and complete once its scores, decision,
 alias and description are set; its refit run is KILLED meanwhile and FINISHED at that point. So a
@@ -15,26 +16,21 @@ trust boundary of loading one: see leuko.deploy.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shlex
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
-from importlib import metadata
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from leuko import __version__
+from leuko.deploy.tta import DEFAULT_TTA, check_tta
 from leuko.errors import LeukoError
 from leuko.tracking.champion import CHALLENGER, CHAMPION, crown, decide
+from leuko.tracking.model_files import CODE, log_model, model_config, weight_names  # noqa: F401 (CODE: re-exported)
+from leuko.tracking.model_files import signature as _signature  # noqa: F401 (tests import it from here)
 from leuko.training import run_dir
 
 DEFAULT_NAME = "leuko"
-PACKAGE = Path(__file__).parents[1]  # the leuko package: logged with the model as its code path
-CODE = PACKAGE / "deploy" / "pyfunc_model.py"  # the logged inference code
-# What the inference code imports (pyfunc_model.py, leuko.nets, leuko.data.preprocess), pinned as installed here.
-REQUIREMENTS = ("mlflow", "torch", "torchvision", "timm", "monai", "numpy", "pandas", "scipy", "safetensors")
 STATUS, INCOMPLETE, COMPLETE = "leuko.status", "incomplete", "complete"
 REFIT_FOLDER = "LEUKO_REFIT_FOLDER"  # the folder rank zero claimed, for the DDP ranks Lightning starts
 __all__ = ["CHALLENGER", "CHAMPION", "RegisterError", "Source", "decide", "register", "source_from_study"]
@@ -87,9 +83,13 @@ def source_from_study(space: str | Path, *, storage: str | None = None, trial: i
                 f"trial {trial} of study {cfg.study!r} is not COMPLETE; COMPLETE trials: {[t.number for t in complete]}"
             )
     attrs = chosen.user_attrs
+    overrides = list(attrs[A_OVERRIDES])
+    earned = (attrs.get(A_CV) or {}).get("best_epoch", {}).get("mean")
+    if earned:  # refit for the epochs the trial earned: up to its best validation epoch (mean over its folds)
+        overrides += ["--trainer.max_epochs", str(max(1, round(earned)))]
     return Source(
         configs=list(attrs[A_CONFIG]),
-        overrides=list(attrs[A_OVERRIDES]),
+        overrides=overrides,
         cv=dict(attrs.get(A_CV, {})),
         study=cfg.study,
         trial=chosen.number,
@@ -99,14 +99,36 @@ def source_from_study(space: str | Path, *, storage: str | None = None, trial: i
     )
 
 
-def register(source: Source, *, name: str = DEFAULT_NAME, metric: str | None = None, out: str | Path = "runs") -> dict:
-    """Refit, test, log and register; returns {"version", "alias", "score", "run_id", "model_uri", ...}."""
+def register(
+    source: Source,
+    *,
+    name: str = DEFAULT_NAME,
+    metric: str | None = None,
+    out: str | Path = "runs",
+    ensemble: bool = False,
+    cv_dir: str | Path | None = None,
+    tta: str = DEFAULT_TTA,
+) -> dict:
+    """Refit (ensemble: the fold models of cv_dir, or of a CV run first), test, log and register; returns
+    {"version", "alias", "score", "run_id", "model_uri", "comparison", ...}. tta: a mode of leuko.deploy.tta."""
     # heavy imports here, as in source_from_study
+    from lightning.pytorch.cli import SaveConfigCallback
+
+    from leuko.tracking import fold_ensemble
     from leuko.training.cli import LeukoCLI
     from leuko.training.cv import is_rank_zero
 
+    check_tta(tta)
+    if cv_dir is not None and not ensemble:
+        raise RegisterError(
+            f"--cv-dir {cv_dir}: names the CV whose fold models form an ensemble; add --ensemble (--cv calibrates)"
+        )
     metric = metric or source.objective
     root = _refit_folder(out, source)
+    if ensemble:
+        cv_dir = Path(cv_dir) if cv_dir is not None else fold_ensemble.run_cv(source, root, out, name)
+        if not is_rank_zero():
+            return {}
     run_name = root.name
     tags = {"leuko.command": "register", "leuko.role": "refit", "leuko.registered_model": name}
     if source.study is not None:
@@ -121,17 +143,31 @@ def register(source: Source, *, name: str = DEFAULT_NAME, metric: str | None = N
         raise RegisterError(
             "tracking is off (tracking.enabled false or trainer.logger false): registering needs MLflow"
         )
-    print(f"refit on every non-test patient: {shlex.join(args[:-6])}", file=sys.stderr)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-    if not cli.trainer.is_global_zero:
-        return {}
-    test = {k.removeprefix("test/"): float(v) for k, v in tested.items()}
+    check_tta(tta, cli.datamodule.shape)
+    test, folds = None, None  # test: scored after calibration when the model is not the refit alone
+    if ensemble:
+        members, folds = fold_ensemble.load_members(cv_dir, cli)
+        save = next(c for c in cli.trainer.callbacks if isinstance(c, SaveConfigCallback))
+        save.save_config(cli.trainer, cli.model, "register")  # config.yaml and params, as a fit logs them
+    else:
+        print(f"refit on every non-test patient: {shlex.join(args[:-6])}", file=sys.stderr)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        if tta == "none":
+            tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+            test = _check_metric({k.removeprefix("test/"): float(v) for k, v in tested.items()}, metric)
+        if not cli.trainer.is_global_zero:
+            return {}
+        members = [cli.model.net]
+    model = {"members": members, "folds": folds, "cv_dir": cv_dir if ensemble else None, "tta": tta}
+    return _log_and_register(cli, source, test, model, name=name, metric=metric)
+
+
+def _check_metric(test: dict, metric: str) -> dict:
     if metric not in test:
         raise RegisterError(
             f"metric {metric!r} is not among the test metrics {sorted(test)}; pass --metric with one of them"
         )
-    return _log_and_register(cli, source, test, name=name, metric=metric)
+    return test
 
 
 def _refit_folder(out: str | Path, source: Source) -> Path:
@@ -148,62 +184,16 @@ def _refit_folder(out: str | Path, source: Source) -> Path:
     return folder
 
 
-def _model_config(cli) -> dict:
-    # heavy imports here (torch, numpy), as in source_from_study
-    from leuko.deploy.intensity import training_intensities
-    from leuko.nets import constructor_kwargs
+def _log_and_register(cli, source: Source, test: dict | None, model: dict, *, name: str, metric: str) -> dict:
+    """Log the model to the refit run, register it incomplete, crown it, complete it (see the module docstring).
 
-    model, meta = cli.model, cli.datamodule.meta
-    hp = model.hparams
-    settings = meta.get("settings", {})
-    return {
-        "net": hp.net,
-        # what VolumeClassifier built the net with: net_kwargs plus what the net takes from the input shape
-        "net_kwargs": constructor_kwargs(hp.net, hp.net_kwargs, hp.input_shape),
-        "in_channels": int(hp.in_channels),
-        "classes": list(model.class_names),
-        "preprocessing": {
-            "modality": meta["modality"],
-            "shape": list(meta["shape"]),
-            "target_voxel_size": settings.get("target_voxel_size"),
-            "n_medium": settings.get("n_medium"),
-            "ri_scale": settings.get("ri_scale"),
-            "read_options": settings.get("read_options", {}),
-            "normalisation": meta.get("normalisation"),
-        },
-        # what `leuko predict` checks each cell against (leuko.deploy.intensity): the cells it was fit on
-        "intensity": training_intensities(cli.datamodule.volumes_path, cli.datamodule.subset("train")["row"]),
-        "prepared_fingerprint": meta.get("fingerprint"),
-        "manifest_sha256": meta.get("manifest_sha256"),
-        "leuko_version": __version__,
-    }
-
-
-def _signature(config: dict):
-    # heavy imports here, as in source_from_study
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
-
-    from leuko.training.predictions import PRED, prob_columns
-
-    inputs = Schema([TensorSpec(np.dtype(np.float32), (-1, config["in_channels"], -1, -1, -1))])
-    outputs = Schema([ColSpec("string", PRED)] + [ColSpec("double", c) for c in prob_columns(config["classes"])])
-    params = ParamSchema([ParamSpec("preprocess", "boolean", True), ParamSpec("voxel_size", "double", [], shape=(-1,))])
-    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
-
-
-def _requirements() -> list[str]:
-    """Pins of the public packages the inference code needs; leuko itself travels as the model's code path."""
-    return [f"{p}=={metadata.version(p).split('+')[0]}" for p in REQUIREMENTS]
-
-
-def _log_and_register(cli, source: Source, test: dict, *, name: str, metric: str) -> dict:
-    """Log the model to the refit run, register it incomplete, crown it, complete it (see the module docstring)."""
+    model: {"members": nets, "folds", "cv_dir" (an ensemble's CV, else None), "tta"}; test None: scored here on
+    the model as it ships (fold_ensemble.held_out_report), once its temperature is known."""
     # heavy imports here, as in source_from_study
     import mlflow
 
     from leuko.deploy.trust import trust_config
+    from leuko.tracking import fold_ensemble
     from leuko.tracking.lineage import lineage_tags
     from leuko.tracking.model_card import card_for_refit
     from leuko.tracking.runs import resolve_tracking_uri
@@ -212,17 +202,32 @@ def _log_and_register(cli, source: Source, test: dict, *, name: str, metric: str
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     run_id = cli.trainer.logger.run_id
-    config = _model_config(cli)
-    score = test[metric]
+    config = model_config(cli)
     # The run says KILLED until its version is complete: what a kill from here on leaves behind, even
     # SIGKILL, which no handler can catch.
     client.set_terminated(run_id, "KILLED")
     try:
         # temperature and review threshold from the CV's out-of-fold cells; hashes of the training patients
-        config.update(trust_config(source.cv_dir, config["classes"], cli.datamodule.subset("train")["patient_id"]))
+        calibrate_on = fold_ensemble.calibration_dir(model["cv_dir"], source.cv_dir)
+        config.update(trust_config(calibrate_on, config["classes"], cli.datamodule.subset("train")["patient_id"]))
+        config["tta"] = model["tta"]
+        if model["cv_dir"] is not None:
+            weights = weight_names(len(model["members"]))
+            config["ensemble"] = {"weights": weights, "folds": model["folds"], "cv_dir": str(model["cv_dir"])}
+            source = replace(source, cv=source.cv or fold_ensemble.cv_summary(model["cv_dir"]))
+        report = {"test": test, "rows": None, "metrics": {}, "probs": None}
+        if test is None:  # the model as it ships: calibrated, averaged over its members and views
+            temperature = (config.get("calibration") or {}).get("temperature", 1.0)
+            terms = fold_ensemble.held_out_terms(model["members"], cli.datamodule, temperature, model["tta"])
+            labels = cli.datamodule.subset("test")["label_index"].to_numpy()
+            report = fold_ensemble.held_out_report(terms, labels, config["classes"], model["tta"])
+        test = _check_metric(report["test"], metric)
+        score = test[metric]
         lineage = lineage_tags(cli.config["data"]["prepared_dir"])
-        card = card_for_refit(cli, config, lineage, cv=source.cv, metric=metric, run_id=run_id)  # MODEL_CARD.md
-        model_uri = _log_model(client, cli, config, source, run_id, card)
+        card = card_for_refit(  # MODEL_CARD.md
+            cli, config, lineage, cv=source.cv, metric=metric, run_id=run_id, probs=report["probs"]
+        )
+        model_uri = log_model(client, cli, config, source.cv, run_id, card, model["members"], report["metrics"])
         tags = _version_tags(source, test, metric, config, lineage)
         version = str(mlflow.register_model(model_uri, name, tags={**tags, STATUS: INCOMPLETE}).version)
         decision = crown(client, uri, name, version, score, metric)
@@ -239,6 +244,7 @@ def _log_and_register(cli, source: Source, test: dict, *, name: str, metric: str
         "score": score,
         "metric": metric,
         "test": test,
+        "comparison": report["rows"],  # None for a refit without TTA, else fold_ensemble.held_out_report's rows
         "cv": source.cv,
         "run_id": run_id,
         "tracking_uri": uri,
@@ -251,7 +257,7 @@ def _complete_version(
 ) -> None:
     """The decision tags and description (a summary line, then the model card) of a crowned version, then
     leuko.status=complete, last."""
-    from leuko.tracking.model_card import description  # heavy imports here, as in source_from_study
+    from leuko.tracking.model_card import description, model_summary  # heavy imports here, as in source_from_study
 
     compared = {
         "leuko.decision": f"{decision.alias}: {decision.reason}",
@@ -261,61 +267,12 @@ def _complete_version(
     for key, value in compared.items():
         client.set_model_version_tag(name, version, key, value)
     summary = (
-        f"{config['net']} refit on all non-test patients; test {metric} {score:.4f}"
+        f"{model_summary(config)}; test {metric} {score:.4f}"
         + (f", cross-validated {cv['mean']:.4f} +- {cv['std']:.4f}" if cv else "")
         + f". {decision.alias}: {decision.reason}."
     )
     client.update_model_version(name, version, description=description(summary, card) if card else summary)
     client.set_model_version_tag(name, version, STATUS, COMPLETE)
-
-
-def _log_model(client, cli, config: dict, source: Source, run_id: str, card: str | None = None) -> str:
-    """Log the CV scores and the pyfunc model (weights, config, code, MODEL_CARD.md) to the refit run: its URI.
-
-    The run is addressed by id, never made the active run, so its status stays what _log_and_register set.
-    """
-    # heavy imports here, as in source_from_study
-    import mlflow
-    import numpy as np
-    from mlflow.entities import Metric
-    from safetensors.torch import save_file
-
-    from leuko.tracking.model_card import MODEL_CARD
-    from leuko.tracking.runs import log_batch
-
-    now = int(time.time() * 1000)
-    cv = [Metric(f"cv/{k}_{stat}", v[stat], now, 0) for k, v in source.cv.items() for stat in ("mean", "std")]
-    log_batch(client, run_id, metrics=cv)
-    datamodule = cli.datamodule
-    test_rows = datamodule.subset("test")["row"].to_numpy()
-    volumes = np.load(datamodule.volumes_path, mmap_mode="r")
-    example = np.asarray(volumes[test_rows[:1]], dtype=np.float32)  # (1, C, D, H, W), one prepared test cell
-    with tempfile.TemporaryDirectory() as tmp:
-        weights = Path(tmp) / "weights.safetensors"
-        state = {k: v.detach().cpu().contiguous() for k, v in cli.model.net.state_dict().items()}
-        save_file(state, str(weights))
-        config_path = Path(tmp) / "model_config.json"
-        config_path.write_text(json.dumps(config, indent=2) + "\n")
-        files = {"weights": str(weights), "model_config": str(config_path)}
-        if card is not None:  # beside the weights and config, in the model's artifacts/
-            (Path(tmp) / MODEL_CARD).write_text(card, encoding="utf-8")
-            files["model_card"] = str(Path(tmp) / MODEL_CARD)
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        info = mlflow.models.Model.log(
-            artifact_path=None,  # deprecated in favour of name, but still a required argument
-            name="model",
-            flavor=mlflow.pyfunc,
-            flavor_name="pyfunc.ModelFromCode",  # what mlflow.pyfunc.log_model passes for a code file
-            run_id=run_id,
-            python_model=str(CODE),
-            code_paths=[str(PACKAGE)],
-            artifacts=files,
-            signature=_signature(config),
-            input_example=(example, {"preprocess": False}),
-            pip_requirements=_requirements(),
-            metadata={"classes": config["classes"], "preprocessing": config["preprocessing"]},
-        )
-    return info.model_uri
 
 
 def _version_tags(source: Source, test: dict, metric: str, config: dict, lineage: dict) -> dict[str, str]:
@@ -339,6 +296,8 @@ def _version_tags(source: Source, test: dict, metric: str, config: dict, lineage
 
 
 def print_summary(result: dict) -> None:
+    from leuko.tracking.fold_ensemble import table_lines  # heavy imports here, as in source_from_study
+
     name, uri = result["name"], result["tracking_uri"]
     cv = result["cv"].get(result["metric"])
     print(f"\nregistered {name} version {result['version']} (refit run {result['run_id']})")
@@ -347,6 +306,13 @@ def print_summary(result: dict) -> None:
         + (f"   cross-validated: {cv['mean']:.4f} +- {cv['std']:.4f}" if cv else "")
     )
     print(f"  alias: {result['alias']} ({result['reason']})")
+    for title, rows, key in (
+        ("on the same held-out test patients:", result.get("comparison"), "model"),
+        ("baselines on the same held-out test patients:", result.get("baselines"), "method"),
+    ):
+        if rows:
+            print(f"  {title}")
+            print("\n".join(f"    {line}" for line in table_lines(rows, key)))
     env = "" if uri == "sqlite:///mlflow.db" else f"MLFLOW_TRACKING_URI={uri} "
     alias_uri = f"models:/{name}@{CHAMPION}"
     print(f"  this version: models:/{name}/{result['version']}    current champion: {alias_uri}")

@@ -23,7 +23,8 @@ from helpers.sweep import REPO, env_with, write_base, write_space
 from leuko.cli import main
 from leuko.nets import NETS
 from leuko.sweep.recovery import _alive
-from leuko.sweep.space import SweepConfigError, load_sweep_config, overrides_for
+from leuko.sweep.run import config_point
+from leuko.sweep.space import SweepConfigError, load_sweep_config, overrides_for, parse_budget
 from leuko.sweep.study import open_storage
 
 
@@ -40,7 +41,11 @@ def _states(study: optuna.Study) -> list[str]:
 def test_shipped_sweep_files_load(name):
     cfg = load_sweep_config(REPO / "conf" / "sweep" / name)
     assert set(cfg.space["model.net"].choices) <= set(NETS)
-    assert {n.split("_tiny")[0] for n in cfg.space["model.net"].choices} == {"fishnet3d", "resnet3d_50", "vit3d"}
+    families = {
+        next(f for f in ("fishnet3d", "resnet3d_50", "vit3d") if n.startswith(f))
+        for n in cfg.space["model.net"].choices
+    }
+    assert families == {"fishnet3d", "resnet3d_50", "vit3d"}
     for config in cfg.config:
         assert (REPO / config).is_file(), config
     vits = {c for c in cfg.space["model.net"].choices if "vit" in c}
@@ -67,6 +72,11 @@ def test_shipped_sweep_files_load(name):
         ({"heartbeat": {"interval": 10, "grace": 5}}, "0 < interval < grace"),
         ({"isolate": "maybe"}, "must be auto, always or never"),
         ({"study": "a b"}, "may hold only letters"),
+        ({"budget": "ten minutes"}, "is not a wall time; write e.g. 600, 600s, 10m"),
+        ({"budget": -5}, "is not a wall time"),
+        ({"trials": None}, "`trials: null` needs a `budget`"),
+        ({"trials": "many"}, "must be an integer >= 0"),
+        ({"baselines": {"mip_epochs": 3}}, "a mapping with `manifest`"),
     ],
 )
 def test_bad_sweep_files_name_the_key_and_the_fix(tmp_path, change, message):
@@ -77,6 +87,38 @@ def test_bad_sweep_files_name_the_key_and_the_fix(tmp_path, change, message):
         load_sweep_config(path)
     assert message in str(err.value)
     assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "value, seconds", [(600, 600.0), ("600s", 600.0), ("10m", 600.0), ("10 min", 600.0), ("1.5h", 5400.0), (None, None)]
+)
+def test_budget_is_wall_time_with_a_unit(value, seconds):
+    assert parse_budget(value) == seconds
+
+
+def test_a_budget_without_trials_means_as_many_as_fit(tmp_path):
+    path = tmp_path / "s.yaml"
+    spec = {"study": "s", "config": ["b.yaml"], "budget": "2m", "space": {"model.lr": {"low": 1e-4, "high": 1e-2}}}
+    path.write_text(yaml.safe_dump(spec))
+    cfg = load_sweep_config(path)
+    assert (cfg.budget, cfg.trials) == (120.0, None)
+
+
+def test_config_point_takes_the_base_values_that_lie_in_the_space(tmp_path):
+    from jsonargparse import Namespace
+
+    path = tmp_path / "s.yaml"
+    space = {
+        "model.net": {"choices": ["a", "b"]},
+        "model.lr": {"low": 1e-3, "high": 1e-2},
+        "model.weight_decay": {"low": 0.01, "high": 0.1},  # the base's 0.5 lies outside: left to the sampler
+        "model.net_kwargs.drop_rate": {"low": 0.0, "high": 0.3},
+        "model.net_kwargs.drop_path_rate": {"low": 0.0, "high": 0.2, "when": {"model.net": ["a"]}},
+    }
+    path.write_text(yaml.safe_dump({"study": "s", "config": ["b.yaml"], "space": space}))
+    cfg = load_sweep_config(path)
+    base = Namespace(model=Namespace(net="b", lr=0.003, weight_decay=0.5, net_kwargs={"drop_rate": 0.1}))
+    assert config_point(base, cfg.space) == {"model.net": "b", "model.lr": 0.003, "model.net_kwargs.drop_rate": 0.1}
 
 
 def test_missing_sweep_file_says_which_and_how(tmp_path):
@@ -103,6 +145,43 @@ def test_overrides_are_config_keys_and_net_kwargs_one_json_value():
 
 
 # ---------------------------------------------------------------------------------------------- real sweeps
+@pytest.mark.slow
+def test_budget_sweep_starts_from_the_recipe_stops_in_time_and_refits_the_epochs_earned(
+    tmp_path, tiny_prepared, monkeypatch, capsys
+):
+    from leuko.tracking.registry import source_from_study
+
+    monkeypatch.chdir(tmp_path)
+    base = write_base(tmp_path, tiny_prepared, max_epochs=3)
+    space = write_space(
+        tmp_path,
+        base,
+        study="b1",
+        trials=None,
+        budget="1h",  # the file's; --budget below wins
+        start_from_config=True,
+        fixed={"tracking.enabled": False},
+        pruner={"type": "hyperband", "min_resource": 1, "max_resource": "auto", "reduction_factor": 3},
+    )
+    started = time.time()
+    assert main(["sweep", "--space", str(space), "--budget", "20s"]) == 0
+    deadline = started + 20
+    study = _study("b1", "sweeps/b1.journal")
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    assert trials[0].params["model.lr"] == pytest.approx(0.003)  # the base recipe's own lr came first
+    assert all(t.datetime_start.timestamp() <= deadline for t in trials)  # none started after the budget
+    for t in trials:  # a trial that reached the budget stopped after that epoch
+        if t.state == TrialState.COMPLETE:
+            assert t.datetime_complete.timestamp() <= deadline + 30
+        else:
+            assert t.state == TrialState.PRUNED
+    assert "within 0.3 min" in capsys.readouterr().out
+    best = study.best_trial
+    earned = best.user_attrs["leuko.cv"]["best_epoch"]["mean"]
+    assert 1 <= earned <= 3
+    assert source_from_study(space).overrides[-2:] == ["--trainer.max_epochs", str(round(earned))]
+
+
 @pytest.mark.slow
 def test_sweep_logs_trials_prunes_and_resumes(tmp_path, tiny_prepared, monkeypatch, capsys):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
