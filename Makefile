@@ -6,6 +6,8 @@ STAMP  := $(VENV)/.installed
 DATA   ?= data
 PREPARED ?= prepared
 PYTEST_ARGS ?=
+# test processes (pytest-xdist; a test file stays in one process, so its module fixtures are made once): 0 for one process
+TEST_WORKERS ?= 2
 # make sweep: the search space, its wall-time budget and/or new trials (default: the sweep file's), worker processes, extra configs
 # layered on every trial (e.g. conf/trainer/gpu.yaml), study storage (journal file or database URL).
 SWEEP   ?= conf/sweep/default.yaml
@@ -71,7 +73,7 @@ lint: $(STAMP)  ## ruff lint and format check, and the import contracts (no circ
 
 # pytest exits 5 when it collected no test: make treats that as a failure, as it should.
 test: $(STAMP) postgres lint  ## lint, then the whole test suite (slow tests included)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: $(STAMP) lint  ## lint, then the tests not marked slow
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)

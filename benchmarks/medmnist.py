@@ -1,53 +1,161 @@
-"""VesselMNIST3D with the MedMNIST v2 protocol: test AUC, accuracy and balanced accuracy per net, beside the
-published ResNet-50+3D result.
+"""A MedMNIST 3D dataset on its official split: test AUROC, accuracy and balanced accuracy, mean and 95% CI over seeds.
 
-    python benchmarks/medmnist.py [--npz ../shared/data/medmnist3d/vesselmnist3d.npz] [--nets a,b:EPOCHS] [--epochs 100]
-                                  [--accelerator cpu|gpu] [--work runs/medmnist] [--results benchmarks/RESULTS.md]
+    python benchmarks/medmnist.py                                        # default recipe on VesselMNIST3D, seed 0
+    python benchmarks/medmnist.py --npz organmnist3d_64.npz --seeds 5 --json organ.json
+    python benchmarks/medmnist.py --limit 64 --max-epochs 1 --threads 1  # a smoke run in about a minute
+    python benchmarks/medmnist.py --nets resnet3d_50_tiny,fishnet3d_tiny:30 --epochs 10 --seeds 3
+    python benchmarks/medmnist.py --seeds 5 --results benchmarks/RESULTS.md  # also rewrite its MedMNIST section
 
-Protocol (Yang et al., MedMNIST v2, Scientific Data 2023): Adam, lr 1e-3, lr x0.1 at 50% and 75% of the
-epochs, batch 32, 100 epochs, the checkpoint with the best validation AUC is tested once. No augmentation,
-no weight decay. The data: `leuko import-medmnist` (official train/val/test split kept; val is fold 0) and
-`leuko prepare` as modality generic (x = v / 255 for these binary masks), 28^3.
-ViT 3D gets 7^3 patches (a 4^3 token grid): its default patch sizes do not divide 28.
-Each net's result is kept in <work>/results/ per setting (net, epochs, batch, lr, seed) and reused by a later
-run with the same setting, so a table can grow one net at a time; delete the file to train again.
+--npz: train/val/test _images (N, D, H, W) or (N, D, H, W, C) and _labels (N, 1) or one-hot (N, K). Work folder:
+<work>/<file stem>/. Classes: MedMNIST's names for its 3D sets, else class_<i>. AUROC: of label 1 for two classes,
+else macro one-vs-rest. Default: the recipe of conf/experiment/phantoms_tiny.yaml (read at run time) on the
+MedMNIST data, its best validation checkpoint tested once. --nets: the MedMNIST v2 protocol (Yang et al. 2023):
+Adam, lr 1e-3, x0.1 at 50% and 75% of the epochs, batch 32, 100 epochs, no augmentation or weight decay, best
+val AUC; a ViT's patch is the largest side <= 8 dividing the shape. --seeds N: seeds 0..N-1 (seed_everything and
+data), Student t 95% CI of the mean. Results kept in <work>/<stem>/results/ are reused (delete one to redo it).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import hashlib
 import json
+import math
 import os
 import platform
+import re
 import sys
 import time
+import warnings
+import zipfile
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from leuko.data.medmnist import INFO, MANIFEST, MedMNISTError, import_medmnist
+from leuko.data.prepare import prepare
+from leuko.errors import LeukoError
+from leuko.evaluation.metrics import pooled_metrics
+from leuko.training.predictions import predictions_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_NPZ = ROOT.parent / "shared" / "data" / "medmnist3d" / "vesselmnist3d.npz"
-# MedMNIST v2 benchmark table, VesselMNIST3D, 28^3 (also in ../shared/data/medmnist3d/README.md).
-PUBLISHED = {"net": "ResNet-50+3D (MedMNIST v2, published)", "auroc": 0.907, "accuracy": 0.918}
-NET_KWARGS = {"vit3d": {"patch_size": 7}, "vit3d_tiny": {"patch_size": 7}}
+RECIPE = ROOT / "conf" / "experiment" / "phantoms_tiny.yaml"  # the project's default recipe
+# MedMNIST v2 benchmark table, 28^3 (VesselMNIST3D also in ../shared/data/medmnist3d/README.md).
+PUBLISHED = {"vesselmnist3d": {"net": "ResNet-50+3D (MedMNIST v2, published)", "auroc": 0.907, "accuracy": 0.918}}
+# The protocol's optimiser and schedule (VolumeClassifier arguments); lr comes from --lr.
+PROTOCOL = dict(optimizer="adam", weight_decay=0.0, warmup_epochs=0.0)
+PROTOCOL |= dict(scheduler="multistep", milestones=(0.5, 0.75), gamma=0.1)
+METRICS = ("auroc", "accuracy", "balanced_accuracy")
+SPLITS = ("train", "val", "test")
 RESULTS_HEADING = "## MedMNIST"
 
 
-def prepare_data(npz: Path, work: Path) -> Path:
-    from leuko.data.medmnist import import_medmnist
-    from leuko.data.prepare import prepare
+def _array_shape(archive: zipfile.ZipFile, key: str) -> tuple[int, ...]:
+    """The shape of one array of an .npz, read from its header (a 64^3 file need not be decompressed)."""
+    with archive.open(f"{key}.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return read(f)[0]
 
-    imported = work / "vesselmnist3d"
-    if not (imported / "manifest.csv").is_file():
-        import_medmnist(npz, imported)
-    classes = json.loads((imported / "medmnist.json").read_text())["classes"]
-    shape = json.loads((imported / "medmnist.json").read_text())["shape"][-3:]
-    result = prepare(imported / "manifest.csv", work / "prepared", shape=shape, classes=classes, progress=False)
+
+def check_npz(npz: Path) -> bool:
+    """Raise MedMNISTError naming the file and key when npz is no MedMNIST 3D file; True when labels are one-hot."""
+    if not npz.is_file():
+        raise MedMNISTError(f"{npz}: no such file; give --npz the path of a MedMNIST 3D .npz (e.g. vesselmnist3d.npz)")
+    try:
+        with zipfile.ZipFile(npz) as archive:
+            keys = sorted(name.removesuffix(".npy") for name in archive.namelist())
+            missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in keys]
+            if missing:
+                raise MedMNISTError(f"{npz}: no key {', '.join(missing)} (keys: {', '.join(keys)}); a MedMNIST file "
+                                    "holds train, val and test _images and _labels")  # fmt: skip
+            shapes = {s: _array_shape(archive, f"{s}_images") for s in SPLITS}
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise MedMNISTError(f"{npz}: not a readable .npz file ({exc}); give a MedMNIST 3D .npz") from exc
+    with np.load(npz) as data:
+        labels = {s: data[f"{s}_labels"] for s in SPLITS}
+    for split, shape in shapes.items():
+        n, lab = shape[0], labels[split]
+        if not (len(shape) == 4 or (len(shape) == 5 and shape[-1] in (1, 3))):
+            raise MedMNISTError(f"{npz}: {split}_images has shape {shape}; expected volumes (N, D, H, W) or "
+                                "(N, D, H, W, C) with C 1 or 3")  # fmt: skip
+        if n == 0 or lab.ndim not in (1, 2) or len(lab) != n:
+            raise MedMNISTError(f"{npz}: {split}_labels has shape {lab.shape} but {split}_images holds {n} volume(s); "
+                                f"expected ({n}, 1) class indices or ({n}, K) one-hot rows, at least one")  # fmt: skip
+        if lab.ndim == 2 and lab.shape[1] > 1 and not (np.isin(lab, (0, 1)).all() and (lab.sum(axis=1) == 1).all()):
+            raise MedMNISTError(f"{npz}: {split}_labels is {lab.shape} but not one-hot (one 1 per row); multi-label "
+                                "MedMNIST sets are not supported")  # fmt: skip
+    return any(lab.ndim == 2 and lab.shape[1] > 1 for lab in labels.values())
+
+
+def prepare_data(npz: Path, folder: Path, *, limit: int | None = None) -> Path:
+    """Import npz into folder/imported (once per file version), keep `limit` random train volumes, prepare."""
+    onehot = check_npz(npz)
+    imported, marker = folder / "imported", folder / "source.json"
+    source = {"npz": str(npz.resolve()), "size": npz.stat().st_size, "mtime_ns": npz.stat().st_mtime_ns}
+    if not (imported / MANIFEST).is_file() or not marker.is_file() or json.loads(marker.read_text()) != source:
+        folder.mkdir(parents=True, exist_ok=True)
+        indexed = folder / npz.name if onehot else npz
+        if onehot:  # the importer takes class indices: a converted copy, of the same name for the same class names
+            with np.load(npz) as data:
+                labels = {f"{s}_labels" for s in SPLITS}
+                np.savez(indexed, **{k: data[k].argmax(axis=1)[:, None] if k in labels else data[k] for k in data})
+        import_medmnist(indexed, imported)
+        if onehot:
+            indexed.unlink()
+        marker.write_text(json.dumps(source) + "\n")
+    info = json.loads((imported / INFO).read_text())
+    manifest, out = imported / MANIFEST, folder / "prepared"
+    if limit is not None:  # `limit` train rows drawn at random (a fixed seed), val and test whole
+        table = pd.read_csv(manifest, dtype=str, keep_default_na=False)
+        drop = np.random.default_rng(0).permutation(np.flatnonzero(table["split"] == "train"))[limit:]
+        manifest, out = manifest.with_name(f"manifest-train{limit}.csv"), folder / f"prepared-train{limit}"
+        table.drop(index=drop).to_csv(manifest, index=False)
+    result = prepare(manifest, out, shape=info["shape"][-3:], classes=info["classes"], progress=False)
     return Path(result.out_dir)
 
 
-def train_one(
-    net: str, prepared: Path, *, epochs: int, batch_size: int, lr: float, accelerator: str, seed: int, work: Path
-) -> dict:
+def epoch_lines(label: str):
+    """A callback printing one line per epoch: the validation scores and the time it took."""
+    import lightning as L
+
+    class EpochLine(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            self.started = time.perf_counter()
+
+        def on_train_epoch_end(self, trainer, pl_module) -> None:  # runs after the epoch's validation
+            m = trainer.callback_metrics
+            scores = " ".join(f"{k} {float(m[k]):.3f}" for k in ("val/auroc", "val/balanced_accuracy") if k in m)
+            epoch, took = f"{trainer.current_epoch + 1}/{trainer.max_epochs}", time.perf_counter() - self.started
+            print(f"  {label}: epoch {epoch} {scores} ({took:.1f} s)", file=sys.stderr)
+
+    return EpochLine()
+
+
+def fit_recipe(recipe: Path, prepared: Path, *, seed: int, opts: argparse.Namespace, root: Path) -> dict:
+    """One fit of the recipe on the prepared MedMNIST data (fold 0 = the official val split)."""
+    from leuko.training.cli import LeukoCLI
+
+    args = ["--config", str(recipe), "--seed_everything", str(seed), "--data.seed", str(seed)]
+    args += ["--data.prepared_dir", str(prepared), "--data.splits", "null", "--data.fold", "0"]
+    args += ["--trainer.default_root_dir", str(root), "--tracking.enabled", "false", "--trainer.logger", "false"]
+    args += ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    for flag, value in [("trainer.max_epochs", opts.max_epochs), ("trainer.accelerator", opts.accelerator),
+                        ("data.num_workers", opts.num_workers)]:  # fmt: skip
+        args += [f"--{flag}", str(value)] if value is not None else []
+    with warnings.catch_warnings():  # the args are this script's, not its command line's: no mix-up to warn of
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = LeukoCLI(args=args, run=False)
+    cli.trainer.callbacks.append(epoch_lines(f"{cli.model.hparams.net} seed {seed}"))
+    return _fit_and_test(cli.trainer, cli.model, cli.datamodule, weights_only=None)
+
+
+def fit_protocol(net: str, prepared: Path, *, seed: int, epochs: int, opts: argparse.Namespace, root: Path) -> dict:
+    """One fit of the MedMNIST v2 protocol (see the module docstring)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -55,86 +163,109 @@ def train_one(
     from leuko.training.module import VolumeClassifier
 
     L.seed_everything(seed, workers=True, verbose=False)
-    data = LeukoDataModule(prepared_dir=str(prepared), fold=0, batch_size=batch_size, num_workers=0, seed=seed)
+    workers = opts.num_workers or 0
+    data = LeukoDataModule(str(prepared), fold=0, batch_size=opts.batch_size, num_workers=workers, seed=seed)
+    # ViT 3D: patches of the largest side <= 8 that divides the volume (7^3 at 28^3; its defaults do not divide 28)
+    patch = max(p for p in range(1, 9) if all(side % p == 0 for side in data.shape))
     model = VolumeClassifier(
         net=net,
-        net_kwargs=NET_KWARGS.get(net),
+        net_kwargs={"patch_size": patch} if net in ("vit3d", "vit3d_tiny") else None,
         in_channels=data.in_channels,
         num_classes=data.num_classes,
         class_names=data.classes,
         input_shape=data.shape,
-        optimizer="adam",
-        lr=lr,
-        weight_decay=0.0,
-        warmup_epochs=0.0,
-        scheduler="multistep",
-        milestones=(0.5, 0.75),
-        gamma=0.1,
+        lr=opts.lr,
+        **PROTOCOL,
     )
-    best = ModelCheckpoint(
-        dirpath=work / "checkpoints" / net,
-        filename="best",
-        monitor="val/auroc",
-        mode="max",
-        save_top_k=1,
-        enable_version_counter=False,
-    )
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator=accelerator,
-        devices=1,
-        logger=False,
-        callbacks=[best],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        deterministic=False,
-        default_root_dir=str(work),
-    )
+    best = ModelCheckpoint(root / "checkpoints", "best", monitor="val/auroc", mode="max", enable_version_counter=False)
+    quiet = dict(devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    callbacks = [best, epoch_lines(f"{net} seed {seed}")]
+    trainer = L.Trainer(max_epochs=epochs, accelerator=opts.accelerator or "cpu", callbacks=callbacks, **quiet)
+    return _fit_and_test(trainer, model, data, weights_only=False)  # its own checkpoint, with the data's hparams
+
+
+def _fit_and_test(trainer, model, data, *, weights_only: bool | None) -> dict:
+    """Fit, then predict the test split once with the best validation checkpoint: the run's numbers."""
+    import torch
+
     started = time.perf_counter()
     trainer.fit(model, datamodule=data)
     train_s = time.perf_counter() - started
-    # weights_only=False: the checkpoint is this run's own and holds the DataModule's hyperparameters.
-    test = trainer.test(model, datamodule=data, ckpt_path=best.best_model_path, verbose=False, weights_only=False)[0]
+    best = trainer.checkpoint_callback
+    data.hparams.predict_split = "test"
+    preds = trainer.predict(model, datamodule=data, ckpt_path=best.best_model_path, weights_only=weights_only)
+    cells = predictions_frame(preds, model.class_names)
+    cells["label"] = data.index.set_index("cell_id").loc[cells["cell_id"], "label"].to_numpy()
+    scores = pooled_metrics(cells, model.class_names)
+    if len(model.class_names) == 2:  # binary: AUROC of the positive class (label 1)
+        scores["auroc"] = _binary_auroc(cells, model.class_names[1])
+    checkpoint = torch.load(best.best_model_path, map_location="cpu", weights_only=False)  # this run's own file
     return {
-        "net": net,
+        "net": model.hparams.net,
+        **{k: _number(scores.get(k)) for k in METRICS},
         "params_m": sum(p.numel() for p in model.net.parameters()) / 1e6,
-        "epochs": epochs,
-        "best_epoch": int(_best_epoch(best)),
-        "val_auroc": float(best.best_model_score),
-        "auroc": float(test["test/auroc"]),
-        "accuracy": float(test["test/accuracy"]),
-        "balanced_accuracy": float(test["test/balanced_accuracy"]),
-        "train_s": train_s,
+        "epochs": trainer.max_epochs,
+        "best_epoch": int(checkpoint["epoch"]) + 1,
+        "selected_on": best.monitor,
+        "val_score": _number(best.best_model_score),
+        "train_s": round(train_s, 1),
     }
 
 
-def _best_epoch(callback) -> int:
-    import torch
+def _binary_auroc(cells, positive: str) -> float:
+    from sklearn.metrics import roc_auc_score
 
-    return torch.load(callback.best_model_path, map_location="cpu", weights_only=False)["epoch"]
+    y = (cells["label"] == positive).to_numpy()
+    return float(roc_auc_score(y, cells[f"prob_{positive}"])) if 0 < y.sum() < len(y) else math.nan
 
 
-def table(rows: list[dict]) -> str:
-    lines = [
-        "| net | params (M) | epochs | best epoch (val AUC) | test AUC | test ACC | test balanced ACC | train time |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['net']} | {r['params_m']:.3f} | {r['epochs']} | {r['best_epoch'] + 1} ({r['val_auroc']:.3f}) | "
-            f"{r['auroc']:.3f} | {r['accuracy']:.3f} | {r['balanced_accuracy']:.3f} | {r['train_s'] / 60:.1f} min |"
-        )
-    lines.append(
-        f"| {PUBLISHED['net']} | – | 100 | – | {PUBLISHED['auroc']:.3f} | {PUBLISHED['accuracy']:.3f} | – | – |"
-    )
+def _number(value) -> float | None:
+    """A finite float, or None (JSON null) for an undefined score (e.g. AUROC with one class in test)."""
+    return float(value) if value is not None and math.isfinite(float(value)) else None
+
+
+def confidence_interval(values: list[float | None], confidence: float = 0.95) -> dict:
+    """{"mean", "ci_low", "ci_high", "n"}: a Student t interval of the mean over seeds (null below two values)."""
+    x = np.array([v for v in values if v is not None], dtype=float)
+    mean, low, high = (float(x.mean()) if len(x) else None), None, None
+    if len(x) > 1:
+        sem = float(stats.sem(x))
+        # t.interval needs a positive scale: equal values give the degenerate interval [mean, mean]
+        low, high = (mean, mean) if sem == 0 else map(float, stats.t.interval(confidence, len(x) - 1, mean, sem))
+    return {"mean": mean, "ci_low": low, "ci_high": high, "n": int(len(x))}
+
+
+def summarise(runs: list[dict]) -> dict:
+    nets = dict.fromkeys(r["label"] for r in runs)
+    return {n: {m: confidence_interval([r[m] for r in runs if r["label"] == n]) for m in METRICS} for n in nets}
+
+
+def _fmt(value: float | None, ci: tuple = (None, None)) -> str:
+    return "–" if value is None else f"{value:.3f}" + ("" if ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
+
+
+def table(runs: list[dict], per_net: dict, published: dict | None) -> str:
+    """Markdown: a row per run, then the mean [95% CI] over seeds per net, then the published result if any."""
+    head = "| net | seed | params (M) | epochs | best epoch (val) | test AUC | test ACC | test balanced ACC | train |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in runs:
+        scores = " | ".join(_fmt(r[m]) for m in METRICS)
+        lines.append(f"| {r['label']} | {r['seed']} | {r['params_m']:.3f} | {r['epochs']} | {r['best_epoch']} "
+                     f"({_fmt(r['val_score'])}) | {scores} | {r['train_s']:.0f} s |")  # fmt: skip
+    for net, summary in per_net.items():
+        scores = " | ".join(_fmt(s["mean"], (s["ci_low"], s["ci_high"])) for s in summary.values())
+        n = max(s["n"] for s in summary.values())
+        lines.append(f"| **{net}: mean [95% CI]** | {n} seed(s) | | | | {scores} | |")
+    if p := published:
+        lines.append(f"| {p['net']} | – | – | 100 | – | {p['auroc']:.3f} | {p['accuracy']:.3f} | – | – |")
     return "\n".join(lines)
 
 
-def environment(accelerator: str) -> str:
+def environment(accelerator: str | None) -> str:
     import lightning
     import torch
 
-    if accelerator == "gpu" and torch.cuda.is_available():
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
         device = torch.cuda.get_device_name(0)
     else:
         cpu = platform.processor() or platform.machine()
@@ -142,99 +273,126 @@ def environment(accelerator: str) -> str:
     return f"{device}; Python {platform.python_version()}, torch {torch.__version__}, lightning {lightning.__version__}"
 
 
-def write_results(path: Path, section: str) -> None:
-    """Replace (or append) the MedMNIST section of RESULTS.md, leaving the other sections as they are."""
-    text = path.read_text() if path.is_file() else "# Benchmark results\n"
-    start = text.find(RESULTS_HEADING + "\n")
-    if start >= 0:
-        end = text.find("\n## ", start + len(RESULTS_HEADING))
-        text = text[:start] + section + ("\n" + text[end + 1 :] if end >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text.rstrip("\n") + "\n")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="\n".join(__doc__.splitlines()[2:]),
-    )
-    parser.add_argument("--npz", type=Path, default=DEFAULT_NPZ, help=f"VesselMNIST3D file (default {DEFAULT_NPZ})")
-    parser.add_argument(
-        "--nets",
-        default="resnet3d_50_tiny,vit3d_tiny,fishnet3d_tiny",
-        help="comma-separated names from leuko.nets, each optionally NAME:EPOCHS "
-        "(default: the tiny nets, which train on a CPU)",
-    )
-    parser.add_argument("--epochs", type=int, default=100, help="epochs per net (published protocol: 100)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--accelerator", default="cpu", help="cpu or gpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--work",
-        type=Path,
-        default=ROOT / "runs" / "medmnist",
-        help="imported and prepared data, checkpoints (default runs/medmnist)",
-    )
-    parser.add_argument(
-        "--results", type=Path, default=None, help="also write the table into this RESULTS.md (MedMNIST section)"
-    )
-    args = parser.parse_args()
-    if not args.npz.is_file():
-        sys.exit(f"{args.npz}: not found; give --npz the path of vesselmnist3d.npz (MedMNIST v2, CC BY 4.0)")
-
-    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
-    args.work.mkdir(parents=True, exist_ok=True)
-    prepared = prepare_data(args.npz, args.work)
-    rows = []
-    for item in [n.strip() for n in args.nets.split(",") if n.strip()]:
+def plan(opts: argparse.Namespace) -> list[tuple[str | None, str | None, int | None]]:
+    """(label, net, epochs) per setting: one per --nets item, else the recipe's (None, None, --max-epochs)."""
+    settings = []
+    for item in [n.strip() for n in (opts.nets or "").split(",") if n.strip()]:
         net, _, epochs = item.partition(":")
-        epochs = int(epochs) if epochs else args.epochs
-        cache = args.work / "results" / f"{net}-e{epochs}-b{args.batch_size}-lr{args.lr:g}-s{args.seed}.json"
-        if cache.is_file():
-            rows.append(json.loads(cache.read_text()))
-            print(f"--- {net}: {epochs} epochs, result from {cache}", file=sys.stderr, flush=True)
-            continue
-        print(f"--- {net}: {epochs} epochs", file=sys.stderr, flush=True)
-        rows.append(
-            train_one(
-                net,
-                prepared,
-                epochs=epochs,
-                batch_size=args.batch_size,
-                lr=args.lr,
-                accelerator=args.accelerator,
-                seed=args.seed,
-                work=args.work,
-            )
-        )
-        rows[-1]["environment"] = environment(args.accelerator)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(rows[-1], indent=2) + "\n")
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    env = environment(args.accelerator)
-    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
-    text = table(rows)
-    print(f"\nVesselMNIST3D 28^3, test split (382 volumes), model chosen on val AUC; {env}\n\n{text}")
-    (args.work / "results.json").write_text(
-        json.dumps({"rows": rows, "environment": env, "command": command}, indent=2)
+        epochs = int(epochs or opts.epochs)
+        settings.append((item, net, min(epochs, opts.max_epochs or epochs)))
+    return settings or [(None, None, opts.max_epochs)]
+
+
+def run(opts: argparse.Namespace) -> dict:
+    """Every (setting, seed) of opts: rows, summary, and the details (also written to <work>/<stem>/results.json)."""
+    if opts.threads:
+        import torch
+
+        torch.set_num_threads(opts.threads)
+    folder = Path(opts.work) / opts.npz.name.removesuffix(".npz")
+    prepared = prepare_data(opts.npz, folder, limit=opts.limit)
+    recipe = f"recipe-{hashlib.sha256(RECIPE.read_bytes()).hexdigest()[:8]}"  # a changed recipe is trained again
+    runs = []
+    for label, net, epochs in plan(opts):
+        for seed in range(opts.seeds):
+            key = f"{net}-e{epochs}-b{opts.batch_size}-lr{opts.lr:g}" if net else f"{recipe}-e{epochs or 'r'}"
+            cache = folder / "results" / f"{key}-s{seed}{'' if opts.limit is None else f'-train{opts.limit}'}.json"
+            print(f"--- {folder.name}: {label or 'default recipe'}, seed {seed}", file=sys.stderr, flush=True)
+            if cache.is_file():
+                runs.append(json.loads(cache.read_text()))
+                print(f"result from {cache}", file=sys.stderr, flush=True)
+                continue
+            root = folder / "runs" / cache.stem
+            if net is None:
+                result = fit_recipe(RECIPE, prepared, seed=seed, opts=opts, root=root)
+            else:
+                result = fit_protocol(net, prepared, seed=seed, epochs=epochs, opts=opts, root=root)
+            runs.append({"label": label or result["net"], "seed": seed, **result})
+            runs[-1]["environment"] = environment(opts.accelerator)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(runs[-1], indent=2) + "\n")
+            print(json.dumps({k: runs[-1][k] for k in ("label", "seed", *METRICS)}), file=sys.stderr, flush=True)
+    per_net = summarise(runs)
+    document = {
+        "rows": [{"net": r["label"], "seed": r["seed"], **{m: r[m] for m in METRICS}} for r in runs],
+        "summary": next(iter(per_net.values())) if len(per_net) == 1 else per_net,
+        "dataset": folder.name,
+        "recipe": "MedMNIST v2 protocol" if opts.nets else RECIPE.as_posix().removeprefix(f"{ROOT.as_posix()}/"),
+        "work": str(folder),
+        "runs": runs,
+    }
+    (folder / "results.json").write_text(json.dumps(document, indent=2) + "\n")
+    return document
+
+
+def write_results(path: Path, document: dict, text: str, command: str, env: str) -> None:
+    """Replace (or append) the MedMNIST section of RESULTS.md, leaving the other sections as they are."""
+    info = json.loads((Path(document["work"]) / "imported" / INFO).read_text())
+    counts, test = info["counts"], info["counts"]["test"]
+    section = (
+        f"{RESULTS_HEADING}\n\n{document['dataset']} ({'x'.join(map(str, info['shape']))}; MedMNIST v2, CC BY 4.0), "
+        f"official split: {', '.join(f'{s} {sum(counts[s].values())}' for s in SPLITS)} volumes; test classes "
+        f"{', '.join(f'{c} {n}' for c, n in test.items())} (the majority class alone scores ACC "
+        f"{max(test.values()) / sum(test.values()):.3f}). Training: {document['recipe']}; the best validation "
+        "checkpoint is tested once; mean and Student t 95% CI over seeds.\n\n"
+        f"- date: {datetime.date.today().isoformat()}\n- device: {env}\n- command: `{command}`\n\n{text}\n"
     )
-    if args.results:
-        epochs = "/".join(str(r["epochs"]) for r in rows)
-        section = (
-            f"{RESULTS_HEADING}\n\n"
-            f"VesselMNIST3D (28^3; MedMNIST v2, CC BY 4.0), official split: train 1335, val 191, test 382 volumes, "
-            f"about 11% aneurysm. Protocol of the MedMNIST v2 benchmark (Adam, lr {args.lr:g}, lr x0.1 at 50% and 75% "
-            f"of the epochs, batch {args.batch_size}, model chosen on val AUC, tested once) with {epochs} epochs "
-            f"(per net, in table order; the protocol's 100 where CPU time allowed). "
-            "Balanced accuracy matters here: a net that "
-            "always says vessel scores ACC 0.887.\n\n"
-            f"- date: {datetime.date.today().isoformat()}\n- device: {env}\n- command: `{command}`\n\n{text}\n"
-        )
-        write_results(args.results, section)
-        print(f"\nwrote the {RESULTS_HEADING} section of {args.results}", file=sys.stderr)
+    old = path.read_text() if path.is_file() else "# Benchmark results\n"
+    start = old.find(RESULTS_HEADING + "\n")
+    end = old.find("\n## ", start + 1) if start >= 0 else -1  # the next section
+    before = old[:start] if start >= 0 else old.rstrip("\n") + "\n\n"
+    after = "\n" + old[end + 1 :] if end >= 0 else ""
+    path.write_text((before + section + after).rstrip("\n") + "\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    doc = __doc__.splitlines()
+    parser = argparse.ArgumentParser(
+        description=doc[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(doc[2:])
+    )
+    parser.add_argument("--npz", type=Path, default=DEFAULT_NPZ, help=f"MedMNIST 3D file (default {DEFAULT_NPZ})")
+    parser.add_argument("--nets", help="NAME[:EPOCHS],... of leuko.nets, on the MedMNIST v2 protocol (default: recipe)")
+    parser.add_argument("--epochs", type=int, default=100, help="--nets: epochs per net (protocol: 100)")
+    parser.add_argument("--max-epochs", type=int, default=None, help="cap on epochs (default: recipe's, --epochs)")
+    parser.add_argument("--batch-size", type=int, default=32, help="--nets: batch size (protocol: 32)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="--nets: learning rate (protocol: 1e-3)")
+    parser.add_argument("--seeds", type=int, default=1, help="repeat each setting with seeds 0..N-1 (default 1)")
+    parser.add_argument("--limit", type=int, default=None, help="keep N random train volumes (quick checks)")
+    parser.add_argument("--accelerator", default=None, help="cpu, gpu, auto (default: the recipe's; cpu for --nets)")
+    parser.add_argument("--num-workers", type=int, default=None, help="data-loader workers (default: recipe's, 0)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "medmnist", help="holds <stem>/ (runs/medmnist)")
+    parser.add_argument("--json", type=Path, default=None, help="write rows and summary to this JSON file")
+    parser.add_argument("--results", type=Path, default=None, help="also write the table into this RESULTS.md")
+    opts = parser.parse_args(argv)
+    for name, value in vars(opts).items():
+        if name in ("seeds", "limit", "max_epochs", "epochs", "threads") and value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} {value}: give a positive number")
+    if opts.nets and not re.fullmatch(r"\s*[\w.-]+(:\d+)?\s*(,\s*[\w.-]+(:\d+)?\s*)*,?", opts.nets):
+        parser.error(f"--nets {opts.nets!r}: give NAME[:EPOCHS],..., e.g. fishnet3d_tiny:30,vit3d_tiny")
+    return opts
+
+
+def main(argv: list[str] | None = None) -> dict:
+    opts = parse_args(argv)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+    try:
+        document = run(opts)
+    except LeukoError as exc:
+        raise SystemExit(f"medmnist: {exc}") from None
+    env = environment(opts.accelerator)
+    command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
+    published = PUBLISHED.get(document["dataset"].removesuffix("_28"))
+    text = table(document["runs"], summarise(document["runs"]), published)
+    print(f"\n{document['dataset']}, test split, model chosen on validation; {env}\n\n{text}")
+    if opts.json:
+        opts.json.parent.mkdir(parents=True, exist_ok=True)
+        opts.json.write_text(json.dumps({k: document[k] for k in ("rows", "summary")}, indent=2) + "\n")
+        print(f"\nwrote {opts.json}", file=sys.stderr)
+    if opts.results:
+        write_results(opts.results, document, text, command, env)
+        print(f"\nwrote the {RESULTS_HEADING} section of {opts.results}", file=sys.stderr)
+    return document
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ import tempfile
 
 import pytest
 
-# Keep tests on the 2 cores CI has, and MLflow quiet and local.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Keep tests on the 2 cores CI has (one thread per process when pytest-xdist runs two), and MLflow quiet and local.
+os.environ.setdefault("OMP_NUM_THREADS", "1" if os.environ.get("PYTEST_XDIST_WORKER") else "2")
 os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DO_NOT_TRACK", "true")

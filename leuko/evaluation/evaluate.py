@@ -3,7 +3,8 @@
 Files in the output folder (stable names: a DVC stage lists them as outputs):
 
     metrics.json            flat numbers: cv/<metric>_mean|_std (from cv_summary.json), oof/<metric> (pooled
-                            out-of-fold), recall/<class>, ba/<class>/<bias|sd|loa_low|loa_high>
+                            out-of-fold; oof_<sample type>/<metric> per sample type), recall/<class>,
+                            ba/<class>/<bias|sd|loa_low|loa_high>
     differentials.csv       per sample (patient_id, sample_type): n_cells, ref_<class> %, pred_<class> %
     bland_altman.csv        per class: bias, sd, loa_low, loa_high, n (predicted - reference, % points)
     bland_altman_by_sample_type.csv   the same per sample type, when there is more than one
@@ -47,7 +48,7 @@ from leuko.evaluation.agreement import (
     reference_from_counts,
 )
 from leuko.evaluation.intervals import DIFFERENTIALS_CI, METRICS_CI, log_intervals, write_intervals
-from leuko.evaluation.metrics import confusion, per_class_table, pooled_metrics
+from leuko.evaluation.metrics import confusion, per_class_table, pooled_metrics, sample_type_metrics
 from leuko.evaluation.review import CALIBRATION_OUTPUTS, calibrate_and_review
 from leuko.training.predictions import PRED, PROB_PREFIX, classes_from_columns
 from leuko.training.run_dir import EVAL, FOLD_PREFIX, OOF, RUN_ID, SUMMARY, CheckpointError, read_run_id
@@ -162,7 +163,7 @@ def metrics_json(pred: Predictions, pooled: dict, per_class: pd.DataFrame, ba: p
     for key, stats in sorted(pred.summary.items()):
         out[f"cv/{key}_mean"] = stats["mean"]
         out[f"cv/{key}_std"] = stats["std"]
-    out.update({f"oof/{k}": v for k, v in pooled.items()})
+    out.update({f"oof/{k}": v for k, v in pooled.items()} | sample_type_metrics(pred.cells, pred.classes))
     out.update({f"recall/{c}": r for c, r in zip(per_class["class"], per_class["recall"])})
     for row in ba.to_dict("records"):
         for stat in ("bias", "sd", "loa_low", "loa_high"):

@@ -71,6 +71,18 @@ def pooled_metrics(cells: pd.DataFrame, classes: list[str]) -> dict[str, float]:
     return out
 
 
+def sample_type_metrics(cells: pd.DataFrame, classes: list[str]) -> dict[str, float]:
+    """pooled_metrics per sample type as {"oof_<type>/<metric>": value}, when the cells come from more than one
+    (BALF and blood, as the HHGM study reports them); {} otherwise."""
+    if "sample_type" not in cells or cells["sample_type"].nunique() < 2:
+        return {}
+    out = {}
+    for sample_type, group in cells.groupby("sample_type"):
+        name = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(sample_type))
+        out.update({f"oof_{name}/{k}": v for k, v in pooled_metrics(group, classes).items()})
+    return out
+
+
 def mean_std(values: Sequence[float]) -> dict[str, float]:
     """{"mean", "std"} of per-fold values; std is the sample standard deviation (ddof=1), 0.0 for a single value."""
     values = np.asarray(values, dtype=float)

@@ -6,7 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from leuko.evaluation.metrics import SCORES, confusion, mean_std, per_class_table, pooled_metrics, scores
+from leuko.evaluation.metrics import (
+    SCORES,
+    confusion,
+    mean_std,
+    per_class_table,
+    pooled_metrics,
+    sample_type_metrics,
+    scores,
+)
 
 CLASSES = ["a", "b", "c"]
 
@@ -47,3 +55,21 @@ def test_pooled_metrics_and_per_class_agree():
 def test_mean_std_is_the_sample_std():
     assert mean_std([0.5, 0.7, 0.9]) == {"mean": pytest.approx(0.7), "std": pytest.approx(0.2)}
     assert mean_std([0.5]) == {"mean": 0.5, "std": 0.0}
+
+
+def test_sample_type_metrics_score_each_sample_type_on_its_own_cells():
+    classes = ["a", "b"]
+    cells = pd.DataFrame(
+        {
+            "label": ["a", "b", "a", "b", "a", "b"],
+            "pred_label": ["a", "b", "a", "a", "a", "a"],  # BALF all right, blood calls every cell a
+            "prob_a": [0.9, 0.2, 0.8, 0.6, 0.7, 0.9],
+            "prob_b": [0.1, 0.8, 0.2, 0.4, 0.3, 0.1],
+            "sample_type": ["BALF", "BALF", "BALF", "blood", "blood", "blood"],
+        }
+    )
+    out = sample_type_metrics(cells, classes)
+    assert out["oof_BALF/balanced_accuracy"] == pytest.approx(1.0)
+    assert out["oof_blood/balanced_accuracy"] == pytest.approx(0.5)
+    assert out["oof_blood/accuracy"] == pytest.approx(1 / 3)
+    assert sample_type_metrics(cells[cells["sample_type"] == "BALF"], classes) == {}  # one sample type: nothing

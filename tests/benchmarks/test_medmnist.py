@@ -1,0 +1,165 @@
+"""benchmarks/medmnist.py on tiny synthetic MedMNIST files: the default recipe and the protocol over seeds, the
+JSON rows and summary, the work folder per file, and the errors for files that are no MedMNIST 3D set."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+medmnist = pytest.importorskip("medmnist")
+
+SIZE = 16
+QUICK = ["--max-epochs", "1", "--num-workers", "0", "--threads", "1"]
+
+
+def _npz(path: Path, *, classes: int = 2, n=(24, 8, 8), onehot: bool = False, channels_last: bool = False) -> Path:
+    """A MedMNIST-like file: a bright 6^3 cube in a corner that depends on the class (separable), uint8."""
+    rng = np.random.default_rng(classes)
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), n):
+        labels = np.arange(count) % classes
+        images = rng.integers(0, 40, (count, SIZE, SIZE, SIZE), dtype=np.uint8)
+        for i, label in enumerate(labels):
+            at = 2 + 4 * int(label)
+            images[i, at : at + 6, at : at + 6, at : at + 6] = 255
+        arrays[f"{split}_images"] = images[..., None] if channels_last else images
+        arrays[f"{split}_labels"] = np.eye(classes, dtype=np.uint8)[labels] if onehot else labels[:, None]
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+def _check_document(document: dict, nets: list[str], seeds: int) -> None:
+    rows = document["rows"]
+    assert len(rows) == len(nets) * seeds
+    assert all(set(r) == {"net", "seed", "auroc", "accuracy", "balanced_accuracy"} for r in rows)
+    assert sorted({r["net"] for r in rows}) == sorted(nets) and {r["seed"] for r in rows} == set(range(seeds))
+    summaries = document["summary"] if len(nets) > 1 else {nets[0]: document["summary"]}
+    for net, summary in summaries.items():
+        assert set(summary) == set(medmnist.METRICS)
+        for metric, s in summary.items():
+            values = [r[metric] for r in rows if r["net"] == net]
+            assert set(s) == {"mean", "ci_low", "ci_high", "n"} and s["n"] == seeds
+            assert s["mean"] == pytest.approx(np.mean(values))
+            if seeds > 1:
+                assert s["ci_low"] <= s["mean"] <= s["ci_high"]
+            else:
+                assert s["ci_low"] is None and s["ci_high"] is None
+
+
+def test_default_recipe_two_seeds_binary(tmp_path, capsys):
+    npz = _npz(tmp_path / "tinyvessel3d_16.npz")
+    out, results = tmp_path / "out.json", tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\n## Speed\n\nfast\n\n## MedMNIST\n\nold table\n\n## Sweeps\n\nmany\n")
+    argv = ["--npz", str(npz), "--work", str(tmp_path / "work"), "--seeds", "2", "--json", str(out), *QUICK]
+    document = medmnist.main([*argv, "--results", str(results)])
+    saved = json.loads(out.read_text())
+    assert set(saved) == {"rows", "summary"} and saved["rows"] == document["rows"]
+    recipe_net = yaml.safe_load(medmnist.RECIPE.read_text())["model"]["net"]
+    _check_document(saved, [recipe_net], seeds=2)
+    # the work folder is named after the file, and holds this run's data and results
+    folder = tmp_path / "work" / "tinyvessel3d_16"
+    assert (folder / "prepared" / "meta.json").is_file() and (folder / "results.json").is_file()
+    assert [p.name for p in (tmp_path / "work").iterdir()] == ["tinyvessel3d_16"]
+    runs = json.loads((folder / "results.json").read_text())["runs"]
+    assert all(r["selected_on"] == "val/balanced_accuracy" and r["epochs"] == 1 for r in runs)
+    printed = capsys.readouterr()
+    assert f"| **{recipe_net}: mean [95% CI]** | 2 seed(s)" in printed.out
+    assert "epoch 1/1" in printed.err and "seed 1" in printed.err
+    # --results rewrote only the MedMNIST section of RESULTS.md
+    text = results.read_text()
+    assert "old table" not in text and "\n## Speed\n\nfast\n\n## MedMNIST\n\ntinyvessel3d_16 (16x16x16" in text
+    assert "test classes class_0 4, class_1 4" in text and text.endswith("\n\n## Sweeps\n\nmany\n")
+
+
+def test_the_recipe_is_read_when_the_benchmark_runs(tmp_path, monkeypatch):
+    config = yaml.safe_load(medmnist.RECIPE.read_text())
+    assert (config["model"]["net"], config["trainer"]["max_epochs"]) != ("vit3d_tiny", 2)
+    config["model"]["net"], config["trainer"]["max_epochs"] = "vit3d_tiny", 2
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(medmnist, "RECIPE", recipe)
+    npz = _npz(tmp_path / "tinyvessel3d.npz")
+    document = medmnist.main(["--npz", str(npz), "--work", str(tmp_path), *QUICK[2:]])
+    assert [(r["net"], r["epochs"]) for r in document["runs"]] == [("vit3d_tiny", 2)]
+    assert document["summary"]["auroc"]["n"] == 1 and document["summary"]["auroc"]["ci_low"] is None
+
+
+def test_protocol_nets_three_classes_onehot_channels_last_and_limit(tmp_path):
+    npz = _npz(tmp_path / "tinyorgan3d.npz", classes=3, n=(30, 9, 9), onehot=True, channels_last=True)
+    argv = ["--npz", str(npz), "--work", str(tmp_path), "--nets", "fishnet3d_tiny:2,vit3d_tiny", "--epochs", "1"]
+    document = medmnist.main([*argv, "--limit", "12", "--batch-size", "8", *QUICK[2:]])
+    _check_document(document, ["fishnet3d_tiny:2", "vit3d_tiny"], seeds=1)
+    assert [r["epochs"] for r in document["runs"]] == [2, 1]
+    assert all(r["selected_on"] == "val/auroc" for r in document["runs"])
+    from leuko.data.prepared import load_prepared
+
+    _, index, meta = load_prepared(tmp_path / "tinyorgan3d" / "prepared-train12")
+    assert meta["classes"] == ["class_0", "class_1", "class_2"] and (index["cell_id"].str[:5] == "train").sum() == 12
+    # a later run with the same settings reuses the kept results
+    assert medmnist.main([*argv, "--limit", "12", "--batch-size", "8", *QUICK[2:]])["rows"] == document["rows"]
+
+
+def test_confidence_interval_is_student_t_and_null_for_one_seed():
+    from scipy import stats
+
+    ci = medmnist.confidence_interval([0.8, 0.9, 0.85, None])
+    low, high = stats.t.interval(0.95, 2, loc=0.85, scale=stats.sem([0.8, 0.9, 0.85]))
+    assert ci == pytest.approx({"mean": 0.85, "ci_low": low, "ci_high": high, "n": 3})
+    assert medmnist.confidence_interval([0.7]) == {"mean": 0.7, "ci_low": None, "ci_high": None, "n": 1}
+    assert medmnist.confidence_interval([0.7, 0.7])["ci_low"] == 0.7
+
+
+def test_binary_auroc_is_the_positive_class():
+    import pandas as pd
+
+    cells = pd.DataFrame({"label": ["a", "a", "b", "b"], "prob_b": [0.1, 0.6, 0.4, 0.9]})
+    assert medmnist._binary_auroc(cells, "b") == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"drop": "val_labels"}, "no key val_labels"),
+        ({"test_images": np.zeros((8, 16, 16), np.uint8)}, "test_images has shape (8, 16, 16)"),
+        ({"train_labels": np.zeros((23, 1), np.uint8)}, "train_labels has shape (23, 1) but train_images holds 24"),
+        ({"val_labels": np.ones((8, 3), np.uint8)}, "val_labels is (8, 3) but not one-hot"),
+    ],
+)
+def test_bad_files_are_refused_naming_the_file_and_key(tmp_path, change, message):
+    from leuko.errors import LeukoError
+
+    with np.load(_npz(tmp_path / "good.npz")) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays.pop(change.pop("drop", None), None)
+    arrays.update(change)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **arrays)
+    with pytest.raises(LeukoError, match="bad.npz") as caught:
+        medmnist.check_npz(bad)
+    assert message in str(caught.value)
+
+
+def test_main_exits_with_the_message_for_a_missing_or_unreadable_file(tmp_path):
+    with pytest.raises(SystemExit, match=r"nothere\.npz: no such file; give --npz"):
+        medmnist.main(["--npz", str(tmp_path / "nothere.npz"), "--work", str(tmp_path)])
+    (tmp_path / "text.npz").write_text("not a zip")
+    with pytest.raises(SystemExit, match=r"text\.npz: not a readable \.npz file"):
+        medmnist.main(["--npz", str(tmp_path / "text.npz"), "--work", str(tmp_path)])
+    assert not (tmp_path / "nothere").exists()
+
+
+def test_help_has_examples(capsys):
+    with pytest.raises(SystemExit):
+        medmnist.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--seeds 5 --json" in out and "--limit 64 --max-epochs 1" in out
+    for bad in (["--seeds", "0"], ["--nets", "fishnet3d_tiny:ten"]):
+        with pytest.raises(SystemExit):
+            medmnist.parse_args(bad)
+    assert "--nets 'fishnet3d_tiny:ten': give NAME[:EPOCHS]" in capsys.readouterr().err
