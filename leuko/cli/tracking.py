@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from leuko.cli.command import UsageError, add_command
+from leuko.deploy.tta import DEFAULT_TTA, TTA_MODES
 from leuko.training.run_dir import OOF
 
 
@@ -27,6 +28,8 @@ def _add_register(sub) -> None:
         leuko register --space conf/sweep/default.yaml --trial 7 --name leuko-balf
         leuko register --config conf/experiment/phantoms_tiny.yaml --model.net vit3d_tiny --model.lr 0.002
         leuko register --config params.yaml --cv runs/dvc        # calibrated on that CV's out-of-fold cells
+        leuko register --config params.yaml --ensemble --cv-dir runs/dvc --tta flip   # its 5 fold models, 8 views
+        leuko register --space conf/sweep/default.yaml --ensemble       # runs a CV of the best trial first
         MLFLOW_TRACKING_URI=http://127.0.0.1:5001 leuko register --space conf/sweep/default.yaml
         """,
     )
@@ -48,7 +51,29 @@ def _add_register(sub) -> None:
         default=None,
         metavar="DIR",
         help="a `leuko cv` of the same config: its out-of-fold predictions give the temperature and review "
-        "threshold (a trial from --space brings its own)",
+        "threshold (a trial from --space brings its own; an --ensemble is calibrated on its own CV)",
+    )
+    p.add_argument(
+        "--ensemble",
+        action="store_true",
+        help="register the k fold models of a k-fold CV of the config (each trained without the test patients), "
+        "their probabilities averaged, instead of one refit; the test report compares each fold model alone, "
+        "the ensemble and the ensemble with --tta",
+    )
+    p.add_argument(
+        "--cv-dir",
+        default=None,
+        metavar="DIR",
+        help="with --ensemble: a finished `leuko cv` of the same config with all k folds, whose best checkpoints "
+        "are the members (default: register runs that CV first, in OUT/<register folder>-cv)",
+    )
+    p.add_argument(
+        "--tta",
+        default=DEFAULT_TTA,
+        choices=TTA_MODES,
+        help=f"test-time augmentation the model applies (default {DEFAULT_TTA}): flip averages over the 8 flip "
+        "combinations of D, H and W; flip_rot90 also turns each a quarter in (H, W) (16 views; needs H == W). "
+        "Costs views x members forward passes per cell",
     )
     p.add_argument("--name", default="leuko", help="registered model name (default leuko)")
     p.add_argument(
@@ -75,7 +100,17 @@ def cmd_register(args: argparse.Namespace, rest: list[str]) -> None:
         if not (Path(args.cv) / OOF).is_file():
             raise UsageError(f"--cv {args.cv}: no {OOF} in it; give the output folder of a finished `leuko cv`")
         source.cv_dir = args.cv
-    result = register(source, name=args.name, metric=args.metric, out=args.out)
+    if args.cv_dir and not args.ensemble:
+        raise UsageError(f"--cv-dir {args.cv_dir}: names the CV whose fold models form an ensemble; add --ensemble")
+    result = register(
+        source,
+        name=args.name,
+        metric=args.metric,
+        out=args.out,
+        ensemble=args.ensemble,
+        cv_dir=args.cv_dir,
+        tta=args.tta,
+    )
     if result:
         print_summary(result)
 

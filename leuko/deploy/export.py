@@ -25,7 +25,15 @@ import numpy as np
 
 from leuko.data.io import VolumeError, read_volume
 from leuko.data.manifest import VOXEL_SIZE_COLUMNS
-from leuko.deploy.graph import example_cells, max_difference, onnx_runner, sidecar, torch_runner, write_graph
+from leuko.deploy.graph import (
+    example_cells,
+    max_difference,
+    onnx_runner,
+    probabilities,
+    sidecar,
+    torch_runner,
+    write_graph,
+)
 from leuko.deploy.onnx_model import PARITY, OnnxModel
 from leuko.deploy.predict import find_cells, load_model
 from leuko.errors import LeukoError
@@ -112,10 +120,13 @@ def export(
 
         folder = mlflow.artifacts.download_artifacts(model_uri)
         cells, where = example_cells(folder, impl.config), "the model's example cell and its mirror images"
-    log(f"export: {impl.config['net']} -> {out}; checking it on {len(cells)} cells ({where})")
+    members = len((impl.config.get("ensemble") or {}).get("weights") or ["weights"])
+    what = f"{impl.config['net']}" + (f" ensemble of {members}" if members > 1 else "")
+    what += f", TTA {impl.config['tta']}" if impl.config.get("tta", "none") != "none" else ""
+    log(f"export: {what} -> {out}; checking it on {len(cells)} cells ({where})")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        write_graph(impl.net, impl.config, tmp)
+        write_graph(probabilities(impl), impl.config, tmp)
         graph = OnnxModel(tmp, impl.config)
         sizes = (1, min(batch_size, len(cells))) if len(cells) > 1 else (1,)
         worst = max_difference(graph, impl, cells, sizes)

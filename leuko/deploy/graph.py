@@ -1,12 +1,13 @@
 """A model's net as an ONNX graph of calibrated probabilities, its sidecar, and the parity check against PyTorch.
 
     graph    input "volumes" (B, C, D, H, W) float32 prepared volumes, B dynamic
-             output "probabilities" (B, classes) float32 = softmax(net(volumes) / temperature): what the
-             model's inference code (leuko.deploy.pyfunc_model) returns; temperature from model_config.json
-             calibration.temperature, 1 for a model without one
-    sidecar  JSON beside it (sidecar()): classes, input and output, temperature, the preprocessing a raw
-             volume needs first (leuko.deploy.inputs), the intensity range and review threshold when the
-             model has them, the parity with PyTorch, the graph's sha256
+             output "probabilities" (B, classes) float32 = softmax(net(volumes) / temperature), averaged
+             inside the graph over an ensemble's members and the test-time views (leuko.deploy.ensemble):
+             what the model's inference code (leuko.deploy.pyfunc_model) returns; temperature from
+             model_config.json calibration.temperature, 1 for a model without one
+    sidecar  JSON beside it (sidecar()): classes, input and output, temperature, ensemble size and TTA,
+             the preprocessing a raw volume needs first (leuko.deploy.inputs), the intensity range and
+             review threshold when the model has them, the parity with PyTorch, the graph's sha256
 
 Used by `leuko export` (leuko.deploy.export) and by `leuko predict`'s cache of graphs (cache_graph;
 leuko.deploy.onnx_model).
@@ -50,10 +51,18 @@ def temperature(config: dict) -> float:
     return float((config.get("calibration") or {}).get("temperature", 1.0))
 
 
-def write_graph(net: nn.Module, config: dict, path: str | Path) -> None:
-    """Export net (a CPU copy, in eval mode) with the model's temperature to an ONNX file at path."""
+def probabilities(impl) -> nn.Module:
+    """The model's whole computation, prepared volumes -> calibrated probabilities, as one module: its
+    Ensemble (members and TTA views), or, for the inference code of models registered before ensembles
+    (which has only .net), softmax(net / temperature)."""
+    module = getattr(impl, "module", None)
+    return module if module is not None else Probabilities(impl.net, temperature(impl.config)).eval()
+
+
+def write_graph(model: nn.Module, config: dict, path: str | Path) -> None:
+    """Export model (probabilities(impl); a CPU copy, in eval mode) to an ONNX file at path."""
     path = Path(path)
-    module = Probabilities(copy.deepcopy(net).cpu().eval(), temperature(config)).eval()
+    module = copy.deepcopy(model).cpu().eval()
     example = torch.zeros(2, config["in_channels"], *config["preprocessing"]["shape"])  # (B, C, D, H, W)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
@@ -90,8 +99,8 @@ def max_difference(graph: OnnxModel, impl, cells: np.ndarray, batch_sizes: tuple
 
 def torch_runner(impl) -> Callable[[np.ndarray], np.ndarray]:
     """(B, C, D, H, W) -> (B, classes) calibrated probabilities by the model's net in PyTorch, in one pass."""
-    module = Probabilities(impl.net, temperature(impl.config)).eval()
-    device = next(impl.net.parameters()).device
+    module = probabilities(impl)
+    device = next(module.parameters()).device
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
@@ -124,9 +133,12 @@ def sidecar(config: dict, graph_path: str | Path, *, model_uri: str, parity: dic
             "name": OUTPUT,
             "dtype": "float32",
             "shape": ["batch", len(config["classes"])],
-            "meaning": "calibrated class probabilities, softmax(logits / temperature), in the order of classes",
+            "meaning": "calibrated class probabilities, softmax(logits / temperature) averaged over the ensemble's "
+            "members and TTA views, in the order of classes",
         },
         "temperature": temperature(config),
+        "ensemble_size": len((config.get("ensemble") or {}).get("weights") or ["weights"]),
+        "tta": config.get("tta", "none"),
         "preprocessing": config["preprocessing"],
         "parity": parity,
         "sha256": hashlib.sha256(Path(graph_path).read_bytes()).hexdigest(),
@@ -168,7 +180,7 @@ def cache_graph(impl, folder: str | Path, model_uri: str) -> OnnxModel | None:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        write_graph(impl.net, impl.config, tmp / GRAPH)
+        write_graph(probabilities(impl), impl.config, tmp / GRAPH)
         graph = OnnxModel(tmp / GRAPH, impl.config)
         cells = example_cells(folder, impl.config)
         worst = max_difference(graph, impl, cells, (1, len(cells)))

@@ -8,7 +8,8 @@ probabilities, kept in a cache:
         model.onnx      the graph
         model.json      its sidecar (leuko.deploy.export.sidecar): classes, preprocessing, input shape,
                         temperature, and the parity with PyTorch measured when it was written
-    key = sha256 of the model's weights.safetensors, its model_config.json and GRAPH_VERSION
+    key = sha256 of the model's weight files (weights.safetensors, weights_1 ... for an ensemble), its
+          model_config.json (which names its TTA) and GRAPH_VERSION
 
 So each model version gets its graph once, and a changed weight or setting gets a new one. A graph
 enters the cache only when its probabilities match PyTorch's within PARITY on the model's own example
@@ -64,14 +65,16 @@ def cache_root() -> Path:
 
 
 def model_files(folder: str | Path) -> dict[str, Path] | None:
-    """{"weights", "model_config"} of a leuko model folder (MLmodel, artifacts/...), or None when the folder
-    is not a leuko models-from-code pyfunc (e.g. a pickled model: that is for the pyfunc loader to refuse)."""
+    """{"weights", ["weights_1", ...,] "model_config"} of a leuko model folder (MLmodel, artifacts/...): every
+    weight file (an ensemble has one per member), then the config; None when the folder is not a leuko
+    models-from-code pyfunc (e.g. a pickled model: that is for the pyfunc loader to refuse)."""
     folder = Path(folder)
     try:
         meta = yaml.safe_load((folder / "MLmodel").read_text())
         flavor = meta["flavors"]["python_function"]
         artifacts = flavor["artifacts"]
-        files = {name: folder / artifacts[name]["path"] for name in ("weights", "model_config")}
+        extra = sorted((n for n in artifacts if n.startswith("weights_")), key=lambda n: (len(n), n))
+        files = {name: folder / artifacts[name]["path"] for name in ("weights", *extra, "model_config")}
     except (OSError, KeyError, TypeError, yaml.YAMLError):
         return None
     if flavor.get("loader_module") != CODE_LOADER or not all(p.is_file() for p in files.values()):
@@ -82,7 +85,7 @@ def model_files(folder: str | Path) -> dict[str, Path] | None:
 def cache_folder(files: dict[str, Path]) -> Path:
     """Where the graph of the model with these files lives (the module docstring's key)."""
     digest = hashlib.sha256(f"leuko-onnx-{GRAPH_VERSION}\n".encode())
-    for name in ("weights", "model_config"):
+    for name in files:  # the weights, then the config: a single net's key is what it was before ensembles
         with open(files[name], "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)

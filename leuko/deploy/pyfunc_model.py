@@ -7,7 +7,13 @@ Input: float32 volumes (B, C, D, H, W), or one volume (C, D, H, W).
   (z, y, x um) is needed only when the training data was resampled.
 - preprocess=false: volumes already prepared (normalised and cropped to the training shape).
 Output: one row per volume: pred_label and prob_<class> per class (they sum to 1): the softmax of the net's
-logits divided by the model's temperature (model_config.json calibration.temperature; 1 when it has none).
+logits divided by the model's temperature (model_config.json calibration.temperature; 1 when it has none),
+averaged over the model's members and test-time views (leuko.deploy.ensemble).
+
+Weights: artifacts/weights.safetensors, and for an ensemble of k fold models also weights_1 .. weights_<k-1>
+(model_config.json ensemble.weights names the artifacts, in member order); model_config.json tta names the
+test-time augmentation (leuko.deploy.tta). A model without these keys is one net without TTA, as every model
+registered before them.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import torch
 from mlflow.pyfunc import PythonModel
 from safetensors.torch import load_file
 
+from leuko.deploy.ensemble import Ensemble
 from leuko.deploy.inputs import check_prepared, prepare_volume
 from leuko.nets import build_net
 from leuko.training.predictions import probability_table
@@ -40,10 +47,18 @@ class LeukoModel(PythonModel):
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config["net_kwargs"].items()}
         self.classes = list(config["classes"])
         self.temperature = float((config.get("calibration") or {}).get("temperature", 1.0))  # 1: uncalibrated
-        self.net = build_net(config["net"], in_channels=config["in_channels"], num_classes=len(self.classes), **kwargs)
-        self.net.load_state_dict(load_file(context.artifacts["weights"]), strict=True)
+        names = (config.get("ensemble") or {}).get("weights") or ["weights"]
+        missing = [n for n in names if n not in context.artifacts]
+        if missing:
+            raise ValueError(f"model_config.json ensemble.weights names {missing}, which the model's artifacts lack")
+        members = []
+        for name in names:
+            net = build_net(config["net"], in_channels=config["in_channels"], num_classes=len(self.classes), **kwargs)
+            net.load_state_dict(load_file(context.artifacts[name]), strict=True)
+            members.append(net)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.net.to(self.device).eval()
+        self.module = Ensemble(members, self.temperature, config.get("tta", "none")).to(self.device).eval()
+        self.net = members[0]  # the first member: the net `leuko explain` draws
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -60,7 +75,7 @@ class LeukoModel(PythonModel):
         with torch.inference_mode():
             for start in range(0, len(prepared), BATCH):
                 x = torch.from_numpy(np.ascontiguousarray(prepared[start : start + BATCH])).to(self.device)
-                out.append((self.net(x).float() / self.temperature).softmax(-1).cpu().numpy())  # (b, classes)
+                out.append(self.module(x).cpu().numpy())  # (b, classes)
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:

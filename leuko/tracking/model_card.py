@@ -6,8 +6,10 @@ The sections, in order (SECTIONS):
 
     Intended use            decision support for a person; not a diagnosis by itself
     Data lineage            git commit, data.dvc md5, manifest sha256, prepared fingerprint (the lineage tags)
-    Training and test data  patients and cells per sample type and class, refit (train) and held-out test
-    Test metrics            held-out patients; bootstrap 95% CIs with the patient as the unit
+    Training and test data  the model (a refit, or an ensemble of k fold models; its test-time augmentation),
+                            patients and cells per sample type and class, train and held-out test
+    Test metrics            held-out patients, scored on what the model returns (its members and views
+                            averaged); bootstrap 95% CIs with the patient as the unit
                             (leuko.evaluation.intervals), overall and per sample type
     Calibration             temperature and ECE from the model config, or "not calibrated"
     Review threshold        uncertainty threshold and its coverage from the model config, or none
@@ -26,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from leuko.deploy.tta import VIEWS
 from leuko.evaluation.intervals import N_RESAMPLES, POOLED, format_ci, metric_intervals
 from leuko.training.predictions import probability_table
 
@@ -108,6 +111,15 @@ def held_out_intervals(cells: pd.DataFrame, classes: list[str]) -> dict[str, dic
     return out
 
 
+def held_out_table(rows: pd.DataFrame, probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
+    """cell_id, patient_id, sample_type, label, pred_label and prob_<class> of prepared-index rows and their
+    (N, classes) probabilities."""
+    table = probability_table(probs, classes, cell_id=rows["cell_id"].astype(str).to_numpy())
+    for column in ("patient_id", "sample_type", "label"):
+        table.insert(len(table.columns) - len(classes) - 1, column, rows[column].astype(str).to_numpy())
+    return table
+
+
 def held_out_predictions(model, datamodule, temperature: float | None = None, batch_size: int = 64) -> pd.DataFrame:
     """The held-out test cells with cell_id, patient_id, sample_type, label, pred_label and prob_<class>.
 
@@ -128,14 +140,8 @@ def held_out_predictions(model, datamodule, temperature: float | None = None, ba
                 probs.append((logits / (temperature or 1.0)).softmax(-1).cpu().numpy())
     finally:
         model.train(was_training)
-    table = probability_table(
-        np.concatenate(probs) if probs else np.zeros((0, len(model.class_names))),
-        list(model.class_names),
-        cell_id=rows["cell_id"].astype(str).to_numpy(),
-    )
-    for column in ("patient_id", "sample_type", "label"):
-        table.insert(len(table.columns) - len(model.class_names) - 1, column, rows[column].astype(str).to_numpy())
-    return table
+    probs = np.concatenate(probs) if probs else np.zeros((0, len(model.class_names)))
+    return held_out_table(rows, probs, list(model.class_names))
 
 
 def trained_on_phantoms(lineage: dict[str, str], root: str | Path = ".") -> bool | None:
@@ -153,14 +159,21 @@ def trained_on_phantoms(lineage: dict[str, str], root: str | Path = ".") -> bool
         return False
 
 
-def card_for_refit(cli, config: dict, lineage: dict[str, str], *, cv: dict, metric: str, run_id: str) -> str:
-    """The card of a refit model (`leuko register`): data and test predictions from the LeukoCLI's datamodule."""
+def card_for_refit(
+    cli, config: dict, lineage: dict[str, str], *, cv: dict, metric: str, run_id: str, probs: np.ndarray | None = None
+) -> str:
+    """The card of a registered model (`leuko register`): data and test predictions from the LeukoCLI's
+    datamodule; probs: the registered model's (N, classes) probabilities of its test cells when it is not
+    cli.model alone (an ensemble, or TTA), else they come from cli.model."""
     # heavy import here: the repository root comes from git through leuko.tracking.lineage
     from leuko.tracking.lineage import repo_root
 
     datamodule = cli.datamodule
     temperature = calibration(config).get("temperature")
-    cells = held_out_predictions(cli.model, datamodule, temperature, datamodule.hparams.batch_size)
+    if probs is None:
+        cells = held_out_predictions(cli.model, datamodule, temperature, datamodule.hparams.batch_size)
+    else:
+        cells = held_out_table(datamodule.subset("test"), probs, list(config["classes"]))
     masks = {"train": datamodule.masks["train"], "test": datamodule.masks["test"]}
     card = CardData(
         net=config["net"],
@@ -176,6 +189,21 @@ def card_for_refit(cli, config: dict, lineage: dict[str, str], *, cv: dict, metr
         phantom=trained_on_phantoms(lineage, repo_root() or "."),
     )
     return render(card)
+
+
+def model_summary(config: dict) -> str:
+    """One line on what the model is: a refit or an ensemble of fold models, and its test-time augmentation."""
+    folds = (config.get("ensemble") or {}).get("folds") or []
+    what = (
+        f"ensemble of {len(folds)} {config['net']} fold models (folds {', '.join(map(str, folds))} of a "
+        f"{len(folds)}-fold CV, each trained without the test patients), their probabilities averaged"
+        if len(folds) > 1
+        else f"{config['net']} refit on all non-test patients"
+    )
+    tta = config.get("tta", "none")
+    if tta == "none":
+        return what + "; no test-time augmentation"
+    return what + f"; test-time augmentation {tta} ({len(VIEWS[tta]) if tta in VIEWS else '?'} views averaged)"
 
 
 def calibration(config: dict) -> dict:
@@ -253,8 +281,8 @@ def _cohort(card: CardData) -> str:
         for r in table.to_dict("records")
     ]
     return (
-        "The refit trained on every non-test patient; the test patients were held out from training, "
-        "model selection and calibration.\n\n" + _md_table(header, rows)
+        f"Model: {model_summary(card.config)}. The train columns count every non-test patient; the test patients "
+        "were held out from training, model selection and calibration.\n\n" + _md_table(header, rows)
     )
 
 

@@ -125,10 +125,6 @@ def register(
         )
     metric = metric or source.objective
     root = _refit_folder(out, source)
-    if ensemble:
-        cv_dir = Path(cv_dir) if cv_dir is not None else fold_ensemble.run_cv(source, root, out, name)
-        if not is_rank_zero():
-            return {}
     run_name = root.name
     tags = {"leuko.command": "register", "leuko.role": "refit", "leuko.registered_model": name}
     if source.study is not None:
@@ -146,9 +142,12 @@ def register(
     check_tta(tta, cli.datamodule.shape)
     test, folds = None, None  # test: scored after calibration when the model is not the refit alone
     if ensemble:
+        cv_dir = Path(cv_dir) if cv_dir is not None else fold_ensemble.run_cv(source, root, out, name)
+        if not is_rank_zero():
+            return {}
         members, folds = fold_ensemble.load_members(cv_dir, cli)
-        save = next(c for c in cli.trainer.callbacks if isinstance(c, SaveConfigCallback))
-        save.save_config(cli.trainer, cli.model, "register")  # config.yaml and params, as a fit logs them
+        for save in [c for c in cli.trainer.callbacks if isinstance(c, SaveConfigCallback)]:
+            save.save_config(cli.trainer, cli.model, "register")  # config.yaml and params, as a fit logs them
     else:
         print(f"refit on every non-test patient: {shlex.join(args[:-6])}", file=sys.stderr)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)

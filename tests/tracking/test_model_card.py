@@ -20,6 +20,7 @@ from leuko.tracking.model_card import (
     description,
     held_out_intervals,
     held_out_predictions,
+    model_summary,
     render,
 )
 from leuko.training.predictions import PRED, prob_columns
@@ -194,3 +195,14 @@ def _check_card(uri: str, version: str) -> None:
     row = next(line for line in lines if line.startswith("| balanced accuracy |"))
     # an interval wherever there are two held-out patients or more (the tiny cohort may hold out one)
     assert ("(" in row.split("|")[2]) == (not header.startswith("| metric | all (1 patient)"))
+
+
+def test_card_states_the_ensemble_size_and_tta():
+    single = render(card_data())
+    assert "Model: vit3d_tiny refit on all non-test patients; no test-time augmentation." in single
+    config = {**CONFIG, "ensemble": {"weights": ["weights", "weights_1", "weights_2"], "folds": ["0", "1", "2"]}}
+    text = render(card_data({**config, "tta": "flip_rot90"}))
+    assert_every_section(text)
+    assert "Model: ensemble of 3 vit3d_tiny fold models (folds 0, 1, 2 of a 3-fold CV" in text
+    assert "test-time augmentation flip_rot90 (16 views averaged)" in text
+    assert model_summary({**CONFIG, "tta": "flip"}).endswith("test-time augmentation flip (8 views averaged)")

@@ -1,0 +1,57 @@
+"""A registered model as one nn.Module: prepared volumes -> calibrated class probabilities.
+
+    p(x) = mean over members m and TTA views v of softmax(net_m(v(x)) / T)                  (B, classes)
+
+members: the nets of the model (one for a refit, the k fold models of a CV for an ensemble); T: the model's
+temperature (model_config.json calibration.temperature), fitted on the out-of-fold predictions of the CV the
+members came from, so it scales each member's logits as it was fitted to; views: leuko.deploy.tta. One
+member and no TTA is exactly softmax(net(x) / T), what registered models always returned.
+
+The model's inference code (leuko.deploy.pyfunc_model) runs it batch by batch; `leuko export` and predict's
+ONNX cache (leuko.deploy.graph) export it whole, so the graph averages inside. The views and members run
+one after another on the same batch: memory stays that of one forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from leuko.deploy.tta import apply_view, views
+
+
+class Ensemble(nn.Module):
+    def __init__(self, members: Sequence[nn.Module], temperature: float = 1.0, tta: str = "none") -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member net")
+        self.members = nn.ModuleList(members)
+        self.temperature = float(temperature)
+        self.tta = tta
+        self.views = views(tta)
+
+    @property
+    def size(self) -> int:
+        return len(self.members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        total = None
+        for flips, turn in self.views:
+            seen = apply_view(x, flips, turn)  # (B, C, D, H, W)
+            for net in self.members:
+                p = (net(seen).float() / self.temperature).softmax(-1)  # (B, classes)
+                total = p if total is None else total + p
+        n = len(self.views) * len(self.members)
+        return total if n == 1 else total / n
+
+    def terms(self, x: torch.Tensor) -> torch.Tensor:
+        """(views, members, B, classes): each member's calibrated probabilities on each view, the identity view
+        first; forward(x) is their mean over the first two axes."""
+        return torch.stack(
+            [
+                torch.stack([(net(apply_view(x, f, t)).float() / self.temperature).softmax(-1) for net in self.members])
+                for f, t in self.views
+            ]
+        )
