@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from leuko.cli.command import UsageError, add_command
@@ -82,6 +83,11 @@ def _add_register(sub) -> None:
         help="test metric that decides champion vs challenger (default: the study's objective)",
     )
     p.add_argument("--out", default="runs", help="parent folder of the refit's checkpoints (default runs)")
+    p.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="with --space: skip the sweep file's baselines on the same held-out test patients",
+    )
     p.set_defaults(func=cmd_register, takes_rest=True)
 
 
@@ -111,8 +117,44 @@ def cmd_register(args: argparse.Namespace, rest: list[str]) -> None:
         cv_dir=args.cv_dir,
         tta=args.tta,
     )
+    if result and not args.config and not args.no_baselines:
+        result["baselines"] = _heldout_baselines(args.space, result)
     if result:
         print_summary(result)
+
+
+def _heldout_baselines(space: str, result: dict) -> list[dict] | None:
+    """The sweep file's baselines on the refit's held-out test patients (cached beside the sweep's), logged to
+    the refit run as baseline/<key>/<metric>; None when the sweep file names none."""
+    from mlflow import MlflowClient  # heavy imports here, as above
+    from mlflow.entities import Metric
+
+    from leuko.evaluation.heldout import heldout_baselines
+    from leuko.evaluation.metrics import SCORES
+    from leuko.evaluation.mip import DEFAULT_MIP_NET
+    from leuko.sweep.space import load_sweep_config
+    from leuko.tracking.runs import log_batch
+
+    cfg = load_sweep_config(space)
+    if not cfg.baselines:
+        return None
+    data = result["data"]
+    table = heldout_baselines(
+        data["prepared_dir"],
+        cfg.baselines["manifest"],
+        k=data["k"],
+        test_fraction=data["test_fraction"],
+        seed=data["seed"],
+        mip_net=cfg.baselines.get("mip_net", DEFAULT_MIP_NET),
+        mip_epochs=int(cfg.baselines.get("mip_epochs", 10)),
+        cache=Path("sweeps") / cfg.study,
+    )
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(f"baseline/{r['key']}/{m}", float(r[m]), now, 0) for r in table.to_dict("records") for m in SCORES
+    ]
+    log_batch(MlflowClient(result["tracking_uri"]), result["run_id"], metrics=metrics)
+    return [{"method": r["method"], **{m: r[m] for m in SCORES}} for r in table.to_dict("records")]
 
 
 # ---------------------------------------------------------------------------------------------- lineage

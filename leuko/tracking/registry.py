@@ -248,6 +248,8 @@ def _log_and_register(cli, source: Source, test: dict | None, model: dict, *, na
         "run_id": run_id,
         "tracking_uri": uri,
         "model_uri": f"models:/{name}/{version}",
+        # where its held-out test patients are (the baselines beside it use the same split)
+        "data": {k: cli.config["data"][k] for k in ("prepared_dir", "k", "test_fraction", "seed")},
     }
 
 
