@@ -74,6 +74,13 @@ def predict_model_parser() -> argparse.ArgumentParser:
         help="onnx: ONNX Runtime on the CPU, with the model's graph exported once to a cache and checked against "
         "PyTorch; torch: the model's own PyTorch code; auto (default): onnx unless an NVIDIA GPU is visible",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="threads that read and prepare volumes while the net runs (default: OMP_NUM_THREADS, else one per "
+        "core; more can help on slow network storage)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict_model, command="predict")
     return p
@@ -92,6 +99,7 @@ def cmd_predict_model(args: argparse.Namespace) -> None:
         progress=not args.quiet,
         allow_out_of_distribution=args.allow_out_of_distribution,
         runtime=args.runtime,
+        workers=args.workers,
     )
     paths = result["paths"]
     print(f"predictions for {result['n_cells']} cells -> {paths['predictions']}")

@@ -201,8 +201,10 @@ def _reorder_axes(path: Path, array: np.ndarray, axes: str) -> np.ndarray:
 
 def _read_npy(path: Path):
     with open(path, "rb") as f:
-        _npy_header(path, f, os.fstat(f.fileno()).st_size)
-    return np.load(path, allow_pickle=False), None
+        shape, fortran_order, dtype = _npy_header(path, f, os.fstat(f.fileno()).st_size)
+        # what np.load does after the header (np.lib.format.read_array), without opening and parsing it again
+        array = np.fromfile(f, dtype=dtype, count=math.prod(shape))
+    return (array.reshape(shape[::-1]).transpose() if fortran_order else array.reshape(shape)), None
 
 
 def _read_npz(path: Path, key: str | None):
@@ -224,15 +226,17 @@ def _read_npz(path: Path, key: str | None):
         return archive[key], None
 
 
-def _npy_header(path: Path, f, size: int, stored: int | None = None) -> None:
-    """Check an .npy header at f against the size bytes (of which stored are on disk, if compressed)."""
+def _npy_header(path: Path, f, size: int, stored: int | None = None) -> tuple[tuple, bool, np.dtype]:
+    """Check an .npy header at f against the size bytes (of which stored are on disk, if compressed); return
+    its (shape, fortran_order, dtype), with f at the first byte of data."""
     version = np.lib.format.read_magic(f)
     # Version 3.0 differs from 2.0 only in allowing utf-8 in the header; volume headers are ascii.
     read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, _, dtype = read(f)
+    shape, fortran_order, dtype = read(f)
     if dtype.hasobject:
         raise VolumeError(path, "holds Python objects, not numbers", "store the volume as real numbers")
     _check_claim(path, shape, dtype, available=size - f.tell(), stored=stored)
+    return shape, fortran_order, dtype
 
 
 def _read_tif(path: Path):

@@ -1,9 +1,9 @@
 """What a registered model takes: a raw volume, prepared exactly as `leuko prepare` prepared its training data.
 
-Shared by the model's inference code (leuko.deploy.pyfunc_model) and its ONNX Runtime twin
-(leuko.deploy.onnx_model), and free of torch so that the latter starts without it. The settings come from
-the model's model_config.json: in_channels and preprocessing {modality, shape, target_voxel_size, n_medium,
-ri_scale}.
+Shared by the model's inference code (leuko.deploy.pyfunc_model), its ONNX Runtime twin
+(leuko.deploy.onnx_model) and `leuko predict` (read_cells: many volume files at once), and free of torch so
+that the latter two start without it. The settings come from the model's model_config.json: in_channels
+and preprocessing {modality, shape, target_voxel_size, n_medium, ri_scale, read_options}.
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from leuko.data.preprocess import process_cell
+from leuko.data.io import VolumeError, read_volume
+from leuko.data.preprocess import STACK_BYTES, process_cell, process_cells
+
+UNREADABLE = (VolumeError, ValueError, OSError)  # what read_cells reports for a cell instead of preparing it
 
 
 def prepare_volume(config: dict, volume: np.ndarray, voxel_size: Sequence[float] | None = None) -> np.ndarray:
@@ -20,6 +23,66 @@ def prepare_volume(config: dict, volume: np.ndarray, voxel_size: Sequence[float]
 
     ValueError when the channel count is not the model's, or when the model resamples and voxel_size
     (z, y, x um) is missing."""
+    window, _ = process_cell(_checked(config, volume, voxel_size), _size(voxel_size), **_settings(config))
+    return window
+
+
+def prepare_volumes(
+    config: dict, volumes: Sequence[np.ndarray], voxel_sizes: Sequence[Sequence[float] | None]
+) -> np.ndarray:
+    """prepare_volume on each volume (ValueError as it gives for the first that fails): (B, C, *shape), equal
+    to prepare_volume's windows, computed a stack of equal-shape volumes at a time."""
+    checked = [_checked(config, v, s) for v, s in zip(volumes, voxel_sizes)]
+    if not checked:
+        return np.zeros((0, config["in_channels"], *config["preprocessing"]["shape"]), dtype=np.float32)
+    windows, _ = process_cells(checked, [_size(s) for s in voxel_sizes], **_settings(config))
+    return windows
+
+
+def read_cells(
+    config: dict, paths: Sequence[str], voxel_sizes: Sequence[Sequence[float] | None]
+) -> tuple[np.ndarray, list[int], dict[int, Exception]]:
+    """Read the volume files at paths and prepare them for this model: the (k, C, *shape) windows of the k
+    cells that could be, their indexes in paths, and {index: the error} (one of UNREADABLE) of the others.
+
+    Volumes are prepared a stack at a time (prepare_volumes), so at most about STACK_BYTES of raw voxels
+    are held at once."""
+    options = config["preprocessing"].get("read_options") or {}
+    parts: list[np.ndarray] = []
+    kept: list[int] = []
+    errors: dict[int, Exception] = {}
+    pending: list[tuple[int, np.ndarray]] = []
+
+    def flush() -> None:
+        try:
+            parts.append(prepare_volumes(config, [v for _, v in pending], [voxel_sizes[i] for i, _ in pending]))
+            kept.extend(i for i, _ in pending)
+        except UNREADABLE:  # one cell the stack cannot take: find it, keep the others
+            for i, volume in pending:
+                try:
+                    parts.append(prepare_volume(config, volume, voxel_sizes[i])[None])
+                    kept.append(i)
+                except UNREADABLE as exc:
+                    errors[i] = exc
+        pending.clear()
+
+    for i, path in enumerate(paths):
+        try:
+            volume = _checked(config, read_volume(path, **options), voxel_sizes[i])
+        except UNREADABLE as exc:
+            errors[i] = exc
+            continue
+        pending.append((i, volume))
+        if sum(v.nbytes for _, v in pending) >= STACK_BYTES:
+            flush()
+    if pending:
+        flush()
+    windows = np.concatenate(parts) if parts else prepare_volumes(config, [], [])
+    return windows, kept, dict(sorted(errors.items()))
+
+
+def _checked(config: dict, volume: np.ndarray, voxel_size: Sequence[float] | None) -> np.ndarray:
+    """volume as (C, D, H, W) float32; ValueError when this model cannot take it (prepare_volume)."""
     settings = config["preprocessing"]
     volume = np.asarray(volume, dtype=np.float32)
     if volume.ndim == 3:
@@ -35,16 +98,22 @@ def prepare_volume(config: dict, volume: np.ndarray, voxel_size: Sequence[float]
             f"the model was trained on volumes resampled to {target} um; give each volume's voxel size "
             "(z, y, x um): the manifest's voxel_size_* columns, --voxel-size, or the voxel_size param"
         )
-    window, _ = process_cell(
-        volume,
-        tuple(voxel_size) if voxel_size is not None and len(voxel_size) == 3 else (1.0, 1.0, 1.0),
-        modality=settings["modality"],
-        shape=tuple(settings["shape"]),
-        target_voxel_size=target,
-        n_medium=settings["n_medium"],
-        ri_scale=settings["ri_scale"],
-    )
-    return window
+    return volume
+
+
+def _size(voxel_size: Sequence[float] | None) -> tuple:
+    return tuple(voxel_size) if voxel_size is not None and len(voxel_size) == 3 else (1.0, 1.0, 1.0)
+
+
+def _settings(config: dict) -> dict:
+    settings = config["preprocessing"]
+    return {
+        "modality": settings["modality"],
+        "shape": tuple(settings["shape"]),
+        "target_voxel_size": settings.get("target_voxel_size"),
+        "n_medium": settings["n_medium"],
+        "ri_scale": settings["ri_scale"],
+    }
 
 
 def check_prepared(config: dict, prepared: np.ndarray) -> None:

@@ -14,25 +14,104 @@ training_intensities; model_config.json keeps the summary under "intensity":
 distribution when one of them lies more than tolerance x spread outside [low, high]. Volumes of another
 modality or scale (THG counts through an RI model, RI stored in other units) land hundreds of spreads
 away; cells like the training ones stay within the margin.
+
+cell_quantiles gives exactly np.quantile's values (its default, linear method) in a fraction of its time:
+np.quantile partitions all of a cell's voxels around six ranks, while the values at those ranks lie
+between bounds that a sorted random sample of the voxels gives, so only the few voxels between the bounds
+are partitioned. When the bounds miss (the count of voxels below them shows it), the whole cell is.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from pathlib import Path
 
 import numpy as np
 
 LEVELS = (0.01, 0.5, 0.99)
 TOLERANCE = 0.5
+SAMPLE = 1024  # voxels sampled per cell to bound the ranks cell_quantiles needs
+SPREAD = 4.0  # bounds this many standard deviations of a sampled rank out: they miss ~1 in 10^4 (normal approx.)
 MAX_CELLS = 2000  # training cells summarised (evenly spaced): the envelope settles long before; seconds at 64^3
 CHUNK = 64  # cells read from the memmap at a time: 64 MiB at 64^3
 
 
 def cell_quantiles(volumes: np.ndarray) -> np.ndarray:
-    """(..., C, D, H, W) -> (..., C, L): the LEVELS quantiles of each cell's channels."""
+    """(..., C, D, H, W) -> (..., C, L) float64: the LEVELS quantiles of each cell's channels, equal to
+    np.quantile(voxels, LEVELS) of each (module docstring): numpy's _quantile and _lerp step by step."""
     volumes = np.asarray(volumes, dtype=np.float32)
-    flat = volumes.reshape(*volumes.shape[:-3], -1)  # (..., C, D*H*W)
-    return np.moveaxis(np.quantile(flat, LEVELS, axis=-1), 0, -1)
+    flat = volumes.reshape(-1, int(np.prod(volumes.shape[-3:])))  # (R, N): R = cells x channels
+    ranks, previous, following, gamma, groups = _plan(flat.shape[1])
+    values = (
+        np.stack([_order_statistics(row, ranks, groups) for row in flat]) if len(flat) else np.zeros((0, len(ranks)))
+    )
+    a, b = values[:, previous], values[:, following]  # (R, L): the voxels each quantile lies between
+    difference = b - a
+    result = np.add(a, difference * gamma)
+    np.subtract(b, difference * (1 - gamma), out=result, where=gamma >= 0.5, casting="unsafe")
+    return result.reshape(*volumes.shape[:-3], len(LEVELS))
+
+
+@functools.cache
+def _plan(n: int) -> tuple:
+    """For N voxels: (the sorted ranks whose values the LEVELS quantiles need, the index in them of each
+    quantile's lower and upper voxel, the (L,) interpolation weights, and the runs of neighbouring ranks
+    as (their indexes, lowest rank, highest rank, lower and upper sample bound or None)), as np.quantile
+    computes them."""
+    virtual = (n - 1) * np.asarray(LEVELS, dtype=np.float64)
+    previous = np.floor(virtual)
+    following = previous + 1
+    previous[virtual >= n - 1] = following[virtual >= n - 1] = -1  # beyond the last voxel: the largest
+    previous, following = previous.astype(np.intp), following.astype(np.intp)
+    gamma = virtual - previous
+    ranks = np.unique(np.concatenate([previous, following]) % n)
+    groups = []
+    for group in np.split(np.arange(len(ranks)), np.flatnonzero(np.diff(ranks) > 1) + 1):
+        lowest, highest = int(ranks[group[0]]), int(ranks[group[-1]])
+        low = math.floor(lowest * SAMPLE / n - _margin(lowest / n))
+        high = math.ceil((highest + 1) * SAMPLE / n + _margin(highest / n))
+        groups.append((group, lowest, highest, low if low > 0 else None, high if high < SAMPLE else None))
+    where = np.searchsorted(ranks, previous % n), np.searchsorted(ranks, following % n)
+    return ranks, *where, gamma, groups
+
+
+def _order_statistics(row: np.ndarray, ranks: np.ndarray, groups: list) -> np.ndarray:
+    """The values at these sorted 0-based ranks of row sorted, as np.partition(row, ranks)[ranks]."""
+    n = len(row)
+    if n <= 8 * SAMPLE:
+        return np.partition(row, ranks)[ranks]
+    sample = np.sort(row[_sample_index(n)])  # (SAMPLE,)
+    out = np.empty(len(ranks), dtype=row.dtype)
+    keep = np.empty(n, dtype=bool)
+    for group, lowest, highest, low, high in groups:
+        below, candidates = 0, row
+        if low is not None:
+            np.greater_equal(row, sample[low], out=keep)
+            below = n - int(np.count_nonzero(keep))
+            if high is not None:
+                keep &= row <= sample[high]
+        elif high is not None:  # no lower bound: the ranks start at the smallest voxel
+            np.less_equal(row, sample[high], out=keep)
+        if low is not None or high is not None:
+            candidates = row[keep]
+        if below <= lowest and below + len(candidates) > highest:
+            wanted = ranks[group] - below
+            out[group] = np.partition(candidates, wanted)[wanted]
+        else:  # the sample's bounds missed these ranks: partition the whole row
+            out[group] = np.partition(row, ranks[group])[ranks[group]]
+    return out
+
+
+def _margin(p: float) -> float:
+    """How far (in sample ranks) the sampled rank of quantile p may stray: SPREAD standard deviations, + 2."""
+    return SPREAD * math.sqrt(p * (1 - p) * SAMPLE) + 2
+
+
+@functools.cache
+def _sample_index(n: int) -> np.ndarray:
+    """SAMPLE voxel indexes drawn once per cell size without replacement (fixed seed: the same every run)."""
+    return np.sort(np.random.default_rng(0).choice(n, SAMPLE, replace=False))
 
 
 def training_intensities(volumes_path: str | Path, rows: np.ndarray) -> dict:
@@ -53,6 +132,17 @@ def training_intensities(volumes_path: str | Path, rows: np.ndarray) -> dict:
         "tolerance": TOLERANCE,
         "n_cells": int(len(rows)),
     }
+
+
+def out_of_distribution_cells(quantiles: np.ndarray, reference: dict) -> list[str]:
+    """out_of_distribution of each cell's quantiles in (B, C, L), testing all cells at once."""
+    quantiles = np.asarray(quantiles)
+    low, high = np.asarray(reference["low"]), np.asarray(reference["high"])  # (C, L)
+    if quantiles.shape[1:] != low.shape:
+        return [out_of_distribution(q, reference) for q in quantiles]
+    margin = reference["tolerance"] * np.maximum(np.asarray(reference["spread"]), 1e-6)[:, None]  # as below
+    outside = ((quantiles < low - margin) | (quantiles > high + margin)).any(axis=(1, 2))  # (B,)
+    return [out_of_distribution(q, reference) if out else "" for q, out in zip(quantiles, outside)]
 
 
 def out_of_distribution(quantiles: np.ndarray, reference: dict) -> str:

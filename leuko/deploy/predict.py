@@ -8,9 +8,10 @@ Writes, next to each other:
                                    [, n_review: cells to review, retained_<class>: percent of the other cells]
     predictions_skipped.csv        cell_id, path, reason: volumes that could not be read (only if any)
 Each volume is read with leuko.data.io.read_volume and prepared with the model's own copy of the
-settings `leuko prepare` used for its training data (leuko.data.preprocess.process_cell). The net runs
-through ONNX Runtime on the CPU when it can, on a graph cached per model and checked against PyTorch
-(load_model's runtime; leuko.deploy.onnx_model), while the next batch is read and prepared.
+settings `leuko prepare` used for its training data (leuko.data.preprocess.process_cell), by worker threads
+(--workers) that read, prepare and check chunks of --batch-size cells (leuko.deploy.inputs.read_cells) a few
+chunks ahead of the net. The net runs through ONNX Runtime on the CPU when it can, on a graph cached per
+model and checked against PyTorch (load_model's runtime; leuko.deploy.onnx_model).
 
 Input the model was not trained for is refused before anything is written: a manifest whose modality
 is not the model's, duplicate cell ids, a manifest with no rows, and an input whose cells mostly lie
@@ -25,6 +26,7 @@ see leuko.deploy.trust.
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 from collections import deque
@@ -35,17 +37,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from leuko.data.io import SUPPORTED_SUFFIXES, VolumeError, read_volume, volume_suffix
+from leuko.data.io import SUPPORTED_SUFFIXES, volume_suffix
 from leuko.data.manifest import VOXEL_SIZE_COLUMNS, read_manifest_table
 from leuko.data.progress import progress as progress_bar
 from leuko.deploy import onnx_model
-from leuko.deploy.intensity import cell_quantiles, out_of_distribution
+from leuko.deploy.inputs import read_cells
+from leuko.deploy.intensity import cell_quantiles, out_of_distribution_cells
 from leuko.deploy.trust import add_trust_columns
 from leuko.errors import LeukoError
 from leuko.evaluation.agreement import percentages
 from leuko.evaluation.review import REVIEW, review_differential
 from leuko.tracking.uri import resolve_tracking_uri
-from leuko.training.predictions import PRED, prob_columns, probability_table
+from leuko.training.predictions import PRED, probability_table
 
 MANIFEST = "manifest.csv"
 SAMPLE_KEYS = ("patient_id", "sample_type")
@@ -217,16 +220,20 @@ def predict(
     progress: bool = True,
     allow_out_of_distribution: bool = False,
     runtime: str = "auto",
+    workers: int | None = None,
 ) -> dict:
     """Run the model on every cell; unreadable cells are reported on stderr, listed, and skipped.
-    runtime: "auto", "onnx" or "torch" (load_model)."""
+    runtime: "auto", "onnx" or "torch" (load_model). workers: threads reading and preparing volumes
+    (default: OMP_NUM_THREADS, else the cores this process may use)."""
     out = Path(out)
     if out.suffix.lower() != ".csv":
         raise PredictError(f"--out {out}: give a .csv file name (the differential goes next to it)")
     if batch_size < 1:
         raise PredictError(f"--batch-size {batch_size}: must be at least 1")
+    if workers is not None and workers < 1:
+        raise PredictError(f"--workers {workers}: must be at least 1")
     cells, groups = find_cells(source, voxel_size=voxel_size)
-    model, impl = load_model(model_uri, runtime=runtime)
+    _, impl = load_model(model_uri, runtime=runtime)  # impl.predict_proba: the pyfunc model's own inference
     settings = impl.config["preprocessing"]
     _check_modality(cells, settings.get("modality"), source, model_uri)
     if settings.get("target_voxel_size") is not None and cells[list(VOXEL_SIZE_COLUMNS)].isna().any(axis=None):
@@ -241,13 +248,14 @@ def predict(
             "out-of-distribution check is off (register the model again to turn it on)",
             file=sys.stderr,
         )
-    kept, probs, reasons, skipped = _run(cells, model, impl, reference, batch_size=batch_size, progress=progress)
+    workers = workers or onnx_model.default_threads()
+    kept, probs, reasons, skipped = _run(cells, impl, reference, batch_size, workers, progress=progress)
     paths = _paths(out)
     if not kept:
         _write_skipped(paths["skipped"], skipped)
         raise PredictError(f"none of the {len(cells)} volume(s) could be read (see {paths['skipped']})")
     drop = list(VOXEL_SIZE_COLUMNS) + (["modality"] if "modality" in cells.columns else [])
-    table = pd.DataFrame(kept).drop(columns=drop)
+    table = cells.iloc[kept].reset_index(drop=True).drop(columns=drop)
     table = pd.concat([table, probability_table(np.concatenate(probs), impl.classes)], axis=1)
     if reference is not None:
         table[OOD] = [bool(r) for r in reasons]
@@ -319,43 +327,45 @@ def _check_distribution(table: pd.DataFrame, reasons: list[str], model_uri: str,
 
 
 def _run(
-    cells: pd.DataFrame, model, impl, reference: dict | None, *, batch_size: int, progress: bool
-) -> tuple[list, list, list[str], list[dict]]:
-    """(cells read, their (b, classes) probability batches, why each read cell is out of distribution ('' when
-    it is not, or without a reference), {cell_id, path, reason} of the skipped ones)."""
-    read_options = impl.config["preprocessing"].get("read_options") or {}
-    classes = impl.classes
+    cells: pd.DataFrame, impl, reference: dict | None, batch_size: int, workers: int, *, progress: bool
+) -> tuple[list[int], list, list[str], list[dict]]:
+    """(rows of cells read, their (b, classes) probability batches, why each read cell is out of distribution
+    ('' when it is not, or without a reference), {cell_id, path, reason} of the skipped ones)."""
+    config = impl.config
+    paths = cells["path"].astype(str).tolist()
+    sizes = [None if np.isnan(s).any() else tuple(s) for s in cells[list(VOXEL_SIZE_COLUMNS)].to_numpy(float)]
+
+    def chunk(start: int) -> tuple:  # in a worker thread: read, prepare and check cells start .. start + batch_size
+        stop = min(start + batch_size, len(cells))
+        windows, rows, errors = read_cells(config, paths[start:stop], sizes[start:stop])  # (k, C, *shape)
+        why = out_of_distribution_cells(cell_quantiles(windows), reference) if reference else [""] * len(rows)
+        return stop - start, windows, [start + r for r in rows], {start + i: e for i, e in errors.items()}, why
+
     kept, probs, reasons, skipped = [], [], [], []
-    batch: list[np.ndarray] = []
-    # The model runs on one batch (outside the GIL) while the next is read and prepared; at most `waiting`
-    # batches wait for it, so memory stays at a few batches.
-    pool, pending = ThreadPoolExecutor(max_workers=1), deque()
-
-    def flush(waiting: int = 1) -> None:
-        if batch:
-            pending.append(pool.submit(model.predict, np.stack(batch), params={"preprocess": False}))
-            batch.clear()
-        while len(pending) > waiting:
-            probs.append(pending.popleft().result()[prob_columns(classes)].to_numpy())
-
-    bar = progress_bar(cells.itertuples(index=False), total=len(cells), desc="predict", unit="cell", enabled=progress)
-    for cell in bar:
-        size = [getattr(cell, c) for c in VOXEL_SIZE_COLUMNS]
-        try:
-            volume = read_volume(cell.path, **read_options)
-            window = impl.preprocess(volume, None if any(np.isnan(size)) else size)  # (C, *shape)
-        except (VolumeError, ValueError, OSError) as exc:
-            reason = " ".join(str(exc).split())
-            bar.write(f"skipped {cell.cell_id}: {reason}")
-            skipped.append({"cell_id": cell.cell_id, "path": cell.path, "reason": reason})
-            continue
-        reasons.append(out_of_distribution(cell_quantiles(window), reference) if reference else "")
-        batch.append(window)
-        kept.append(cell)
-        if len(batch) == batch_size:
-            flush()
-    flush(0)
-    pool.shutdown()
+    starts = iter(range(0, len(cells), batch_size))
+    bar = progress_bar(total=len(cells), desc="predict", unit="cell", enabled=progress)
+    # One thread runs the net (outside the GIL) on a chunk while the workers prepare the next ones; at most
+    # workers + 1 chunks are prepared ahead and one waits for the net, so memory stays at a few chunks.
+    net = ThreadPoolExecutor(max_workers=1)
+    with ThreadPoolExecutor(max_workers=workers) as pool, net, bar:
+        pending = deque(pool.submit(chunk, start) for start in itertools.islice(starts, workers + 1))
+        inferring: deque = deque()
+        while pending or inferring:
+            if pending:
+                n, windows, rows, errors, why = pending.popleft().result()
+                pending.extend(pool.submit(chunk, start) for start in itertools.islice(starts, 1))
+                for i, exc in errors.items():
+                    reason = " ".join(str(exc).split())
+                    bar.write(f"skipped {cells['cell_id'].iat[i]}: {reason}")
+                    skipped.append({"cell_id": cells["cell_id"].iat[i], "path": paths[i], "reason": reason})
+                inferring.append((n, net.submit(impl.predict_proba, windows) if rows else None))
+                kept.extend(rows)
+                reasons.extend(why)
+            while inferring and (len(inferring) > 1 or not pending):
+                n, result = inferring.popleft()
+                if result is not None:
+                    probs.append(result.result())  # (b, classes)
+                bar.update(n)
     return kept, probs, reasons, skipped
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from helpers.sweep import env_with, registered_model
 from leuko.cli.app import _wants_model, main
-from leuko.deploy.intensity import LEVELS, cell_quantiles, out_of_distribution, training_intensities
+from leuko.deploy.intensity import LEVELS, out_of_distribution, training_intensities
 from leuko.deploy.predict import PredictError, differential, find_cells, predict
 
 
@@ -200,22 +200,6 @@ def test_an_unknown_label_keeps_the_reference_of_the_known_classes_and_is_named(
     assert table.loc["P1", "n_cells"] == 3 and table.loc["P1", "pred_neutrophil"] == 100
 
 
-def test_intensity_quantiles_flag_cells_far_outside_the_training_range(tmp_path):
-    rng = np.random.default_rng(0)
-    volumes = rng.normal(0.0, 1.0, size=(40, 2, 8, 8, 8)).astype(np.float32)
-    volumes[:, 1] += 5.0  # a second channel at another level
-    np.save(tmp_path / "volumes.npy", volumes)
-    reference = training_intensities(tmp_path / "volumes.npy", np.arange(30))
-    assert reference["levels"] == list(LEVELS) and reference["n_cells"] == 30
-    assert np.asarray(reference["low"]).shape == (2, len(LEVELS))
-    assert all(out_of_distribution(cell_quantiles(v), reference) == "" for v in volumes[30:])  # unseen, same kind
-    assert cell_quantiles(volumes[:3]).shape == (3, 2, len(LEVELS))
-    shifted = volumes[30].copy()
-    shifted[1] *= 100.0  # another scale in one channel
-    reason = out_of_distribution(cell_quantiles(shifted), reference)
-    assert reason.startswith("channel 1 ") and "training range" in reason
-
-
 @pytest.fixture(scope="module")
 def thg_cells(tmp_path_factory):
     """8 one-channel THG intensity volumes (phantoms): a folder, with a manifest whose modality is hhg."""
@@ -318,3 +302,96 @@ def test_a_model_stored_as_a_pickle_is_refused_without_unpickling(tmp_path, monk
         predict(str(tmp_path / "model"), tiny_cohort, tmp_path / "p.csv")
     assert str(tmp_path / "model") in str(info.value)
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------------------------------------- the batched path
+@pytest.fixture(scope="module")
+def checked_model(tmp_path_factory, tiny_prepared):
+    """A tiny untrained model folder whose config has an intensity range, a review threshold and training patients."""
+    import json
+
+    from helpers.model_folder import model_folder
+    from leuko.deploy.trust import training_patients
+
+    folder = model_folder(tmp_path_factory.mktemp("checked"), temperature=1.3)
+    path = folder / "artifacts" / "model_config.json"
+    config = json.loads(path.read_text())
+    config["intensity"] = training_intensities(tiny_prepared / "volumes.npy", np.arange(40))
+    config["review"] = {"threshold": 1.2}
+    config["training_patients"] = training_patients(["P01", "P04"])
+    path.write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def mixed_manifest(tiny_cohort, thg_cells, tmp_path_factory):
+    """The tiny cohort plus cells the batches must handle: larger fields, unreadable and foreign volumes."""
+    from leuko.data.io import read_volume, write_volume
+
+    folder = tmp_path_factory.mktemp("mixed")
+    table = pd.read_csv(tiny_cohort)
+    table["path"] = [str(tiny_cohort.parent / p) for p in table["path"]]
+    extra = []
+    for i, path in enumerate(table["path"][:7]):  # the same cells in a larger field of medium
+        volume = np.pad(read_volume(path), ((0, 0), (3, 5), (0, 6), (4, 1)), constant_values=1.337)
+        extra.append(("wide", i, write_volume(folder / f"wide{i}.npy", volume)))
+    (folder / "broken.npy").write_bytes(b"\x93NUMPY garbage")
+    extra.append(("broken", 0, folder / "broken.npy"))
+    extra.append(("two", 0, write_volume(folder / "two.npy", np.concatenate([read_volume(table["path"][0])] * 2))))
+    for i, path in enumerate(sorted(thg_cells.glob("*.npy"))[:3]):  # THG intensities through an RI model
+        extra.append(("thg", i, path))
+    rows = [dict(table.iloc[i % len(table)], cell_id=f"{kind}{i}", path=str(p)) for kind, i, p in extra]
+    mixed = pd.concat([table.iloc[:25], pd.DataFrame(rows), table.iloc[25:]], ignore_index=True)
+    mixed.to_csv(folder / "manifest.csv", index=False)
+    return folder / "manifest.csv"
+
+
+def _plain_per_cell(folder, manifest, runtime):
+    """What predict computes, one cell at a time: read, the model's own preprocess, np.quantile, the net on one cell."""
+    from leuko.data.io import VolumeError, read_volume
+    from leuko.deploy.predict import load_model
+
+    _, impl = load_model(str(folder), runtime=runtime)
+    cells, _ = find_cells(manifest)
+    kept, windows, skipped = [], [], []
+    for cell in cells.itertuples(index=False):
+        try:
+            windows.append(impl.preprocess(read_volume(cell.path), None))
+            kept.append(cell.cell_id)
+        except (VolumeError, ValueError, OSError):
+            skipped.append(cell.cell_id)
+    windows = np.stack(windows)  # (N, C, D, H, W)
+    probs = np.concatenate([impl.predict_proba(windows[i : i + 1]) for i in range(len(windows))])
+    quantiles = np.moveaxis(np.quantile(windows.reshape(len(windows), 1, -1), LEVELS, axis=-1), 0, -1)
+    ood = [out_of_distribution(q, impl.config["intensity"]) != "" for q in quantiles]
+    return kept, probs, ood, skipped, impl.classes
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_batches_on_worker_threads_give_the_plain_per_cell_predictions(
+    checked_model, mixed_manifest, tmp_path, runtime, capsys
+):
+    kept, probs, ood, skipped, classes = _plain_per_cell(checked_model, mixed_manifest, runtime)
+    assert len(kept) == 70 and skipped == ["broken0", "two0"] and sum(ood) == 3  # the THG cells
+    for batch_size, workers in [(4, 3), (32, None)]:
+        out = tmp_path / f"b{batch_size}" / "p.csv"
+        result = predict(
+            str(checked_model), mixed_manifest, out, batch_size=batch_size, workers=workers, runtime=runtime
+        )
+        assert result["runtime"] == ("pytorch" if runtime == "torch" else "onnxruntime")
+        got = pd.read_csv(out)
+        assert list(got["cell_id"]) == kept
+        assert np.abs(got[[f"prob_{c}" for c in classes]].to_numpy() - probs).max() < 1e-5
+        assert list(got["pred_label"]) == [classes[i] for i in probs.argmax(axis=1)]
+        assert list(got["out_of_distribution"]) == ood
+        assert got["seen_patient"].sum() == got["patient_id"].isin(["P01", "P04"]).sum() > 0
+        assert list(got["review"]) == list(got["uncertainty"] > 1.2)
+        assert list(pd.read_csv(tmp_path / f"b{batch_size}" / "p_skipped.csv")["cell_id"]) == skipped
+        err = capsys.readouterr().err
+        assert "skipped broken0: " in err and "skipped two0: " in err and "C=1" in err
+        assert "predict: 72/72 cells (100%)" in err  # progress lines, as in a log
+
+
+def test_workers_must_be_at_least_one(tmp_path):
+    with pytest.raises(PredictError, match="--workers 0: must be at least 1"):
+        predict("models:/leuko@champion", tmp_path, tmp_path / "p.csv", workers=0)
