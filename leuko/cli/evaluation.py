@@ -294,8 +294,11 @@ def _add_report(sub) -> None:
         leuko report --run runs/demo                         # writes runs/demo/report.html
         leuko report --run runs/demo --out demo.html
         leuko report --run 3f2a9c0d5e6b47e1a2b3c4d5e6f7a8b9 --out report.html   # from MLflow artifacts
+        leuko report --run runs/demo --model models:/leuko@champion   # + its ONNX export check and model card
         a CV folder without eval/ is evaluated first (`leuko evaluate --cv RUN`); numbers shown are checked
-        against the metrics logged to the CV's MLflow run.
+        against the metrics logged to the CV's MLflow run. --model exports the registered version into
+        runs/NAME/export/ (model.onnx, model.json; reused while fresh) and shows its parity with PyTorch, both
+        runtimes' CPU throughput, its input and its MODEL_CARD.md.
         """,
     )
     p.add_argument(
@@ -317,6 +320,20 @@ def _add_report(sub) -> None:
         metavar="N",
         help="first write Grad-CAM and occlusion maps of N right and N wrong cells per class from the first fold's "
         "best checkpoint into runs/NAME/explain/ (default 0: only show that folder if it exists)",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="URI",
+        help="a registered version, models:/NAME@ALIAS or models:/NAME/VERSION: add a section with its ONNX export "
+        "check and its model card",
+    )
+    p.add_argument(
+        "--export-input",
+        default=None,
+        metavar="DIR|CSV",
+        help="volumes to check the ONNX graph on (default: the model's training manifest when DVC tracks it here, "
+        "else its logged example cell and its mirror images)",
     )
     p.add_argument("--tracking-uri", default=None, metavar="URI", help="MLflow tracking URI (MLFLOW_TRACKING_URI wins)")
     p.set_defaults(func=cmd_report)
@@ -341,8 +358,21 @@ def cmd_report(args: argparse.Namespace) -> None:
         eval_dir=args.eval,
         baselines_dir=args.baselines,
         evaluate_missing=not args.no_evaluate,
+        model=args.model,
+        export_input=args.export_input,
     )
     print(f"wrote {result['out']} ({Path(result['out']).stat().st_size / 1e6:.1f} MB, self-contained)")
+    deployed = result["deployment"]
+    if deployed and deployed["error"]:
+        print(
+            f"the ONNX export of {deployed['model']} failed (the report says why): {deployed['error']}", file=sys.stderr
+        )
+    elif deployed:
+        rates = deployed["export/onnxruntime_cells_per_s"], deployed["export/torch_cells_per_s"]
+        print(
+            f"{deployed['model']}: ONNX parity {deployed['export/max_abs_difference']:.2e}, onnxruntime {rates[0]:.1f} "
+            f"cells/s, PyTorch {rates[1]:.1f} cells/s{' (a fresh export, reused)' if deployed['reused'] else ''}"
+        )
     if not result["has_baselines"]:
         print(
             "no baselines for this run: add them with `leuko baselines --cv RUN --manifest MANIFEST`", file=sys.stderr

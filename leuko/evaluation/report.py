@@ -7,7 +7,8 @@ compared with the metrics logged there and the page says whether they match. Ima
 base64 PNG and the CSS is inline: the file can be mailed or archived on its own.
 
 The exact numbers shown are also embedded as JSON (<script id="leuko-numbers" type="application/json">).
-This module finds and reads the inputs; leuko.evaluation.report_sections writes the HTML.
+This module finds and reads the inputs; leuko.evaluation.report_sections writes the HTML. With a registered
+model (--model), leuko.evaluation.report_deploy adds its ONNX export check and its model card.
 """
 
 from __future__ import annotations
@@ -26,9 +27,18 @@ import yaml
 
 from leuko.errors import LeukoError
 from leuko.evaluation import baselines, embedding, evaluate, intervals
+from leuko.evaluation.report_deploy import (
+    EXPORT,
+    Deployment,
+    deploy_numbers,
+    deployment,
+    resolve_model,
+    with_deploy_section,
+)
 from leuko.evaluation.report_saliency import with_saliency_section
 from leuko.evaluation.report_sections import SECTIONS, ReportInputs, page
 from leuko.evaluation.report_trust import with_trust_sections
+from leuko.tracking.uri import resolve_tracking_uri
 from leuko.training.run_dir import BASELINES, CONFIG, EVAL, FOLD_METRICS, SUMMARY, fold_configs
 
 # MLflow stores metrics as doubles; CSV and JSON round-trips keep 15+ significant digits.
@@ -152,7 +162,11 @@ def _metrics_ci(eval_dir: Path | None) -> dict:
 
 
 def _config(files: RunFiles) -> tuple[dict, str]:
-    for candidate in [files.root / CONFIG, *fold_configs(files.root)]:
+    return _config_at(files.root)
+
+
+def _config_at(root: Path) -> tuple[dict, str]:
+    for candidate in [root / CONFIG, *fold_configs(root)]:
         if candidate.is_file():
             text = candidate.read_text()
             return (yaml.safe_load(text) or {}), text
@@ -233,10 +247,12 @@ def read_inputs(files: RunFiles) -> ReportInputs:
 
 
 # ---------------------------------------------------------------------------------------------- the page
-def build(files: RunFiles) -> tuple[str, dict]:
-    """(HTML text, numbers shown) for one run."""
+def build(files: RunFiles, deploy: Deployment | None = None) -> tuple[str, dict]:
+    """(HTML text, numbers shown) for one run; with deploy, the registered model's section (report_deploy)."""
     inputs = read_inputs(files)
-    return page(inputs, with_saliency_section(with_trust_sections(SECTIONS))), inputs.numbers
+    inputs.numbers.update(deploy_numbers(deploy))
+    makers = with_deploy_section(with_saliency_section(with_trust_sections(SECTIONS)), deploy)
+    return page(inputs, makers), inputs.numbers
 
 
 def write_report(
@@ -247,10 +263,24 @@ def write_report(
     eval_dir: str | Path | None = None,
     baselines_dir: str | Path | None = None,
     evaluate_missing: bool = True,
+    model: str | None = None,
+    export_input: str | Path | None = None,
 ) -> dict:
-    """Write the report for a CV folder or MLflow run id; a CV folder without eval/ is evaluated first."""
+    """Write the report for a CV folder or MLflow run id; a CV folder without eval/ is evaluated first.
+
+    model: a registered version (models:/NAME@ALIAS or models:/NAME/VERSION) whose ONNX export check and model
+    card the page shows, exported into runs/NAME/export/ (leuko.evaluation.report_deploy); export_input: the
+    volumes to check the graph on."""
     tmp = None
     path = Path(run)
+    ref = None
+    if export_input is not None and not Path(export_input).exists():
+        raise ReportError(
+            f"--export-input {export_input}: no such file or folder; give a folder of volumes or a manifest"
+        )
+    if model is not None:  # before any work: a bad URI is the user's to fix first
+        cv_uri = (_config_at(path)[0].get("tracking") or {}).get("uri") if path.is_dir() else None
+        ref = resolve_model(model, resolve_tracking_uri(tracking_uri or cv_uri))
     if (
         evaluate_missing
         and path.is_dir()
@@ -264,7 +294,8 @@ def write_report(
         if not path.is_dir():
             tmp = Path(tempfile.mkdtemp(prefix="leuko-report-"))
         files = locate(run, tracking_uri=tracking_uri, eval_dir=eval_dir, baselines_dir=baselines_dir, download_to=tmp)
-        html_page, numbers = build(files)
+        deploy = None if ref is None else deployment(ref, files.root / EXPORT, cells=export_input, kept=tmp is None)
+        html_page, numbers = build(files, deploy)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -280,4 +311,7 @@ def write_report(
         "mismatches": mismatches,
         "has_eval": files.eval_dir is not None,
         "has_baselines": files.baselines_dir is not None,
+        "deployment": None
+        if deploy is None
+        else {"model": deploy.model.pinned, "error": deploy.error, "reused": deploy.reused, **deploy_numbers(deploy)},
     }
