@@ -73,6 +73,9 @@ def write_space(folder: Path, base: Path, *, study: str, name: str = "sweep.yaml
 
 def env_with(**extra: str) -> dict:
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONUNBUFFERED="1")
+    # mlflow.set_registry_uri (an earlier test in this process) exports MLFLOW_REGISTRY_URI: a command started
+    # here would register into that store instead of its tracking URI's, unless a test asks for it
+    env.pop("MLFLOW_REGISTRY_URI", None)
     env.update(extra)
     return env
 
