@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "predict" and deploy.wants_model(argv[1:]):
+    # `leuko predict --help` alone shows the registered-model predict (its description points to LightningCLI's)
+    if argv and argv[0] == "predict" and (deploy.wants_model(argv[1:]) or argv[1:] in (["--help"], ["-h"])):
         args = deploy.predict_model_parser().parse_args(argv[1:])
         return _guarded("predict", lambda: args.func(args))
     if argv and argv[0] in training.LIGHTNING_COMMANDS:

@@ -31,7 +31,7 @@ def predict_model_parser() -> argparse.ArgumentParser:
         prog="leuko predict",
         description="run a registered model on a folder of volumes or a manifest: per-cell classes and "
         "probabilities, and the per-sample differential (without --model, `leuko predict` is LightningCLI "
-        "predict on prepared data)",
+        "predict on prepared data: `leuko predict --config CONFIG.yaml --help` lists its options)",
         epilog=examples(
             """
             leuko predict --model models:/leuko@champion --input data --out predictions.csv

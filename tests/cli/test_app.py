@@ -84,3 +84,11 @@ def test_help_imports_nothing_heavy():
 def test_python_dash_m_runs_the_command():
     done = subprocess.run([sys.executable, "-m", "leuko.cli", "sweep", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--leaderboard" in done.stdout
+
+
+def test_predict_help_alone_shows_the_registered_model_predict(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["predict", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "--model" in out and "--workers" in out and "LightningCLI" in out
