@@ -129,26 +129,15 @@ def _heldout_baselines(space: str, result: dict) -> list[dict] | None:
     from mlflow import MlflowClient  # heavy imports here, as above
     from mlflow.entities import Metric
 
-    from leuko.evaluation.heldout import heldout_baselines
+    from leuko.evaluation.heldout import sweep_baselines
     from leuko.evaluation.metrics import SCORES
-    from leuko.evaluation.mip import DEFAULT_MIP_NET
     from leuko.sweep.space import load_sweep_config
     from leuko.tracking.runs import log_batch
 
     cfg = load_sweep_config(space)
     if not cfg.baselines:
         return None
-    data = result["data"]
-    table = heldout_baselines(
-        data["prepared_dir"],
-        cfg.baselines["manifest"],
-        k=data["k"],
-        test_fraction=data["test_fraction"],
-        seed=data["seed"],
-        mip_net=cfg.baselines.get("mip_net", DEFAULT_MIP_NET),
-        mip_epochs=int(cfg.baselines.get("mip_epochs", 10)),
-        cache=Path("sweeps") / cfg.study,
-    )
+    table = sweep_baselines(cfg.baselines, result["data"], Path("sweeps") / cfg.study)
     now = int(time.time() * 1000)
     metrics = [
         Metric(f"baseline/{r['key']}/{m}", float(r[m]), now, 0) for r in table.to_dict("records") for m in SCORES

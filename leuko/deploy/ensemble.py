@@ -36,12 +36,16 @@ class Ensemble(nn.Module):
     def size(self) -> int:
         return len(self.members)
 
+    def _term(self, net: nn.Module, seen: torch.Tensor) -> torch.Tensor:
+        """One member's calibrated probabilities on one view: (B, classes)."""
+        return (net(seen).float() / self.temperature).softmax(-1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         total = None
         for flips, turn in self.views:
             seen = apply_view(x, flips, turn)  # (B, C, D, H, W)
             for net in self.members:
-                p = (net(seen).float() / self.temperature).softmax(-1)  # (B, classes)
+                p = self._term(net, seen)  # (B, classes)
                 total = p if total is None else total + p
         n = len(self.views) * len(self.members)
         return total if n == 1 else total / n
@@ -50,8 +54,5 @@ class Ensemble(nn.Module):
         """(views, members, B, classes): each member's calibrated probabilities on each view, the identity view
         first; forward(x) is their mean over the first two axes."""
         return torch.stack(
-            [
-                torch.stack([(net(apply_view(x, f, t)).float() / self.temperature).softmax(-1) for net in self.members])
-                for f, t in self.views
-            ]
+            [torch.stack([self._term(net, apply_view(x, f, t)) for net in self.members]) for f, t in self.views]
         )

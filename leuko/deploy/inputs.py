@@ -66,6 +66,7 @@ def read_cells(
                     errors[i] = exc
         pending.clear()
 
+    held = 0  # bytes in pending
     for i, path in enumerate(paths):
         try:
             volume = _checked(config, read_volume(path, **options), voxel_sizes[i])
@@ -73,8 +74,10 @@ def read_cells(
             errors[i] = exc
             continue
         pending.append((i, volume))
-        if sum(v.nbytes for _, v in pending) >= STACK_BYTES:
+        held += volume.nbytes
+        if held >= STACK_BYTES:
             flush()
+            held = 0
     if pending:
         flush()
     windows = np.concatenate(parts) if parts else prepare_volumes(config, [], [])

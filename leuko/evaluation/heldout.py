@@ -27,6 +27,26 @@ from leuko.evaluation.morphology import features_table
 
 TABLE = "heldout_baselines.csv"
 SETTINGS = "heldout_baselines.json"
+SPLIT_KEYS = ("prepared_dir", "k", "test_fraction", "seed")  # the data settings that place the test patients
+
+
+def split_settings(data) -> dict:
+    """The SPLIT_KEYS of a config's `data` section: where a model's held-out test patients are."""
+    return {key: data[key] for key in SPLIT_KEYS}
+
+
+def sweep_baselines(spec: dict, split: dict, cache: str | Path) -> pd.DataFrame:
+    """heldout_baselines for a sweep file's `baselines:` entry ({manifest, mip_net, mip_epochs}) and a split."""
+    return heldout_baselines(
+        split["prepared_dir"],
+        spec["manifest"],
+        k=split["k"],
+        test_fraction=split["test_fraction"],
+        seed=split["seed"],
+        mip_net=spec.get("mip_net", DEFAULT_MIP_NET),
+        mip_epochs=int(spec.get("mip_epochs", 10)),
+        cache=cache,
+    )
 
 
 def heldout_baselines(
@@ -66,7 +86,7 @@ def heldout_baselines(
     table = align(features, splits)
     columns = feature_columns(features)
     x, y = table[columns].to_numpy(dtype=float), table["label"].astype(str).to_numpy()
-    test = (table["fold"].astype(str) == TEST).to_numpy()
+    test = is_test  # align() keeps exactly the splits' cells, in their order
     labels = dict(CLASSICAL)
     rows = []
     for key, model in classical_models(seed).items():

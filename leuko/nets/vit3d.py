@@ -220,14 +220,14 @@ def vit3d_tiny(**kwargs: Any) -> ViT3D:
     return ViT3D(**(args | kwargs))
 
 
+CONVSTEM = {"stem": "conv", "global_pool": "avg"}  # what the `vit3d_convstem*` variants change
+
+
 def vit3d_convstem(**kwargs: Any) -> ViT3D:
     """vit3d with a convolutional stem and mean-token pooling (see the module docstring)."""
-    return vit3d(**({"stem": "conv", "global_pool": "avg"} | kwargs))
+    return vit3d(**(CONVSTEM | kwargs))
 
 
 def vit3d_convstem_tiny(**kwargs: Any) -> ViT3D:
     """Three 64-wide blocks after a conv stem on a 32^3 volume (4^3 tokens, ~0.2 M parameters): CPU-sized."""
-    args: dict[str, Any] = dict(
-        img_size=(32, 32, 32), patch_size=(8, 8, 8), embed_dim=64, depth=3, num_heads=2, stem="conv", global_pool="avg"
-    )
-    return ViT3D(**(args | kwargs))
+    return vit3d_tiny(**(CONVSTEM | {"embed_dim": 64, "depth": 3} | kwargs))

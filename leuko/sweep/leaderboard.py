@@ -79,21 +79,10 @@ def print_leaderboard(board: pd.DataFrame, cfg: SweepConfig, limit: int = 20) ->
 def print_heldout(cfg: SweepConfig, data: dict, cache: Path) -> None:
     """The sweep file's baselines on the held-out test patients (cached in `cache`), under the leaderboard."""
     from leuko.errors import LeukoError
-    from leuko.evaluation.heldout import format_heldout, heldout_baselines  # heavy imports: sklearn, torch
-    from leuko.evaluation.mip import DEFAULT_MIP_NET
+    from leuko.evaluation.heldout import format_heldout, sweep_baselines  # heavy imports: sklearn, torch
 
-    spec = dict(cfg.baselines or {})
     try:
-        table = heldout_baselines(
-            data["prepared_dir"],
-            spec["manifest"],
-            k=data["k"],
-            test_fraction=data["test_fraction"],
-            seed=data["seed"],
-            mip_net=spec.get("mip_net", DEFAULT_MIP_NET),
-            mip_epochs=int(spec.get("mip_epochs", 10)),
-            cache=cache,
-        )
+        table = sweep_baselines(cfg.baselines or {}, data, cache)
     except (LeukoError, OSError, ValueError) as exc:
         print(f"warning: no held-out baselines ({exc}); check `baselines:` in {cfg.path}", file=sys.stderr)
         return

@@ -260,11 +260,8 @@ def _start_workers(worker: Worker, shares: list[int | None], gpus: int) -> list[
         if shares[i] == 0:
             continue
         cmd = [sys.executable, "-m", "leuko.cli", "sweep", "--space", str(cfg.path)]
-        cmd += (
-            ["--trials", str(shares[i])]
-            if shares[i] is not None
-            else ["--budget", f"{max(worker.deadline - time.time(), 1):.0f}"]
-        )
+        # no --trials: as many as fit before the deadline the worker reads from the environment
+        cmd += ["--trials", str(shares[i])] if shares[i] is not None else []
         cmd += ["--workers", "1", "--storage", worker.url, "--out", str(worker.out), "--worker-index", str(i)]
         cmd += [a for c in worker.configs[len(cfg.config) :] for a in ("--config", c)]
         cmd += ["--sweep-run-id", worker.sweep_run_id] if worker.sweep_run_id else []
@@ -319,6 +316,7 @@ def _probe(configs: list[str], overrides: list[str], validate: SweepConfig | Non
     """Instantiate the base config once; with validate, with one point of the space, so that a key
     that is not a config key fails before any trial starts."""
     # heavy imports here: the config system loads Lightning and the nets
+    from leuko.evaluation.heldout import split_settings
     from leuko.tracking.lineage import lineage_tags
     from leuko.tracking.runs import DEFAULT_EXPERIMENT, resolve_tracking_uri
     from leuko.training.cli import LeukoCLI
@@ -339,9 +337,9 @@ def _probe(configs: list[str], overrides: list[str], validate: SweepConfig | Non
     tracking = probe.config["tracking"]
     multi = _multi_device(probe.config["trainer"])
     net = probe.config["model"]["net"]
-    data = {key: probe.config["data"][key] for key in ("prepared_dir", "k", "test_fraction", "seed")}
+    data = split_settings(probe.config["data"])
     point = {}
-    if validate is not None:  # parsed only, not instantiated: the base config without the probe's point
+    if validate is not None and validate.start_from_config:  # parsed only: the base config without the probe's point
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             base = probe.parser.parse_args([a for c in configs for a in ("--config", c)] + list(overrides))

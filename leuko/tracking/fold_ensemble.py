@@ -199,7 +199,8 @@ def held_out_report(terms: np.ndarray, labels: np.ndarray, classes: list[str], t
     registered model last), "metrics": {MLflow metric: value}, "probs": (N, classes) of the registered model}."""
     n_views, n_members = terms.shape[:2]
     single = [scores(terms[0, m], labels, classes) for m in range(n_members)]
-    shipped = scores(terms.mean(axis=(0, 1)), labels, classes)
+    probs = terms.mean(axis=(0, 1))  # (N, classes): the registered model's
+    shipped = scores(probs, labels, classes)
     keys = [k for k in COMPARED if k in shipped]
     rows, metrics = [], {}
     if n_members > 1:
@@ -220,7 +221,7 @@ def held_out_report(terms: np.ndarray, labels: np.ndarray, classes: list[str], t
         metrics.update({f"test/{name}_tta_{k}": shipped[k] for k in keys})
     rows[-1][LABEL] += " (registered)"
     metrics.update({f"test/{k}": v for k, v in shipped.items()})
-    return {"test": shipped, "rows": rows, "metrics": metrics, "probs": terms.mean(axis=(0, 1))}
+    return {"test": shipped, "rows": rows, "metrics": metrics, "probs": probs}
 
 
 def table_lines(rows: list[dict], key: str) -> list[str]:

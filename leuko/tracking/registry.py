@@ -192,6 +192,7 @@ def _log_and_register(cli, source: Source, test: dict | None, model: dict, *, na
     import mlflow
 
     from leuko.deploy.trust import trust_config
+    from leuko.evaluation.heldout import split_settings
     from leuko.tracking import fold_ensemble
     from leuko.tracking.lineage import lineage_tags
     from leuko.tracking.model_card import card_for_refit
@@ -249,7 +250,7 @@ def _log_and_register(cli, source: Source, test: dict | None, model: dict, *, na
         "tracking_uri": uri,
         "model_uri": f"models:/{name}/{version}",
         # where its held-out test patients are (the baselines beside it use the same split)
-        "data": {k: cli.config["data"][k] for k in ("prepared_dir", "k", "test_fraction", "seed")},
+        "data": split_settings(cli.config["data"]),
     }
 
 
