@@ -39,7 +39,7 @@ from leuko.data.medmnist import INFO, MANIFEST, MedMNISTError, import_medmnist
 from leuko.data.prepare import prepare
 from leuko.errors import LeukoError
 from leuko.evaluation.metrics import pooled_metrics
-from leuko.training.predictions import predictions_frame
+from leuko.training.predictions import PRED, predictions_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_NPZ = ROOT.parent / "shared" / "data" / "medmnist3d" / "vesselmnist3d.npz"
@@ -136,7 +136,7 @@ def epoch_lines(label: str):
     return EpochLine()
 
 
-def fit_recipe(recipe: Path, prepared: Path, *, seed: int, opts: argparse.Namespace, root: Path) -> dict:
+def fit_recipe(recipe: Path, prepared: Path, *, seed: int, opts: argparse.Namespace, root: Path) -> tuple:
     """One fit of the recipe on the prepared MedMNIST data (fold 0 = the official val split)."""
     from leuko.training.cli import LeukoCLI
 
@@ -154,7 +154,7 @@ def fit_recipe(recipe: Path, prepared: Path, *, seed: int, opts: argparse.Namesp
     return _fit_and_test(cli.trainer, cli.model, cli.datamodule, weights_only=None)
 
 
-def fit_protocol(net: str, prepared: Path, *, seed: int, epochs: int, opts: argparse.Namespace, root: Path) -> dict:
+def fit_protocol(net: str, prepared: Path, *, seed: int, epochs: int, opts: argparse.Namespace, root: Path) -> tuple:
     """One fit of the MedMNIST v2 protocol (see the module docstring)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -184,8 +184,8 @@ def fit_protocol(net: str, prepared: Path, *, seed: int, epochs: int, opts: argp
     return _fit_and_test(trainer, model, data, weights_only=False)  # its own checkpoint, with the data's hparams
 
 
-def _fit_and_test(trainer, model, data, *, weights_only: bool | None) -> dict:
-    """Fit, then predict the test split once with the best validation checkpoint: the run's numbers."""
+def _fit_and_test(trainer, model, data, *, weights_only: bool | None) -> tuple[pd.DataFrame, dict]:
+    """Fit, then predict the test split once with the best validation checkpoint: (its test table, the numbers)."""
     import torch
 
     started = time.perf_counter()
@@ -196,20 +196,35 @@ def _fit_and_test(trainer, model, data, *, weights_only: bool | None) -> dict:
     preds = trainer.predict(model, datamodule=data, ckpt_path=best.best_model_path, weights_only=weights_only)
     cells = predictions_frame(preds, model.class_names)
     cells["label"] = data.index.set_index("cell_id").loc[cells["cell_id"], "label"].to_numpy()
-    scores = pooled_metrics(cells, model.class_names)
-    if len(model.class_names) == 2:  # binary: AUROC of the positive class (label 1)
-        scores["auroc"] = _binary_auroc(cells, model.class_names[1])
     checkpoint = torch.load(best.best_model_path, map_location="cpu", weights_only=False)  # this run's own file
-    return {
+    return cells, {
         "net": model.hparams.net,
-        **{k: _number(scores.get(k)) for k in METRICS},
+        **test_scores(cells, model.class_names),
         "params_m": sum(p.numel() for p in model.net.parameters()) / 1e6,
-        "epochs": trainer.max_epochs,
+        "epochs": trainer.current_epoch,  # trained (an early stop ends before max_epochs)
         "best_epoch": int(checkpoint["epoch"]) + 1,
         "selected_on": best.monitor,
         "val_score": _number(best.best_model_score),
         "train_s": round(train_s, 1),
     }
+
+
+def test_scores(cells, classes: list[str]) -> dict:
+    """AUROC (of label 1 for two classes), accuracy and balanced accuracy of one table of test probabilities."""
+    scores = pooled_metrics(cells, classes)
+    if len(classes) == 2:  # binary: AUROC of the positive class (label 1)
+        scores["auroc"] = _binary_auroc(cells, classes[1])
+    return {k: _number(scores.get(k)) for k in METRICS}
+
+
+def ensemble_scores(tables: list[pd.DataFrame]) -> dict:
+    """test_scores of the mean probabilities of several runs' test predictions (an ensemble of the seeds)."""
+    probs = [c for c in tables[0].columns if c.startswith("prob_")]
+    mean = tables[0][["cell_id", "label"]].copy()
+    mean[probs] = np.mean([t.set_index("cell_id").loc[mean["cell_id"], probs].to_numpy() for t in tables], axis=0)
+    classes = [c.removeprefix("prob_") for c in probs]
+    mean[PRED] = np.array(classes)[mean[probs].to_numpy().argmax(axis=1)]
+    return test_scores(mean, classes)
 
 
 def _binary_auroc(cells, positive: str) -> float:
@@ -244,8 +259,8 @@ def _fmt(value: float | None, ci: tuple = (None, None)) -> str:
     return "–" if value is None else f"{value:.3f}" + ("" if ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
 
 
-def table(runs: list[dict], per_net: dict, published: dict | None) -> str:
-    """Markdown: a row per run, then the mean [95% CI] over seeds per net, then the published result if any."""
+def table(runs: list[dict], per_net: dict, published: dict | None, ensembles: dict | None = None) -> str:
+    """Markdown: a row per run, the mean [95% CI] over seeds and the ensemble of the seeds per net, the published."""
     head = "| net | seed | params (M) | epochs | best epoch (val) | test AUC | test ACC | test balanced ACC | train |"
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
@@ -256,6 +271,8 @@ def table(runs: list[dict], per_net: dict, published: dict | None) -> str:
         scores = " | ".join(_fmt(s["mean"], (s["ci_low"], s["ci_high"])) for s in summary.values())
         n = max(s["n"] for s in summary.values())
         lines.append(f"| **{net}: mean [95% CI]** | {n} seed(s) | | | | {scores} | |")
+        if ensemble := (ensembles or {}).get(net):  # one model: the mean probability of the seeds' models
+            lines.append(f"| {net}: ensemble of the seeds | {n} | | | | {' | '.join(map(_fmt, ensemble.values()))} | |")
     if p := published:
         lines.append(f"| {p['net']} | – | – | 100 | – | {p['auroc']:.3f} | {p['accuracy']:.3f} | – | – |")
     return "\n".join(lines)
@@ -292,7 +309,7 @@ def run(opts: argparse.Namespace) -> dict:
     folder = Path(opts.work) / opts.npz.name.removesuffix(".npz")
     prepared = prepare_data(opts.npz, folder, limit=opts.limit)
     recipe = f"recipe-{hashlib.sha256(RECIPE.read_bytes()).hexdigest()[:8]}"  # a changed recipe is trained again
-    runs = []
+    runs, tables = [], {}  # tables: each setting's test probabilities per seed, for the ensemble of its seeds
     for label, net, epochs in plan(opts):
         for seed in range(opts.seeds):
             key = f"{net}-e{epochs}-b{opts.batch_size}-lr{opts.lr:g}" if net else f"{recipe}-e{epochs or 'r'}"
@@ -300,22 +317,28 @@ def run(opts: argparse.Namespace) -> dict:
             print(f"--- {folder.name}: {label or 'default recipe'}, seed {seed}", file=sys.stderr, flush=True)
             if cache.is_file():
                 runs.append(json.loads(cache.read_text()))
+                test = cache.with_suffix(".csv")
+                tables.setdefault(runs[-1]["label"], []).append(pd.read_csv(test) if test.is_file() else None)
                 print(f"result from {cache}", file=sys.stderr, flush=True)
                 continue
             root = folder / "runs" / cache.stem
             if net is None:
-                result = fit_recipe(RECIPE, prepared, seed=seed, opts=opts, root=root)
+                cells, result = fit_recipe(RECIPE, prepared, seed=seed, opts=opts, root=root)
             else:
-                result = fit_protocol(net, prepared, seed=seed, epochs=epochs, opts=opts, root=root)
+                cells, result = fit_protocol(net, prepared, seed=seed, epochs=epochs, opts=opts, root=root)
             runs.append({"label": label or result["net"], "seed": seed, **result})
-            runs[-1]["environment"] = environment(opts.accelerator)
+            tables.setdefault(runs[-1]["label"], []).append(cells)
             cache.parent.mkdir(parents=True, exist_ok=True)
+            cells.to_csv(cache.with_suffix(".csv"), index=False)
+            runs[-1]["environment"] = environment(opts.accelerator)
             cache.write_text(json.dumps(runs[-1], indent=2) + "\n")
             print(json.dumps({k: runs[-1][k] for k in ("label", "seed", *METRICS)}), file=sys.stderr, flush=True)
     per_net = summarise(runs)
+    ensembles = {n: ensemble_scores(t) for n, t in tables.items() if len(t) > 1 and all(x is not None for x in t)}
     document = {
         "rows": [{"net": r["label"], "seed": r["seed"], **{m: r[m] for m in METRICS}} for r in runs],
         "summary": next(iter(per_net.values())) if len(per_net) == 1 else per_net,
+        "ensemble": next(iter(ensembles.values())) if len(per_net) == 1 and ensembles else ensembles,
         "dataset": folder.name,
         "recipe": "MedMNIST v2 protocol" if opts.nets else RECIPE.as_posix().removeprefix(f"{ROOT.as_posix()}/"),
         "work": str(folder),
@@ -383,11 +406,13 @@ def main(argv: list[str] | None = None) -> dict:
     env = environment(opts.accelerator)
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
     published = PUBLISHED.get(document["dataset"].removesuffix("_28"))
-    text = table(document["runs"], summarise(document["runs"]), published)
+    per_net = summarise(document["runs"])
+    ensembles = {next(iter(per_net)): document["ensemble"]} if len(per_net) == 1 else document["ensemble"]
+    text = table(document["runs"], per_net, published, ensembles if document["ensemble"] else None)
     print(f"\n{document['dataset']}, test split, model chosen on validation; {env}\n\n{text}")
     if opts.json:
         opts.json.parent.mkdir(parents=True, exist_ok=True)
-        opts.json.write_text(json.dumps({k: document[k] for k in ("rows", "summary")}, indent=2) + "\n")
+        opts.json.write_text(json.dumps({k: document[k] for k in ("rows", "summary", "ensemble")}, indent=2) + "\n")
         print(f"\nwrote {opts.json}", file=sys.stderr)
     if opts.results:
         write_results(opts.results, document, text, command, env)

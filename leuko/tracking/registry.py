@@ -84,9 +84,7 @@ def source_from_study(space: str | Path, *, storage: str | None = None, trial: i
             )
     attrs = chosen.user_attrs
     overrides = list(attrs[A_OVERRIDES])
-    earned = (attrs.get(A_CV) or {}).get("best_epoch", {}).get("mean")
-    if earned:  # refit for the epochs the trial earned: up to its best validation epoch (mean over its folds)
-        overrides += ["--trainer.max_epochs", str(max(1, round(earned)))]
+    overrides += earned_epochs(attrs.get(A_CV) or {})
     return Source(
         configs=list(attrs[A_CONFIG]),
         overrides=overrides,
@@ -97,6 +95,15 @@ def source_from_study(space: str | Path, *, storage: str | None = None, trial: i
         cv_dir=attrs.get(A_DIR),
         objective=cfg.objective,
     )
+
+
+def earned_epochs(cv_summary: dict, overrides: list[str] = ()) -> list[str]:
+    """["--trainer.max_epochs", N] for a refit of the epochs a CV earned: its folds' mean best validation epoch
+    (an early-stopped recipe's refit has no validation to stop on); [] without one, or when overrides set them."""
+    earned = (cv_summary.get("best_epoch") or {}).get("mean")
+    if not earned or any(o.startswith("--trainer.max_epochs") for o in overrides):
+        return []
+    return ["--trainer.max_epochs", str(max(1, round(earned)))]
 
 
 def register(

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import BasePredictionWriter, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins import CheckpointIO, TorchCheckpointIO
 
@@ -136,6 +136,12 @@ class LeukoCLI(LightningCLI):
         parser.add_argument("--tracking.run_name", type=str | None, default=None, help="MLflow run name")
         parser.add_argument("--tracking.enabled", type=bool, default=True, help="log to MLflow")
         parser.add_argument(
+            "--monitor",
+            type=str,
+            default=MONITOR,
+            help="validation metric that picks best.ckpt, highest wins (lowest for a loss): e.g. val/auroc",
+        )
+        parser.add_argument(
             "--predictions",
             type=str | None,
             default=None,
@@ -157,9 +163,12 @@ class LeukoCLI(LightningCLI):
         configured = list(configured) if isinstance(configured, list) else [configured]
         callbacks = configured + list(kwargs.pop("callbacks", []) or [])
         has_checkpoint = any(isinstance(c, ModelCheckpoint) for c in configured)
+        validates = config["data"].get("fold") is not None
+        if not validates:  # a refit on every non-test cell: no validation score to stop on, so no early stop
+            callbacks = [c for c in callbacks if not isinstance(c, EarlyStopping)]
         if not has_checkpoint:
             callbacks += default_checkpoints(
-                root / run_dir.CHECKPOINTS, validates=config["data"].get("fold") is not None
+                root / run_dir.CHECKPOINTS, validates=validates, monitor=config.get("monitor") or MONITOR
             )
         callbacks.append(TrackingCallback())
         if self.subcommand == "predict":
@@ -183,8 +192,8 @@ class LeukoCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
 
-def default_checkpoints(dirpath: Path, *, validates: bool) -> list[ModelCheckpoint]:
-    """best.ckpt (highest val balanced accuracy) when there is a validation set, and last.ckpt every epoch.
+def default_checkpoints(dirpath: Path, *, validates: bool, monitor: str = MONITOR) -> list[ModelCheckpoint]:
+    """best.ckpt (highest `monitor`, lowest for a loss) when there is a validation set, and last.ckpt every epoch.
 
     last.ckpt comes from its own callback: Lightning 2.6's save_last only writes when a top-k checkpoint
     was written in the same step, so a run whose score stopped improving would resume from a stale epoch.
@@ -197,7 +206,12 @@ def default_checkpoints(dirpath: Path, *, validates: bool) -> list[ModelCheckpoi
     if not validates:
         return [last]
     best = ModelCheckpoint(
-        dirpath=dirpath, filename=best_name, monitor=MONITOR, mode="max", save_top_k=1, enable_version_counter=False
+        dirpath=dirpath,
+        filename=best_name,
+        monitor=monitor,
+        mode="min" if "loss" in monitor else "max",
+        save_top_k=1,
+        enable_version_counter=False,
     )
     return [best, last]
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
@@ -59,7 +60,11 @@ def test_default_recipe_two_seeds_binary(tmp_path, capsys):
     argv = ["--npz", str(npz), "--work", str(tmp_path / "work"), "--seeds", "2", "--json", str(out), *QUICK]
     document = medmnist.main([*argv, "--results", str(results)])
     saved = json.loads(out.read_text())
-    assert set(saved) == {"rows", "summary"} and saved["rows"] == document["rows"]
+    assert set(saved) == {"rows", "summary", "ensemble"} and saved["rows"] == document["rows"]
+    # the ensemble of the two seeds: their test probabilities averaged, scored once
+    tests = sorted((tmp_path / "work" / "tinyvessel3d_16" / "results").glob("*.csv"))
+    assert len(tests) == 2 and saved["ensemble"] == medmnist.ensemble_scores([pd.read_csv(t) for t in tests])
+    assert set(saved["ensemble"]) == set(medmnist.METRICS)
     recipe_net = yaml.safe_load(medmnist.RECIPE.read_text())["model"]["net"]
     _check_document(saved, [recipe_net], seeds=2)
     # the work folder is named after the file, and holds this run's data and results
@@ -67,9 +72,11 @@ def test_default_recipe_two_seeds_binary(tmp_path, capsys):
     assert (folder / "prepared" / "meta.json").is_file() and (folder / "results.json").is_file()
     assert [p.name for p in (tmp_path / "work").iterdir()] == ["tinyvessel3d_16"]
     runs = json.loads((folder / "results.json").read_text())["runs"]
-    assert all(r["selected_on"] == "val/balanced_accuracy" and r["epochs"] == 1 for r in runs)
+    monitor = yaml.safe_load(medmnist.RECIPE.read_text())["monitor"]
+    assert all(r["selected_on"] == monitor and r["epochs"] == 1 for r in runs)
     printed = capsys.readouterr()
     assert f"| **{recipe_net}: mean [95% CI]** | 2 seed(s)" in printed.out
+    assert f"| {recipe_net}: ensemble of the seeds | 2 |" in printed.out
     assert "epoch 1/1" in printed.err and "seed 1" in printed.err
     # --results rewrote only the MedMNIST section of RESULTS.md
     text = results.read_text()
@@ -113,6 +120,15 @@ def test_confidence_interval_is_student_t_and_null_for_one_seed():
     assert ci == pytest.approx({"mean": 0.85, "ci_low": low, "ci_high": high, "n": 3})
     assert medmnist.confidence_interval([0.7]) == {"mean": 0.7, "ci_low": None, "ci_high": None, "n": 1}
     assert medmnist.confidence_interval([0.7, 0.7])["ci_low"] == 0.7
+
+
+def test_ensemble_scores_average_the_probabilities():
+    # each run alone calls one cell wrong; their mean calls both right (AUROC of prob_b: 1.0)
+    one = pd.DataFrame({"cell_id": ["x", "y"], "label": ["a", "b"], "prob_a": [0.4, 0.1], "prob_b": [0.6, 0.9]})
+    two = pd.DataFrame({"cell_id": ["y", "x"], "label": ["b", "a"], "prob_a": [0.6, 0.9], "prob_b": [0.4, 0.1]})
+    scores = medmnist.ensemble_scores([one, two])
+    assert scores == {"auroc": 1.0, "accuracy": 1.0, "balanced_accuracy": 1.0}
+    assert medmnist.ensemble_scores([one])["accuracy"] == 0.5
 
 
 def test_binary_auroc_is_the_positive_class():

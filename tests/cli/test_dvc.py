@@ -252,7 +252,7 @@ def test_repro_runs_every_stage_and_records_lineage(reproduced):
         metrics = json.loads((repo / "eval" / "metrics.json").read_text())
         assert "oof/balanced_accuracy" in metrics and "cv/balanced_accuracy_mean" in metrics
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    assert set(lock["cv"]["params"]["params.yaml"]) == {"seed_everything", "model", "data", "trainer"}
+    assert set(lock["cv"]["params"]["params.yaml"]) == {"seed_everything", "monitor", "model", "data", "trainer"}
 
     import mlflow
 
