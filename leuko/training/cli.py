@@ -21,6 +21,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins import CheckpointIO, TorchCheckpointIO
 
 from leuko.data.datamodule import LeukoDataModule
+from leuko.errors import ConfigError
 from leuko.params import COMMAND_SECTIONS
 from leuko.tracking.lineage import lineage_tags
 from leuko.tracking.runs import DEFAULT_EXPERIMENT, TrackingCallback, config_params, make_logger
@@ -164,12 +165,16 @@ class LeukoCLI(LightningCLI):
         callbacks = configured + list(kwargs.pop("callbacks", []) or [])
         has_checkpoint = any(isinstance(c, ModelCheckpoint) for c in configured)
         validates = config["data"].get("fold") is not None
+        monitor = config.get("monitor") or MONITOR
+        if validates and not monitor.startswith("val/"):
+            raise ConfigError(
+                f"monitor {monitor!r}: best.ckpt is picked on a validation metric; give one such as val/auroc, "
+                "val/balanced_accuracy, val/macro_f1 or val/loss"
+            )
         if not validates:  # a refit on every non-test cell: no validation score to stop on, so no early stop
             callbacks = [c for c in callbacks if not isinstance(c, EarlyStopping)]
         if not has_checkpoint:
-            callbacks += default_checkpoints(
-                root / run_dir.CHECKPOINTS, validates=validates, monitor=config.get("monitor") or MONITOR
-            )
+            callbacks += default_checkpoints(root / run_dir.CHECKPOINTS, validates=validates, monitor=monitor)
         callbacks.append(TrackingCallback())
         if self.subcommand == "predict":
             callbacks.append(CSVPredictionWriter(config.get("predictions") or root / run_dir.PREDICTIONS))

@@ -58,3 +58,8 @@ def test_early_stopping_only_with_a_validation_fold(tiny_config, tmp_path, fold,
     stop = '[{"class_path": "lightning.pytorch.callbacks.EarlyStopping", "init_args": {"monitor": "val/auroc"}}]'
     cli = _cli(tiny_config, tmp_path / "run", "--trainer.callbacks", stop, "--data.fold", fold)
     assert any(isinstance(c, EarlyStopping) for c in cli.trainer.callbacks) == kept
+
+
+def test_a_monitor_that_is_no_validation_metric_is_refused(tiny_config, tmp_path):
+    with pytest.raises(ConfigError, match=r"monitor 'auroc': .* give one such as val/auroc"):
+        _cli(tiny_config, tmp_path / "run", "--monitor", "auroc")
