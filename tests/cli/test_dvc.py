@@ -20,7 +20,7 @@ from leuko.params import COMMAND_SECTIONS, ParamsError, section_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-LEUKOCLI_SECTIONS = {"seed_everything", "model", "data", "trainer", "tracking"}
+LEUKOCLI_SECTIONS = {"seed_everything", "monitor", "model", "data", "trainer", "tracking"}
 
 
 def env(repo: Path) -> dict[str, str]:
