@@ -12,7 +12,8 @@ else macro one-vs-rest. Default: the recipe of conf/experiment/phantoms_tiny.yam
 MedMNIST data, its best validation checkpoint tested once. --nets: the MedMNIST v2 protocol (Yang et al. 2023):
 Adam, lr 1e-3, x0.1 at 50% and 75% of the epochs, batch 32, 100 epochs, no augmentation or weight decay, best
 val AUC; a ViT's patch is the largest side <= 8 dividing the shape. --seeds N: seeds 0..N-1 (seed_everything and
-data), Student t 95% CI of the mean. Results kept in <work>/<stem>/results/ are reused (delete one to redo it).
+data), Student t 95% CI of the mean, and the ensemble of the seeds (their mean test probabilities, scored once;
+"ensemble" in --json). Results kept in <work>/<stem>/results/ are reused (delete one to redo it).
 """
 
 from __future__ import annotations
@@ -199,7 +200,7 @@ def _fit_and_test(trainer, model, data, *, weights_only: bool | None) -> tuple[p
     checkpoint = torch.load(best.best_model_path, map_location="cpu", weights_only=False)  # this run's own file
     return cells, {
         "net": model.hparams.net,
-        **test_scores(cells, model.class_names),
+        **heldout_scores(cells, model.class_names),
         "params_m": sum(p.numel() for p in model.net.parameters()) / 1e6,
         "epochs": trainer.current_epoch,  # trained (an early stop ends before max_epochs)
         "best_epoch": int(checkpoint["epoch"]) + 1,
@@ -209,7 +210,7 @@ def _fit_and_test(trainer, model, data, *, weights_only: bool | None) -> tuple[p
     }
 
 
-def test_scores(cells, classes: list[str]) -> dict:
+def heldout_scores(cells, classes: list[str]) -> dict:
     """AUROC (of label 1 for two classes), accuracy and balanced accuracy of one table of test probabilities."""
     scores = pooled_metrics(cells, classes)
     if len(classes) == 2:  # binary: AUROC of the positive class (label 1)
@@ -218,13 +219,13 @@ def test_scores(cells, classes: list[str]) -> dict:
 
 
 def ensemble_scores(tables: list[pd.DataFrame]) -> dict:
-    """test_scores of the mean probabilities of several runs' test predictions (an ensemble of the seeds)."""
+    """heldout_scores of the mean probabilities of several runs' test predictions (an ensemble of the seeds)."""
     probs = [c for c in tables[0].columns if c.startswith("prob_")]
     mean = tables[0][["cell_id", "label"]].copy()
     mean[probs] = np.mean([t.set_index("cell_id").loc[mean["cell_id"], probs].to_numpy() for t in tables], axis=0)
     classes = [c.removeprefix("prob_") for c in probs]
     mean[PRED] = np.array(classes)[mean[probs].to_numpy().argmax(axis=1)]
-    return test_scores(mean, classes)
+    return heldout_scores(mean, classes)
 
 
 def _binary_auroc(cells, positive: str) -> float:
