@@ -35,10 +35,14 @@ class EMAWeights(WeightAveraging):
     """
 
     def __init__(self, decay: float = 0.99):
-        if not 0.0 < decay < 1.0:
-            raise ConfigError(f"EMAWeights decay {decay}: give a number between 0 and 1, e.g. 0.99")
         self.decay = decay
         super().__init__(multi_avg_fn=self._update)
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # checked here, not in __init__: jsonargparse would bury an error raised while it parses the config
+        if not 0.0 < self.decay < 1.0:
+            raise ConfigError(f"EMAWeights decay {self.decay}: give a number between 0 and 1, e.g. 0.99")
+        super().setup(trainer, pl_module, stage)
 
     @torch.no_grad()
     def _update(self, averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:

@@ -50,7 +50,7 @@ def test_monitor_a_loss_keeps_the_lowest(tiny_config, tmp_path):
 @pytest.mark.parametrize("decay", [0.0, 1.0, 1.5])
 def test_decay_outside_zero_one_is_refused(decay):
     with pytest.raises(ConfigError, match=rf"decay {decay}: give a number between 0 and 1"):
-        EMAWeights(decay=decay)
+        EMAWeights(decay=decay).setup(None, None, "fit")
 
 
 @pytest.mark.parametrize("fold, kept", [("0", True), ("null", False)])
