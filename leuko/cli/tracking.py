@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
 from leuko.cli.command import UsageError, add_command
 from leuko.deploy.tta import DEFAULT_TTA, TTA_MODES
-from leuko.training.run_dir import OOF, SUMMARY
+from leuko.training.run_dir import OOF, read_summary
 
 
 def add_parsers(sub) -> None:
@@ -107,11 +106,9 @@ def cmd_register(args: argparse.Namespace, rest: list[str]) -> None:
         if not (Path(args.cv) / OOF).is_file():
             raise UsageError(f"--cv {args.cv}: no {OOF} in it; give the output folder of a finished `leuko cv`")
         source.cv_dir = args.cv
-        if args.config and (summary := Path(args.cv) / SUMMARY).is_file():
-            epochs = earned_epochs(json.loads(summary.read_text()), source.overrides)
+        if args.config and (epochs := earned_epochs(read_summary(args.cv), source.overrides)):
             source.overrides = [*source.overrides, *epochs]
-            if epochs:
-                print(f"refit for {epochs[1]} epochs: the mean best epoch of the CV in {args.cv}", file=sys.stderr)
+            print(f"refit for {epochs[1]} epochs: the mean best epoch of the CV in {args.cv}", file=sys.stderr)
     if args.cv_dir and not args.ensemble:
         raise UsageError(f"--cv-dir {args.cv_dir}: names the CV whose fold models form an ensemble; add --ensemble")
     result = register(

@@ -51,7 +51,7 @@ from leuko.evaluation.intervals import DIFFERENTIALS_CI, METRICS_CI, log_interva
 from leuko.evaluation.metrics import confusion, per_class_table, pooled_metrics, sample_type_metrics
 from leuko.evaluation.review import CALIBRATION_OUTPUTS, calibrate_and_review
 from leuko.training.predictions import PRED, PROB_PREFIX, classes_from_columns
-from leuko.training.run_dir import EVAL, FOLD_PREFIX, OOF, RUN_ID, SUMMARY, CheckpointError, read_run_id
+from leuko.training.run_dir import EVAL, FOLD_PREFIX, OOF, RUN_ID, CheckpointError, read_run_id, read_summary
 
 # DIFFERENTIALS and BLAND_ALTMAN (differentials.csv, bland_altman.csv) are named in leuko.evaluation.agreement,
 # whose log_agreement logs those two tables under eval/ in MLflow.
@@ -109,9 +109,7 @@ def load_cv(cv_dir: str | Path) -> Predictions:
             f"{path} not found{hint}; give --cv the output folder of `leuko cv` (runs/<name>), after the CV finished"
         )
     cells = pd.read_csv(path, dtype=TEXT_COLUMNS)
-    summary_path = cv_dir / SUMMARY
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    return Predictions(_check_cells(cells, path), _classes(cells, path), path, cv_dir, summary)
+    return Predictions(_check_cells(cells, path), _classes(cells, path), path, cv_dir, read_summary(cv_dir))
 
 
 def load_predictions(path: str | Path, prepared_dir: str | Path | None = None) -> Predictions:

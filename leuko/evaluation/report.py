@@ -39,7 +39,7 @@ from leuko.evaluation.report_saliency import with_saliency_section
 from leuko.evaluation.report_sections import SECTIONS, ReportInputs, page
 from leuko.evaluation.report_trust import with_trust_sections
 from leuko.tracking.uri import resolve_tracking_uri
-from leuko.training.run_dir import BASELINES, CONFIG, EVAL, FOLD_METRICS, SUMMARY, fold_configs
+from leuko.training.run_dir import BASELINES, CONFIG, EVAL, FOLD_METRICS, SUMMARY, fold_configs, read_summary
 
 # MLflow stores metrics as doubles; CSV and JSON round-trips keep 15+ significant digits.
 MATCH_TOLERANCE = 1e-9
@@ -176,7 +176,7 @@ def _config_at(root: Path) -> tuple[dict, str]:
 # ---------------------------------------------------------------------------------------------- numbers
 def collect(files: RunFiles) -> dict:
     """Every number the page shows, keyed as in MLflow (cv/..., oof/..., recall/..., ba/..., baselines/...)."""
-    summary = json.loads((files.root / SUMMARY).read_text())
+    summary = read_summary(files.root)
     numbers: dict[str, float] = {}
     for key, stats in summary.items():
         numbers[f"cv/{key}_mean"], numbers[f"cv/{key}_std"] = float(stats["mean"]), float(stats["std"])
@@ -227,7 +227,7 @@ def read_inputs(files: RunFiles) -> ReportInputs:
         run_id=files.run_id,
         tags=files.tags,
         numbers=numbers,
-        summary=json.loads((files.root / SUMMARY).read_text()),
+        summary=read_summary(files.root),
         fold_metrics=_read_csv(files.root / FOLD_METRICS),
         config=config,
         config_text=config_text,

@@ -137,12 +137,6 @@ def _check_no_test_patients(cv_dir: Path, datamodule) -> None:
         )
 
 
-def cv_summary(cv_dir: str | Path | None) -> dict:
-    """The CV's {metric: {"mean", "std"}} (cv_summary.json), {} when it has none."""
-    path = Path(cv_dir) / run_dir.SUMMARY if cv_dir else None
-    return json.loads(path.read_text()) if path is not None and path.is_file() else {}
-
-
 def calibration_dir(cv_dir: str | Path | None, source_cv: str | None) -> str | None:
     """The CV whose out-of-fold cells calibrate the model: the ensemble's own (its members' held-out cells, the
     cells the temperature is to fit) when it has them, else the source's."""

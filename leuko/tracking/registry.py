@@ -221,7 +221,7 @@ def _log_and_register(cli, source: Source, test: dict | None, model: dict, *, na
         if model["cv_dir"] is not None:
             weights = weight_names(len(model["members"]))
             config["ensemble"] = {"weights": weights, "folds": model["folds"], "cv_dir": str(model["cv_dir"])}
-            source = replace(source, cv=source.cv or fold_ensemble.cv_summary(model["cv_dir"]))
+            source = replace(source, cv=source.cv or run_dir.read_summary(model["cv_dir"]))
         report = {"test": test, "rows": None, "metrics": {}, "probs": None}
         if test is None:  # the model as it ships: calibrated, averaged over its members and views
             temperature = (config.get("calibration") or {}).get("temperature", 1.0)

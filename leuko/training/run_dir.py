@@ -26,6 +26,7 @@ folder already holds a CV is refused unless the caller asks to replace it.
 from __future__ import annotations
 
 import itertools
+import json
 import pickle
 import re
 import shutil
@@ -74,6 +75,21 @@ def best_checkpoints(run: str | Path) -> dict[str, Path]:
 
 def is_cv_run(path: str | Path) -> bool:
     return (Path(path) / SUMMARY).is_file()
+
+
+def read_summary(run: str | Path | None) -> dict:
+    """A CV's {metric: {"mean", "std"}} (its cv_summary.json); {} when run is None or has none yet."""
+    path = Path(run) / SUMMARY if run else None
+    if path is None or not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text())
+    except ValueError as exc:
+        raise RunFolderError(f"{path}: not valid JSON ({exc}); rerun the `leuko cv` that wrote it") from exc
+    if not isinstance(summary, dict):
+        raise RunFolderError(f"{path}: holds {type(summary).__name__}, not {{metric: {{mean, std}}}}; rerun the "
+                             "`leuko cv` that wrote it")  # fmt: skip
+    return summary
 
 
 def read_run_id(folder: str | Path) -> str | None:
