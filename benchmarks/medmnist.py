@@ -5,6 +5,7 @@
     python benchmarks/medmnist.py --limit 64 --max-epochs 1 --threads 1  # a smoke run in about a minute
     python benchmarks/medmnist.py --nets resnet3d_50_tiny,fishnet3d_tiny:30 --epochs 10 --seeds 3
     python benchmarks/medmnist.py --seeds 5 --results benchmarks/RESULTS.md  # also rewrite its MedMNIST section
+    python benchmarks/medmnist.py --folds 5 --tta flip --seeds 3        # 5 fold models as one, 8 flip views
 
 --npz: train/val/test _images (N, D, H, W) or (N, D, H, W, C) and _labels (N, 1) or one-hot (N, K). Work folder:
 <work>/<file stem>/. Classes: MedMNIST's names for its 3D sets, else class_<i>. AUROC: of label 1 for two classes,
@@ -13,7 +14,9 @@ MedMNIST data, its best validation checkpoint tested once. --nets: the MedMNIST 
 Adam, lr 1e-3, x0.1 at 50% and 75% of the epochs, batch 32, 100 epochs, no augmentation or weight decay, best
 val AUC; a ViT's patch is the largest side <= 8 dividing the shape. --seeds N: seeds 0..N-1 (seed_everything and
 data), Student t 95% CI of the mean, and the ensemble of the seeds (their mean test probabilities, scored once;
-"ensemble" in --json). Results kept in <work>/<stem>/results/ are reused (delete one to redo it).
+"ensemble" in --json). --folds K: per seed, a K-fold CV of the recipe on the official train + val volumes
+(class-stratified), its K fold models one model (their mean probability, as `leuko register --ensemble` ships
+it); --tta flip|flip_rot90: that model averages over the views (leuko.deploy.tta). Results kept in <work>/<stem>/results/ are reused (delete one to redo it).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from scipy import stats
 
 from leuko.data.medmnist import INFO, MANIFEST, MedMNISTError, import_medmnist
 from leuko.data.prepare import prepare
+from leuko.deploy.tta import TTA_MODES
 from leuko.errors import LeukoError
 from leuko.evaluation.metrics import pooled_metrics
 from leuko.training.predictions import PRED, predictions_frame
@@ -137,12 +141,21 @@ def epoch_lines(label: str):
     return EpochLine()
 
 
-def fit_recipe(recipe: Path, prepared: Path, *, seed: int, opts: argparse.Namespace, root: Path) -> tuple:
-    """One fit of the recipe on the prepared MedMNIST data (fold 0 = the official val split)."""
+def _recipe_cli(
+    recipe: Path,
+    prepared: Path,
+    *,
+    seed: int,
+    opts: argparse.Namespace,
+    root: Path,
+    fold: int = 0,
+    splits: Path | None = None,
+):
+    """The recipe's LeukoCLI (not run) on the prepared MedMNIST data; fold 0 of no splits is the official val."""
     from leuko.training.cli import LeukoCLI
 
     args = ["--config", str(recipe), "--seed_everything", str(seed), "--data.seed", str(seed)]
-    args += ["--data.prepared_dir", str(prepared), "--data.splits", "null", "--data.fold", "0"]
+    args += ["--data.prepared_dir", str(prepared), "--data.splits", str(splits or "null"), "--data.fold", str(fold)]
     args += ["--trainer.default_root_dir", str(root), "--tracking.enabled", "false", "--trainer.logger", "false"]
     args += ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     for flag, value in [("trainer.max_epochs", opts.max_epochs), ("trainer.accelerator", opts.accelerator),
@@ -151,8 +164,83 @@ def fit_recipe(recipe: Path, prepared: Path, *, seed: int, opts: argparse.Namesp
     with warnings.catch_warnings():  # the args are this script's, not its command line's: no mix-up to warn of
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         cli = LeukoCLI(args=args, run=False)
-    cli.trainer.callbacks.append(epoch_lines(f"{cli.model.hparams.net} seed {seed}"))
-    return _fit_and_test(cli.trainer, cli.model, cli.datamodule, weights_only=None)
+    where = "" if splits is None else f" fold {fold}"
+    cli.trainer.callbacks.append(epoch_lines(f"{cli.model.hparams.net} seed {seed}{where}"))
+    return cli
+
+
+def fit_recipe(recipe: Path, prepared: Path, *, seed: int, opts: argparse.Namespace, root: Path) -> tuple:
+    """One fit of the recipe on the prepared MedMNIST data (fold 0 = the official val split); with --folds K, a
+    K-fold CV on the official train + val volumes (class-stratified, seeded) whose K fold models form one model;
+    with --tta, the model averages over those views. Tested once, as `leuko register --ensemble --tta` ships it
+    (leuko.deploy.ensemble.Ensemble; uncalibrated: T = 1)."""
+    if opts.folds is None and opts.tta == "none":
+        cli = _recipe_cli(recipe, prepared, seed=seed, opts=opts, root=root)
+        return _fit_and_test(cli.trainer, cli.model, cli.datamodule, weights_only=None)
+    splits = None if opts.folds is None else write_cv_splits(prepared, root / "splits.csv", k=opts.folds, seed=seed)
+    members, fits = [], []
+    for fold in range(opts.folds or 1):
+        cli = _recipe_cli(recipe, prepared, seed=seed, opts=opts, root=root / f"fold_{fold}", fold=fold, splits=splits)
+        cells, result = _fit_and_test(cli.trainer, cli.model, cli.datamodule, weights_only=None)
+        best = type(cli.model).load_from_checkpoint(cli.trainer.checkpoint_callback.best_model_path, weights_only=False)
+        members.append(best.eval())
+        fits.append(result)
+        print(json.dumps({"fold": fold, **{m: result[m] for m in METRICS}}), file=sys.stderr, flush=True)
+    cells = ensemble_predictions(members, cli.datamodule, opts.tta)
+    return cells, {
+        "net": fits[0]["net"],
+        **heldout_scores(cells, members[0].class_names),
+        "members": len(members),
+        "tta": opts.tta,
+        "member_mean": {m: _number(np.mean([f[m] for f in fits])) for m in METRICS},
+        "params_m": fits[0]["params_m"],
+        "epochs": _span([f["epochs"] for f in fits]),
+        "best_epoch": _span([f["best_epoch"] for f in fits]),
+        "selected_on": fits[0]["selected_on"],
+        "val_score": _number(np.mean([f["val_score"] for f in fits])),
+        "train_s": round(sum(f["train_s"] for f in fits), 1),
+    }
+
+
+def write_cv_splits(prepared: Path, path: Path, *, k: int, seed: int) -> Path:
+    """A splits CSV: the official test volumes held out, train + val in k class-stratified folds (seeded)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    from leuko.data.folds import TEST, write_splits
+    from leuko.data.prepared import load_prepared
+
+    cells = load_prepared(prepared)[1]
+    dev = np.flatnonzero(cells["split"].astype(str).to_numpy() != TEST)
+    fold = np.full(len(cells), TEST, dtype=object)
+    folds = StratifiedKFold(k, shuffle=True, random_state=seed).split(dev, cells["label"].to_numpy()[dev])
+    for f, (_, val) in enumerate(folds):
+        fold[dev[val]] = str(f)
+    return write_splits(cells.assign(fold=fold), path)
+
+
+def ensemble_predictions(members: list, data, tta: str) -> pd.DataFrame:
+    """The test table (cell_id, label, pred_label, prob_<class>) of the members' mean probability over tta views."""
+    import torch
+
+    from leuko.deploy.ensemble import Ensemble
+
+    model, classes = Ensemble(members, tta=tta).eval(), members[0].class_names
+    data.hparams.predict_split = "test"
+    data.setup("predict")
+    ids, probs = [], []
+    with torch.inference_mode():
+        for batch in data.predict_dataloader():
+            ids += list(batch["cell_id"])
+            probs.append(model(batch["volume"]).numpy())
+    cells = pd.DataFrame(np.concatenate(probs), columns=[f"prob_{c}" for c in classes])
+    cells.insert(0, "cell_id", ids)
+    cells[PRED] = np.array(classes)[cells.iloc[:, 1:].to_numpy().argmax(axis=1)]
+    cells["label"] = data.index.set_index("cell_id").loc[cells["cell_id"], "label"].to_numpy()
+    return cells
+
+
+def _span(values: list[int]) -> str | int:
+    return values[0] if min(values) == max(values) else f"{min(values)}-{max(values)}"
 
 
 def fit_protocol(net: str, prepared: Path, *, seed: int, epochs: int, opts: argparse.Namespace, root: Path) -> tuple:
@@ -208,6 +296,13 @@ def _fit_and_test(trainer, model, data, *, weights_only: bool | None) -> tuple[p
         "val_score": _number(best.best_model_score),
         "train_s": round(train_s, 1),
     }
+
+
+def recipe_label(result: dict) -> str:
+    """The table's name of the recipe's model: its net, with the fold models and TTA views it averages."""
+    parts = [f"{result['members']} fold models"] if result.get("members", 1) > 1 else []
+    parts += [f"{result['tta']} TTA"] if result.get("tta", "none") != "none" else []
+    return result["net"] + (f" ({', '.join(parts)})" if parts else "")
 
 
 def heldout_scores(cells, classes: list[str]) -> dict:
@@ -311,9 +406,10 @@ def run(opts: argparse.Namespace) -> dict:
     prepared = prepare_data(opts.npz, folder, limit=opts.limit)
     recipe = f"recipe-{hashlib.sha256(RECIPE.read_bytes()).hexdigest()[:8]}"  # a changed recipe is trained again
     runs, tables = [], {}  # tables: each setting's test probabilities per seed, for the ensemble of its seeds
+    shipped = ("" if opts.folds is None else f"-k{opts.folds}") + ("" if opts.tta == "none" else f"-{opts.tta}")
     for label, net, epochs in plan(opts):
         for seed in range(opts.seeds):
-            key = f"{net}-e{epochs}-b{opts.batch_size}-lr{opts.lr:g}" if net else f"{recipe}-e{epochs or 'r'}"
+            key = f"{net}-e{epochs}-b{opts.batch_size}-lr{opts.lr:g}" if net else f"{recipe}-e{epochs or 'r'}{shipped}"
             cache = folder / "results" / f"{key}-s{seed}{'' if opts.limit is None else f'-train{opts.limit}'}.json"
             print(f"--- {folder.name}: {label or 'default recipe'}, seed {seed}", file=sys.stderr, flush=True)
             if cache.is_file():
@@ -327,7 +423,7 @@ def run(opts: argparse.Namespace) -> dict:
                 cells, result = fit_recipe(RECIPE, prepared, seed=seed, opts=opts, root=root)
             else:
                 cells, result = fit_protocol(net, prepared, seed=seed, epochs=epochs, opts=opts, root=root)
-            runs.append({"label": label or result["net"], "seed": seed, **result})
+            runs.append({"label": label or recipe_label(result), "seed": seed, **result})
             tables.setdefault(runs[-1]["label"], []).append(cells)
             cache.parent.mkdir(parents=True, exist_ok=True)
             cells.to_csv(cache.with_suffix(".csv"), index=False)
@@ -380,6 +476,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-epochs", type=int, default=None, help="cap on epochs (default: recipe's, --epochs)")
     parser.add_argument("--batch-size", type=int, default=32, help="--nets: batch size (protocol: 32)")
     parser.add_argument("--lr", type=float, default=1e-3, help="--nets: learning rate (protocol: 1e-3)")
+    parser.add_argument(
+        "--folds", type=int, default=None, help="recipe: a K-fold CV on train + val, its K models as one"
+    )
+    parser.add_argument(
+        "--tta", default="none", choices=TTA_MODES, help="recipe: test-time views averaged (default none)"
+    )
     parser.add_argument("--seeds", type=int, default=1, help="repeat each setting with seeds 0..N-1 (default 1)")
     parser.add_argument("--limit", type=int, default=None, help="keep N random train volumes (quick checks)")
     parser.add_argument("--accelerator", default=None, help="cpu, gpu, auto (default: the recipe's; cpu for --nets)")
@@ -390,8 +492,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=None, help="also write the table into this RESULTS.md")
     opts = parser.parse_args(argv)
     for name, value in vars(opts).items():
-        if name in ("seeds", "limit", "max_epochs", "epochs", "threads") and value is not None and value < 1:
+        if name in ("seeds", "limit", "max_epochs", "epochs", "threads", "folds") and value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} {value}: give a positive number")
+    if opts.folds == 1:
+        parser.error("--folds 1: a CV needs at least 2 folds; drop --folds to train once on the official split")
+    if opts.nets and (opts.folds or opts.tta != "none"):
+        parser.error("--folds and --tta apply to the default recipe; drop --nets to use them")
     if opts.nets and not re.fullmatch(r"\s*[\w.-]+(:\d+)?\s*(,\s*[\w.-]+(:\d+)?\s*)*,?", opts.nets):
         parser.error(f"--nets {opts.nets!r}: give NAME[:EPOCHS],..., e.g. fishnet3d_tiny:30,vit3d_tiny")
     return opts
