@@ -3,6 +3,7 @@ JSON rows and summary, the work folder per file, and the errors for files that a
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -95,6 +96,52 @@ def test_the_recipe_is_read_when_the_benchmark_runs(tmp_path, monkeypatch):
     document = medmnist.main(["--npz", str(npz), "--work", str(tmp_path), *QUICK[2:]])
     assert [(r["net"], r["epochs"]) for r in document["runs"]] == [("vit3d_tiny", 2)]
     assert document["summary"]["auroc"]["n"] == 1 and document["summary"]["auroc"]["ci_low"] is None
+
+
+def test_folds_and_tta_score_the_fold_models_as_one_model(tmp_path):
+    """--folds 2 --tta flip: a 2-fold CV on train + val, the official test held out, and the test probabilities
+    the mean of both fold models' softmax over the 8 flip views (recomputed here from their checkpoints)."""
+    import torch
+
+    from leuko.data.prepared import load_prepared
+    from leuko.training.module import VolumeClassifier
+
+    npz = _npz(tmp_path / "tinyvessel3d.npz")
+    document = medmnist.main(["--npz", str(npz), "--work", str(tmp_path), "--folds", "2", "--tta", "flip", *QUICK])
+    (run,) = document["runs"]
+    assert run["members"] == 2 and run["tta"] == "flip" and run["label"].endswith("(2 fold models, flip TTA)")
+    folder = tmp_path / "tinyvessel3d"
+    (work,) = (folder / "runs").iterdir()
+    splits = pd.read_csv(work / "splits.csv", dtype=str).set_index("cell_id")
+    assert (splits["fold"] == "test").sum() == 8 and all(
+        i.startswith("test_") for i in splits.index[splits.fold == "test"]
+    )
+    dev = splits[splits["fold"] != "test"]
+    assert sorted(dev["fold"].unique()) == ["0", "1"] and len(dev) == 32  # train + val, each volume in one fold
+    assert (dev.groupby("fold")["label"].value_counts().unstack() == 8).all().all()  # class-stratified
+    cells = pd.read_csv(next((folder / "results").glob("*.csv")))
+    best = [work / f"fold_{f}" / "checkpoints" / "best.ckpt" for f in (0, 1)]
+    members = [VolumeClassifier.load_from_checkpoint(b, map_location="cpu", weights_only=False).eval() for b in best]
+    volumes, index, _ = load_prepared(folder / "prepared")
+    rows = index.set_index("cell_id").loc[cells["cell_id"], "row"].to_numpy()
+    x = torch.from_numpy(np.asarray(volumes[rows], dtype=np.float32))
+    flips = [dims for n in range(4) for dims in itertools.combinations((2, 3, 4), n)]
+    with torch.no_grad():
+        expected = torch.stack([m(torch.flip(x, f) if f else x).softmax(-1) for m in members for f in flips]).mean(0)
+    probs = cells[[f"prob_{c}" for c in members[0].class_names]].to_numpy()
+    assert len(flips) == 8 and np.allclose(probs, expected.numpy(), atol=1e-5)
+    assert run["auroc"] == medmnist.heldout_scores(cells, members[0].class_names)["auroc"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--folds", "1"], "--folds 1: a CV needs at least 2 folds"),
+     (["--nets", "resnet3d_50_tiny", "--tta", "flip"], "--folds and --tta apply to the default recipe")],
+)  # fmt: skip
+def test_folds_and_tta_refuse_what_they_cannot_do(extra, message, capsys):
+    with pytest.raises(SystemExit):
+        medmnist.parse_args(extra)
+    assert message in capsys.readouterr().err
 
 
 def test_protocol_nets_three_classes_onehot_channels_last_and_limit(tmp_path):
