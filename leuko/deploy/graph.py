@@ -30,21 +30,10 @@ import torch
 from torch import nn
 
 from leuko import __version__
+from leuko.deploy.ensemble import Ensemble
 from leuko.deploy.onnx_model import GRAPH, INPUT, OUTPUT, PARITY, SIDECAR, OnnxModel, cache_folder, model_files
 
 OPSET = 17  # every op of the nets (3D conv, pooling, layer norm, attention) exists at 17; onnxruntime runs it
-
-
-class Probabilities(nn.Module):
-    """net -> softmax(logits / temperature): the calibrated probabilities, as one graph."""
-
-    def __init__(self, net: nn.Module, temperature: float = 1.0) -> None:
-        super().__init__()
-        self.net = net
-        self.temperature = float(temperature)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.net(x).float() / self.temperature).softmax(-1)  # (B, classes)
 
 
 def temperature(config: dict) -> float:
@@ -54,9 +43,9 @@ def temperature(config: dict) -> float:
 def probabilities(impl) -> nn.Module:
     """The model's whole computation, prepared volumes -> calibrated probabilities, as one module: its
     Ensemble (members and TTA views), or, for the inference code of models registered before ensembles
-    (which has only .net), softmax(net / temperature)."""
+    (which has only .net), the one-member Ensemble: softmax(net / temperature)."""
     module = getattr(impl, "module", None)
-    return module if module is not None else Probabilities(impl.net, temperature(impl.config)).eval()
+    return module if module is not None else Ensemble([impl.net], temperature(impl.config)).eval()
 
 
 def write_graph(model: nn.Module, config: dict, path: str | Path) -> None:
