@@ -266,6 +266,11 @@ def test_repro_runs_every_stage_and_records_lineage(reproduced):
         assert version.tags["leuko.data_dvc_md5"] == data_md5
         out = sh(repo, "leuko", "lineage", "models:/leuko@champion")
         assert data_md5 in out and version.run_id in out
+        # params.yaml ships the CV's fold models (k=2 here) as one model, with flip TTA: no refit
+        register = params_yaml()["register"]
+        assert register["ensemble"] and register["cv_dir"] == "runs/dvc" and register["tta"] == "flip"
+        assert "ensemble of 2 + TTA flip (registered)" in reproduced["output"]
+        assert "test/ensemble_tta_balanced_accuracy" in client.get_run(version.run_id).data.metrics
 
 
 @pytest.mark.slow
