@@ -16,7 +16,8 @@ val AUC; a ViT's patch is the largest side <= 8 dividing the shape. --seeds N: s
 data), Student t 95% CI of the mean, and the ensemble of the seeds (their mean test probabilities, scored once;
 "ensemble" in --json). --folds K: per seed, a K-fold CV of the recipe on the official train + val volumes
 (class-stratified), its K fold models one model (their mean probability, as `leuko register --ensemble` ships
-it); --tta flip|flip_rot90: that model averages over the views (leuko.deploy.tta). Results kept in <work>/<stem>/results/ are reused (delete one to redo it).
+it); --tta flip|flip_rot90: that model averages over the views (leuko.deploy.tta). Results kept in
+<work>/<stem>/results/ are reused (delete one to redo it).
 """
 
 from __future__ import annotations

@@ -317,7 +317,7 @@ def deploy_section(inp: ReportInputs, dep: Deployment) -> Section:
     m, v = dep.model, dep.model.version
     named = f"<code>{_e(m.uri)}</code>" + (f" = <code>{_e(m.pinned)}</code>" if m.uri != m.pinned else "")
     when = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.creation_timestamp / 1000)) if v.creation_timestamp else "?"
-    about = [f"registered {when} from refit run {v.run_id} in {m.tracking_uri}"]
+    about = [f"registered {when} from run {v.run_id} in {m.tracking_uri}"]
     about += [f"aliases {', '.join(v.aliases)}"] if v.aliases else []
     about += [m.tags["leuko.decision"]] if m.tags.get("leuko.decision") else []
     parts = [f'<p class="note">The registered model {named}: {_e("; ".join(about))}.</p>', _data_check(inp, m)]

@@ -268,7 +268,7 @@ def _intended_use(card: CardData) -> str:
 def _lineage(card: CardData) -> str:
     rows = [[name, f"`{card.lineage.get(tag, 'unknown')}`"] for name, tag in LINEAGE]
     if card.run_id:
-        rows.append(["MLflow refit run", f"`{card.run_id}`"])
+        rows.append(["MLflow run (the model was logged to it)", f"`{card.run_id}`"])
     return _md_table(["what", "value"], rows) + "\n\n`leuko lineage models:/NAME/VERSION` restores this data."
 
 

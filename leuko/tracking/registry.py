@@ -309,7 +309,7 @@ def print_summary(result: dict) -> None:
 
     name, uri = result["name"], result["tracking_uri"]
     cv = result["cv"].get(result["metric"])
-    print(f"\nregistered {name} version {result['version']} (refit run {result['run_id']})")
+    print(f"\nregistered {name} version {result['version']} (run {result['run_id']})")
     print(
         f"  test {result['metric']}: {result['score']:.4f}"
         + (f"   cross-validated: {cv['mean']:.4f} +- {cv['std']:.4f}" if cv else "")
