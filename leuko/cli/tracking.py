@@ -121,14 +121,17 @@ def cmd_register(args: argparse.Namespace, rest: list[str]) -> None:
         tta=args.tta,
     )
     if result and not args.config and not args.no_baselines:
-        result["baselines"] = _heldout_baselines(args.space, result)
+        # the sweep's own folder (--out of `leuko sweep`) holds its trials and the baselines it cached
+        sweep_folder = Path(source.cv_dir).parent if source.cv_dir else None
+        result["baselines"] = _heldout_baselines(args.space, result, sweep_folder)
     if result:
         print_summary(result)
 
 
-def _heldout_baselines(space: str, result: dict) -> list[dict] | None:
-    """The sweep file's baselines on the refit's held-out test patients (cached beside the sweep's), logged to
-    the refit run as baseline/<key>/<metric>; None when the sweep file names none."""
+def _heldout_baselines(space: str, result: dict, sweep_folder: Path | None) -> list[dict] | None:
+    """The sweep file's baselines on the model's held-out test patients (cached in the sweep's folder, the one
+    its trials ran in; sweeps/<study> when unknown), logged to the model's run as baseline/<key>/<metric>; None
+    when the sweep file names none."""
     from mlflow import MlflowClient  # heavy imports here, as above
     from mlflow.entities import Metric
 
@@ -140,7 +143,7 @@ def _heldout_baselines(space: str, result: dict) -> list[dict] | None:
     cfg = load_sweep_config(space)
     if not cfg.baselines:
         return None
-    table = sweep_baselines(cfg.baselines, result["data"], Path("sweeps") / cfg.study)
+    table = sweep_baselines(cfg.baselines, result["data"], sweep_folder or Path("sweeps") / cfg.study)
     now = int(time.time() * 1000)
     metrics = [
         Metric(f"baseline/{r['key']}/{m}", float(r[m]), now, 0) for r in table.to_dict("records") for m in SCORES

@@ -20,11 +20,20 @@ def test_register_reports_and_logs_the_sweep_files_baselines(tmp_path, tiny_coho
     result = {"tracking_uri": uri, "run_id": run_id, "data": data}
 
     plain = write_space(tmp_path, base, study="nb", name="plain.yaml")
-    assert _heldout_baselines(str(plain), result) is None  # the sweep file names none
+    assert _heldout_baselines(str(plain), result, None) is None  # the sweep file names none
 
     space = write_space(tmp_path, base, study="wb", baselines={"manifest": str(tiny_cohort), "mip_epochs": 1})
-    rows = _heldout_baselines(str(space), result)
+    rows = _heldout_baselines(str(space), result, None)
     assert [r["method"] for r in rows][-1] == "2D resnet10t on MIP"
     logged = client.get_run(run_id).data.metrics
     assert logged["baseline/naive_bayes/balanced_accuracy"] == pytest.approx(rows[3]["balanced_accuracy"])
     assert (tmp_path / "sweeps" / "wb" / "heldout_baselines.csv").is_file()  # cached beside the sweep's outputs
+    # a sweep run with --out elsewhere: register finds and reuses the table cached in that sweep's folder
+    elsewhere = tmp_path / "elsewhere" / "wb"
+    elsewhere.mkdir(parents=True)
+    cached = (tmp_path / "sweeps" / "wb" / "heldout_baselines.csv").read_text()
+    (elsewhere / "heldout_baselines.csv").write_text(cached.replace("naive Bayes", "naive Bayes (cached)"))
+    for meta in (tmp_path / "sweeps" / "wb").glob("heldout_baselines*.json"):
+        (elsewhere / meta.name).write_text(meta.read_text())
+    again = _heldout_baselines(str(space), result, elsewhere)
+    assert [r["method"] for r in again] == [r["method"].replace("naive Bayes", "naive Bayes (cached)") for r in rows]
