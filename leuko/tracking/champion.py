@@ -35,15 +35,28 @@ class Decision:
     champion_score: float | None
 
 
+SCORE_DECIMALS = 6  # the precision of the leuko.score tag a version records
+
+
 def decide(score: float, champion_version: str | None, champion_score: float | None, metric: str) -> tuple[str, str]:
     """(alias, reason): champion only for a strictly better test score than the current champion's."""
     if champion_version is None:
         return CHAMPION, "no champion yet"
     if champion_score is None:
         return CHALLENGER, f"champion v{champion_version} has no recorded leuko.score to compare with"
+    # The champion's score is recorded to 6 decimals (SCORE_DECIMALS), so compare at that precision: the same
+    # model registered again (0.93601745... against the recorded 0.936017) is not better, it ties.
+    score = round(float(score), SCORE_DECIMALS)
+    digits = 4 if f"{score:.4f}" != f"{champion_score:.4f}" else SCORE_DECIMALS
     if score > champion_score:
-        return CHAMPION, f"test {metric} {score:.4f} > {champion_score:.4f} of champion v{champion_version}"
-    return CHALLENGER, f"test {metric} {score:.4f} <= {champion_score:.4f} of champion v{champion_version}"
+        return (
+            CHAMPION,
+            f"test {metric} {score:.{digits}f} > {champion_score:.{digits}f} of champion v{champion_version}",
+        )
+    return (
+        CHALLENGER,
+        f"test {metric} {score:.{digits}f} <= {champion_score:.{digits}f} of champion v{champion_version}",
+    )
 
 
 def current_champion(client, name: str, version: str) -> tuple[str | None, float | None]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from leuko.deploy.tta import DEFAULT_TTA, check_tta
 from leuko.errors import LeukoError
-from leuko.tracking.champion import CHALLENGER, CHAMPION, crown, decide
+from leuko.tracking.champion import CHALLENGER, CHAMPION, SCORE_DECIMALS, crown, decide
 from leuko.tracking.model_files import CODE, log_model, model_config, weight_names  # noqa: F401 (CODE: re-exported)
 from leuko.tracking.model_files import signature as _signature  # noqa: F401 (tests import it from here)
 from leuko.training import run_dir
@@ -288,7 +288,7 @@ def _version_tags(source: Source, test: dict, metric: str, config: dict, lineage
     """The tags a registered version carries, besides the alias decision."""
     score = test[metric]
     tags = {
-        "leuko.score": f"{score:.6f}",
+        "leuko.score": f"{score:.{SCORE_DECIMALS}f}",  # what champion.decide compares a new version with
         "leuko.metric": f"test/{metric}",
         "leuko.classes": ",".join(config["classes"]),
         **{f"leuko.test_{k}": f"{v:.6f}" for k, v in test.items() if not k.startswith("recall_")},

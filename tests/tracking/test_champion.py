@@ -77,3 +77,15 @@ def test_postgres_advisory_lock_excludes():
     with postgres_server("locks") as url:
         events = hold_twice(url)
     assert [e[0] for e in events] == ["in", "out", "in", "out"] and events[0][1] == events[1][1]
+
+
+def test_the_same_score_registered_again_ties_and_stays_challenger():
+    """The champion's score is read back from its 6-decimal leuko.score tag: the same model's full-precision score
+    must tie with it (challenger), and a better one at that precision must win."""
+    score = 0.9360174536705017  # `make sweep` run twice registers the same refit, scoring exactly this
+    recorded = float(f"{score:.{champion.SCORE_DECIMALS}f}")  # 0.936017 < score
+    alias, reason = champion.decide(score, "1", recorded, "balanced_accuracy")
+    assert alias == champion.CHALLENGER and reason == "test balanced_accuracy 0.936017 <= 0.936017 of champion v1"
+    alias, reason = champion.decide(0.9393, "1", recorded, "balanced_accuracy")
+    assert alias == CHAMPION and reason == "test balanced_accuracy 0.9393 > 0.9360 of champion v1"
+    assert champion.decide(0.936016, "1", recorded, "balanced_accuracy")[0] == champion.CHALLENGER
