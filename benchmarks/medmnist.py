@@ -220,23 +220,15 @@ def write_cv_splits(prepared: Path, path: Path, *, k: int, seed: int) -> Path:
 
 
 def ensemble_predictions(members: list, data, tta: str) -> pd.DataFrame:
-    """The test table (cell_id, label, pred_label, prob_<class>) of the members' mean probability over tta views."""
-    import torch
+    """The test table (cell_id, pred_label, prob_<class>, label) of the members' mean probability over the tta
+    views: the terms `leuko register --ensemble` scores (leuko.tracking.fold_ensemble.held_out_terms), T = 1."""
+    from leuko.tracking.fold_ensemble import held_out_terms
+    from leuko.training.predictions import probability_table
 
-    from leuko.deploy.ensemble import Ensemble
-
-    model, classes = Ensemble(members, tta=tta).eval(), members[0].class_names
-    data.hparams.predict_split = "test"
-    data.setup("predict")
-    ids, probs = [], []
-    with torch.inference_mode():
-        for batch in data.predict_dataloader():
-            ids += list(batch["cell_id"])
-            probs.append(model(batch["volume"]).numpy())
-    cells = pd.DataFrame(np.concatenate(probs), columns=[f"prob_{c}" for c in classes])
-    cells.insert(0, "cell_id", ids)
-    cells[PRED] = np.array(classes)[cells.iloc[:, 1:].to_numpy().argmax(axis=1)]
-    cells["label"] = data.index.set_index("cell_id").loc[cells["cell_id"], "label"].to_numpy()
+    test = data.subset("test")
+    probs = held_out_terms(members, data, 1.0, tta).mean(axis=(0, 1))  # (N, classes)
+    cells = probability_table(probs, members[0].class_names, cell_id=test["cell_id"].astype(str).to_list())
+    cells["label"] = test["label"].to_numpy()
     return cells
 
 

@@ -48,15 +48,9 @@ def decide(score: float, champion_version: str | None, champion_score: float | N
     # model registered again (0.93601745... against the recorded 0.936017) is not better, it ties.
     score = round(float(score), SCORE_DECIMALS)
     digits = 4 if f"{score:.4f}" != f"{champion_score:.4f}" else SCORE_DECIMALS
-    if score > champion_score:
-        return (
-            CHAMPION,
-            f"test {metric} {score:.{digits}f} > {champion_score:.{digits}f} of champion v{champion_version}",
-        )
-    return (
-        CHALLENGER,
-        f"test {metric} {score:.{digits}f} <= {champion_score:.{digits}f} of champion v{champion_version}",
-    )
+    better = score > champion_score
+    shown = f"{score:.{digits}f} {'>' if better else '<='} {champion_score:.{digits}f}"
+    return (CHAMPION if better else CHALLENGER), f"test {metric} {shown} of champion v{champion_version}"
 
 
 def current_champion(client, name: str, version: str) -> tuple[str | None, float | None]:
