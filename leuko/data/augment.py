@@ -8,6 +8,7 @@ Meant for `LightningDataModule.on_after_batch_transfer` during training, so data
 from __future__ import annotations
 
 import itertools
+import math
 from typing import NamedTuple
 
 import torch
@@ -56,6 +57,18 @@ def _linear_upsampling(n: int, g: int) -> Tensor:
     return weights.float()
 
 
+def _rotations(batch: int, max_angle: float, device: torch.device, gen: torch.Generator | None, rand) -> Tensor:
+    """(B, 3, 3) rotations about uniformly random axes by angles uniform in [-max_angle, max_angle] (Rodrigues)."""
+    axis = torch.randn(batch, 3, generator=gen, device=device)
+    axis = axis / axis.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    angle = max_angle * (2.0 * rand((batch,), device, gen) - 1.0)
+    kx, ky, kz = axis.unbind(1)
+    zero = torch.zeros_like(kx)
+    cross = torch.stack([zero, -kz, ky, kz, zero, -kx, -ky, kx, zero], dim=1).view(batch, 3, 3)
+    sin, cos = angle.sin().view(batch, 1, 1), angle.cos().view(batch, 1, 1)
+    return torch.eye(3, device=device) + sin * cross + (1.0 - cos) * (cross @ cross)
+
+
 class _Constants(NamedTuple):
     turns: Tensor  # (1 + n_turns, 3, 3) sampling matrices in (D, H, W) order; index 0 is "no turn"
     points: Tensor  # (3, g^3) control points in normalised (x, y, z), z slowest
@@ -64,7 +77,7 @@ class _Constants(NamedTuple):
 
 
 class BatchAugment(torch.nn.Module):
-    """Random flips, 90-degree turns, crop-and-resize, elastic warp, intensity gain and Gaussian noise.
+    """Random flips, 90-degree turns, free rotation, crop-and-resize, elastic warp, intensity gain and Gaussian noise.
 
     Every strength is independent and 0 switches that op off; with all strengths 0 `forward` returns its input.
     Each sample in the batch draws its own transform. Input (B, C, D, H, W), any float dtype, CPU or CUDA;
@@ -82,6 +95,7 @@ class BatchAugment(torch.nn.Module):
         crop: float = 0.0,
         flip: float = 0.0,
         rot90: float = 0.0,
+        rotate: float = 0.0,
         gain: float = 0.0,
         seed: int | None = None,
     ) -> None:
@@ -92,6 +106,10 @@ class BatchAugment(torch.nn.Module):
         for name, value in (("flip", flip), ("rot90", rot90)):
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"BatchAugment: {name}={value!r} is a probability; use a value in [0, 1]")
+        if not 0.0 <= rotate <= 180.0:
+            raise ConfigError(
+                f"BatchAugment: rotate={rotate!r} is the largest rotation angle in degrees; use a value in [0, 180]"
+            )
         if not 0.0 <= crop < 1.0:
             raise ConfigError(
                 f"BatchAugment: crop={crop!r} is the largest fraction of each side removed; use a value in [0, 1)"
@@ -109,6 +127,7 @@ class BatchAugment(torch.nn.Module):
         self.crop = float(crop)
         self.flip = float(flip)
         self.rot90 = float(rot90)
+        self.rotate = float(rotate)
         self.gain = float(gain)
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
@@ -117,7 +136,7 @@ class BatchAugment(torch.nn.Module):
     def extra_repr(self) -> str:
         return (
             f"elastic={self.elastic}, elastic_grid={self.elastic_grid}, noise={self.noise}, crop={self.crop}, "
-            f"flip={self.flip}, rot90={self.rot90}, gain={self.gain}, seed={self.seed}"
+            f"flip={self.flip}, rot90={self.rot90}, rotate={self.rotate}, gain={self.gain}, seed={self.seed}"
         )
 
     def forward(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -135,11 +154,11 @@ class BatchAugment(torch.nn.Module):
                 f"BatchAugment: rot90={self.rot90} needs two equal spatial sides, but the volumes are {spatial} "
                 "(D, H, W); set rot90=0 or prepare volumes with H == W."
             )
-        warps = self.elastic > 0 or self.crop > 0
+        warps = self.elastic > 0 or self.crop > 0 or self.rotate > 0
         if not (warps or self.flip > 0 or turns or self.gain > 0 or self.noise > 0):
             return x
 
-        # Draw in a fixed order (flip, turn, crop, elastic, gain, noise) so a seed gives the same flips and
+        # Draw in a fixed order (flip, turn, crop, rotation, elastic, gain, noise) so a seed gives the same flips and
         # turns whether or not the later ops are on.
         gen = generator if generator is not None else self._generator(x.device)
         flips = turn_index = None
@@ -221,7 +240,9 @@ class BatchAugment(torch.nn.Module):
     ) -> Tensor:
         batch, device = x.shape[0], x.device
         spatial = x.shape[2:]
-        # Sampling map in normalised (D, H, W) coordinates: in(p) = scale * flip @ turn @ p + centre (+ warp(p)).
+        # Sampling map in normalised (D, H, W) coordinates: in(p) = rotation @ scale * flip @ turn @ p + centre
+        # (+ warp(p)). Normalised coordinates stretch a non-cubic volume, so a rotation there also shears it in
+        # voxels; on cubic volumes (cells, MedMNIST) it is a rigid turn.
         # Sampling with flip @ turn equals flipping the volume first and turning it second, as _permute_exactly does.
         linear = torch.eye(3, device=device).expand(batch, 3, 3)
         if turn_index is not None:
@@ -235,6 +256,8 @@ class BatchAugment(torch.nn.Module):
             scale = 1.0 - self.crop * self._rand((batch, 3), device, gen)
             centre = (1.0 - scale) * (2.0 * self._rand((batch, 3), device, gen) - 1.0)
             linear = scale.unsqueeze(2) * linear
+        if self.rotate > 0:
+            linear = _rotations(batch, math.radians(self.rotate), device, gen, self._rand) @ linear
 
         # grid_sample wants the last grid axis as (x, y, z) = (W, H, D): reverse both axes of the map
         grid = self._grid(linear.flip(1, 2), centre.flip(1), tuple(spatial), gen)  # (B, D, H, W, 3)

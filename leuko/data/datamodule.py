@@ -27,6 +27,7 @@ class Augmentation:
     crop: float = 0.0  # max fraction of each side cropped away, then resized back
     flip: float = 0.0  # probability per axis
     rot90: float = 0.0  # probability
+    rotate: float = 0.0  # max angle of a free rotation about a random axis, degrees
     gain: float = 0.0  # max relative intensity change
 
 

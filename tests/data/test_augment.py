@@ -40,7 +40,16 @@ def test_zero_strengths_return_the_input():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "strengths",
-    [dict(elastic=2.0), dict(crop=0.2), dict(noise=0.1), dict(gain=0.2), dict(flip=0.5), dict(rot90=1.0), MODERATE],
+    [
+        dict(elastic=2.0),
+        dict(crop=0.2),
+        dict(noise=0.1),
+        dict(gain=0.2),
+        dict(flip=0.5),
+        dict(rot90=1.0),
+        dict(rotate=180.0),
+        MODERATE,
+    ],
     ids=lambda s: ",".join(s),
 )
 def test_shape_and_dtype_kept_and_input_untouched(strengths, dtype):
@@ -127,6 +136,38 @@ def test_flips_and_turns_folded_into_resampling_match_the_exact_ones(strengths):
     assert not torch.equal(exact, x)
 
 
+def _rod_directions(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3) unit principal axis of the mass in each sample, sign-free (first nonzero component positive)."""
+    size = x.shape[-1]
+    axis = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    coords = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij")).view(3, -1)  # (3, V) in (D, H, W)
+    out = []
+    for xi in x[:, 0].clamp_min(0).view(x.shape[0], -1):
+        w = xi / xi.sum()
+        centred = coords - (coords * w).sum(1, keepdim=True)
+        direction = torch.linalg.eigh((centred * w) @ centred.T).eigenvectors[:, -1]
+        out.append(direction * direction[direction.abs().argmax()].sign())
+    return torch.stack(out)
+
+
+def test_rotate_turns_a_rod_by_at_most_the_angle_and_keeps_it_whole():
+    size = 25
+    x = torch.zeros(64, 1, size, size, size)
+    c = size // 2
+    x[:, :, c - 1 : c + 2, c - 1 : c + 2, 4:-4] = 1.0  # a 3 x 3 x 17 rod along W through the centre
+    for max_angle in (30.0, 180.0):
+        out = BatchAugment(rotate=max_angle, seed=0)(x)
+        # trilinear resampling keeps the rod's mass to within a few percent
+        torch.testing.assert_close(out.sum(dim=(1, 2, 3, 4)), x.sum(dim=(1, 2, 3, 4)), atol=0, rtol=0.05)
+        cosine = _rod_directions(out) @ torch.tensor([0.0, 0.0, 1.0])  # against the rod's own axis
+        angle = torch.rad2deg(torch.arccos(cosine.abs().clamp(max=1.0)))
+        # the rod's axis moves by at most the rotation angle (less when the random axis is near the rod's own)
+        assert (angle <= min(max_angle, 90.0) + 2.0).all(), angle.max()
+        assert angle.max() > 0.6 * min(max_angle, 90.0), angle.max()  # and really turns by the order of it
+    # 180 degrees reaches every orientation: the rod ends up closest to each of the three axes in some sample
+    assert set(_rod_directions(out).abs().argmax(dim=1).tolist()) == {0, 1, 2}
+
+
 def test_gain_scales_each_sample_by_one_factor_within_range():
     x = torch.rand(16, 2, 4, 6, 6) + 1.0
     out = BatchAugment(gain=0.2, seed=0)(x)
@@ -175,6 +216,7 @@ def test_pickles_after_use():
         (dict(flip=1.5), "flip"),
         (dict(rot90=-0.1), "rot90"),
         (dict(crop=1.0), "crop"),
+        (dict(rotate=200.0), "rotate"),
         (dict(elastic_grid=1), "elastic_grid"),
     ],
 )
