@@ -174,20 +174,16 @@ def _config_at(root: Path) -> tuple[dict, str]:
 
 
 # ---------------------------------------------------------------------------------------------- numbers
-def collect(files: RunFiles) -> dict:
-    """Every number the page shows, keyed as in MLflow (cv/..., oof/..., recall/..., ba/..., baselines/...)."""
-    summary = read_summary(files.root)
+def collect(files: RunFiles, summary: dict, eval_metrics: dict) -> dict:
+    """Every number the page shows, keyed as in MLflow (cv/..., oof/..., recall/..., ba/..., baselines/...).
+
+    summary: the CV's cv_summary.json; eval_metrics: its eval/metrics.json ({} without an evaluation).
+    """
     numbers: dict[str, float] = {}
     for key, stats in summary.items():
         numbers[f"cv/{key}_mean"], numbers[f"cv/{key}_std"] = float(stats["mean"]), float(stats["std"])
+    numbers.update({k: float(v) for k, v in eval_metrics.items() if not k.startswith("cv/")})
     if files.eval_dir is not None:
-        numbers.update(
-            {
-                k: float(v)
-                for k, v in json.loads((files.eval_dir / evaluate.METRICS_JSON).read_text()).items()
-                if not k.startswith("cv/")
-            }
-        )
         numbers.update(intervals.ci_metrics(_metrics_ci(files.eval_dir)))  # the bounds shown, as logged
     table = _read_csv(files.baselines_dir / baselines.TABLE if files.baselines_dir else None)
     if table is not None:
@@ -211,9 +207,11 @@ def check_against_mlflow(numbers: dict[str, float], logged: dict[str, float]) ->
 def read_inputs(files: RunFiles) -> ReportInputs:
     """Every file the page shows, read once."""
     config, config_text = _config(files)
-    numbers = collect(files)
-    checked, mismatches = check_against_mlflow(numbers, files.logged) if files.run_id else (0, [])
     ev = files.eval_dir
+    summary = read_summary(files.root)
+    eval_metrics = json.loads((ev / evaluate.METRICS_JSON).read_text()) if ev else {}
+    numbers = collect(files, summary, eval_metrics)
+    checked, mismatches = check_against_mlflow(numbers, files.logged) if files.run_id else (0, [])
 
     def eval_csv(name: str) -> pd.DataFrame | None:
         return _read_csv(ev / name if ev else None)
@@ -227,11 +225,11 @@ def read_inputs(files: RunFiles) -> ReportInputs:
         run_id=files.run_id,
         tags=files.tags,
         numbers=numbers,
-        summary=read_summary(files.root),
+        summary=summary,
         fold_metrics=_read_csv(files.root / FOLD_METRICS),
         config=config,
         config_text=config_text,
-        eval_metrics=json.loads((ev / evaluate.METRICS_JSON).read_text()) if ev else {},
+        eval_metrics=eval_metrics,
         per_class=eval_csv(evaluate.PER_CLASS),
         ba=eval_csv(evaluate.BLAND_ALTMAN),
         ba_by=eval_csv(evaluate.BLAND_ALTMAN_BY_SAMPLE_TYPE),
