@@ -152,10 +152,16 @@ def _recipe_cli(
     fold: int = 0,
     splits: Path | None = None,
 ):
-    """The recipe's LeukoCLI (not run) on the prepared MedMNIST data; fold 0 of no splits is the official val."""
-    from leuko.training.cli import LeukoCLI
+    """The recipe's LeukoCLI (not run) on the prepared MedMNIST data; fold 0 of no splits is the official val.
 
-    args = ["--config", str(recipe), "--seed_everything", str(seed), "--data.seed", str(seed)]
+    With splits (--folds K), fold f starts from its own weights as in `leuko cv` (leuko.training.cv.fold_seed_args),
+    counted from seed * K so that no two seeds share a fold model's initialisation.
+    """
+    from leuko.training.cli import LeukoCLI
+    from leuko.training.cv import fold_seed_args
+
+    init = ["--seed_everything", str(seed)] if splits is None else fold_seed_args(seed * opts.folds, fold)
+    args = ["--config", str(recipe), *init, "--data.seed", str(seed)]
     args += ["--data.prepared_dir", str(prepared), "--data.splits", str(splits or "null"), "--data.fold", str(fold)]
     args += ["--trainer.default_root_dir", str(root), "--tracking.enabled", "false", "--trainer.logger", "false"]
     args += ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]

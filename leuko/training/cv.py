@@ -61,6 +61,7 @@ def cross_validate(
     out_dir = _claim_folder(out, name, folds[0], replace)
     name = out_dir.name
     client, parent_id = _start_parent_run(probe, name, out_dir, parent_run_id, extra_tags)
+    seed = probe.config.get("seed_everything")
     del probe
 
     rows, oof, classes = [], [], []
@@ -71,6 +72,7 @@ def cross_validate(
             root = run_dir.fold_dir(out_dir, f)
             fold_args = ["--data.fold", str(f), "--trainer.default_root_dir", str(root)]
             fold_args += ["--tracking.run_name", f"{name}/{root.name}"]  # e.g. cv-.../fold_0
+            fold_args += fold_seed_args(seed, f)
             cli = _cli(config, overrides, fold_args, parent_run_id=parent_id, extra_tags={"leuko.fold": str(f)})
             row, predictions = _fit_fold(cli, f, trial_callbacks)
             rows.append(row)
@@ -89,6 +91,19 @@ def cross_validate(
         if client is not None and parent_id is not None:
             _log_parent(client, parent_id, result, out_dir, status)
     return result
+
+
+def fold_seed_args(seed, fold: int) -> list[str]:
+    """["--seed_everything", seed + fold] for a fixed integer seed: each fold model starts from its own weights.
+
+    Fold 0 keeps the seed itself, so it trains exactly as `leuko fit --data.fold 0` (and a sweep's one-fold
+    trial) does. The fold ensemble that `leuko register --ensemble` ships gains from members that do not share
+    their initialisation: on VesselMNIST3D its test AUROC rose from 0.862 / 0.865 to 0.908 / 0.894 for two seeds
+    (README, "Results"). A random seed (true or null) is left to Lightning, which draws one per fold anyway.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        return []
+    return ["--seed_everything", str(seed + fold)]
 
 
 def _check_folds(folds: list[int] | None, available: list[str]) -> list[int]:

@@ -5,8 +5,10 @@ import json
 import mlflow
 import pandas as pd
 import pytest
+import yaml
 
 from leuko.cli import main
+from leuko.training.cv import fold_seed_args
 
 
 @pytest.mark.slow
@@ -46,6 +48,9 @@ def test_cv_writes_out_of_fold_predictions_and_nested_runs(
     metrics = pd.read_csv(out / "cv_metrics.csv")
     summary = json.loads((out / "cv_summary.json").read_text())
     assert list(metrics["fold"]) == [0, 1]
+    # each fold model starts from its own weights: fold k is seeded with the config's seed (0) + k
+    seeds = [yaml.safe_load((out / f"fold_{k}" / "config.yaml").read_text())["seed_everything"] for k in (0, 1)]
+    assert seeds == [0, 1]
     assert summary["balanced_accuracy"]["mean"] == pytest.approx(metrics["balanced_accuracy"].mean())
     assert summary["balanced_accuracy"]["std"] == pytest.approx(metrics["balanced_accuracy"].std(ddof=1))
 
@@ -103,3 +108,9 @@ def test_cv_never_writes_into_another_cvs_folder(tiny_config, tmp_path, monkeypa
     (first / "eval").mkdir()
     assert main(["cv", *quick, "--name", first.name, "--replace"]) == 0
     assert (first / "cv_summary.json").is_file() and not (first / "eval").exists()
+
+
+def test_fold_seeds_offset_a_fixed_seed_and_leave_a_random_one_alone():
+    assert fold_seed_args(7, 0) == ["--seed_everything", "7"]
+    assert fold_seed_args(7, 3) == ["--seed_everything", "10"]
+    assert fold_seed_args(True, 2) == [] and fold_seed_args(None, 2) == [] and fold_seed_args(False, 1) == []
