@@ -106,7 +106,8 @@ def cmd_register(args: argparse.Namespace, rest: list[str]) -> None:
         if not (Path(args.cv) / OOF).is_file():
             raise UsageError(f"--cv {args.cv}: no {OOF} in it; give the output folder of a finished `leuko cv`")
         source.cv_dir = args.cv
-        if args.config and (epochs := earned_epochs(read_summary(args.cv), source.overrides)):
+        # a refit trains for the epochs the CV earned; an --ensemble ships the CV's own fold models, no refit
+        if args.config and not args.ensemble and (epochs := earned_epochs(read_summary(args.cv), source.overrides)):
             source.overrides = [*source.overrides, *epochs]
             print(f"refit for {epochs[1]} epochs: the mean best epoch of the CV in {args.cv}", file=sys.stderr)
     if args.cv_dir and not args.ensemble:

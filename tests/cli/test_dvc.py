@@ -270,6 +270,7 @@ def test_repro_runs_every_stage_and_records_lineage(reproduced):
         register = params_yaml()["register"]
         assert register["ensemble"] and register["cv_dir"] == "runs/dvc" and register["tta"] == "flip"
         assert "ensemble of 2 + TTA flip (registered)" in reproduced["output"]
+        assert "refit for" not in reproduced["output"]  # the fold models are shipped as trained: nothing refits
         assert "test/ensemble_tta_balanced_accuracy" in client.get_run(version.run_id).data.metrics
 
 
