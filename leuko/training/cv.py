@@ -99,7 +99,8 @@ def fold_seed_args(seed, fold: int) -> list[str]:
     Fold 0 keeps the seed itself, so it trains exactly as `leuko fit --data.fold 0` (and a sweep's one-fold
     trial) does. The fold ensemble that `leuko register --ensemble` ships gains from members that do not share
     their initialisation: on VesselMNIST3D its test AUROC rose from 0.860 to 0.876 (mean of 3 seeds) and its
-    balanced accuracy from 0.568 to 0.653 (README, "Results"). A random seed (true or null) is left to Lightning, which draws one per fold anyway.
+    balanced accuracy from 0.568 to 0.653 (README, "Results"). A random seed (true or null) is left to
+    Lightning, which draws one per fold anyway.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
         return []
