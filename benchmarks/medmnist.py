@@ -154,13 +154,13 @@ def _recipe_cli(
 ):
     """The recipe's LeukoCLI (not run) on the prepared MedMNIST data; fold 0 of no splits is the official val.
 
-    With splits (--folds K), fold f starts from its own weights as in `leuko cv` (leuko.training.cv.fold_seed_args),
-    counted from seed * K so that no two seeds share a fold model's initialisation.
+    Fold f starts from its own weights as in `leuko cv` (leuko.training.cv.fold_seed_args), counted from seed * K
+    with --folds K so that no two seeds share a fold model's initialisation.
     """
     from leuko.training.cli import LeukoCLI
     from leuko.training.cv import fold_seed_args
 
-    init = ["--seed_everything", str(seed)] if splits is None else fold_seed_args(seed * opts.folds, fold)
+    init = fold_seed_args(seed * (opts.folds or 1), fold)  # one fit (no --folds): fold 0, the seed itself
     args = ["--config", str(recipe), *init, "--data.seed", str(seed)]
     args += ["--data.prepared_dir", str(prepared), "--data.splits", str(splits or "null"), "--data.fold", str(fold)]
     args += ["--trainer.default_root_dir", str(root), "--tracking.enabled", "false", "--trainer.logger", "false"]

@@ -57,11 +57,11 @@ def _linear_upsampling(n: int, g: int) -> Tensor:
     return weights.float()
 
 
-def _rotations(batch: int, max_angle: float, device: torch.device, gen: torch.Generator | None, rand) -> Tensor:
+def _rotations(batch: int, max_angle: float, device: torch.device, gen: torch.Generator | None) -> Tensor:
     """(B, 3, 3) rotations about uniformly random axes by angles uniform in [-max_angle, max_angle] (Rodrigues)."""
     axis = torch.randn(batch, 3, generator=gen, device=device)
     axis = axis / axis.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    angle = max_angle * (2.0 * rand((batch,), device, gen) - 1.0)
+    angle = max_angle * (2.0 * torch.rand(batch, generator=gen, device=device) - 1.0)
     kx, ky, kz = axis.unbind(1)
     zero = torch.zeros_like(kx)
     cross = torch.stack([zero, -kz, ky, kz, zero, -kx, -ky, kx, zero], dim=1).view(batch, 3, 3)
@@ -257,7 +257,7 @@ class BatchAugment(torch.nn.Module):
             centre = (1.0 - scale) * (2.0 * self._rand((batch, 3), device, gen) - 1.0)
             linear = scale.unsqueeze(2) * linear
         if self.rotate > 0:
-            linear = _rotations(batch, math.radians(self.rotate), device, gen, self._rand) @ linear
+            linear = _rotations(batch, math.radians(self.rotate), device, gen) @ linear
 
         # grid_sample wants the last grid axis as (x, y, z) = (W, H, D): reverse both axes of the map
         grid = self._grid(linear.flip(1, 2), centre.flip(1), tuple(spatial), gen)  # (B, D, H, W, 3)
