@@ -32,7 +32,6 @@ import platform
 import re
 import sys
 import time
-import warnings
 import zipfile
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from leuko.data.prepare import prepare
 from leuko.deploy.tta import TTA_MODES
 from leuko.errors import LeukoError
 from leuko.evaluation.metrics import pooled_metrics
+from leuko.training.epoch_log import EpochLog
 from leuko.training.predictions import PRED, predictions_frame
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,23 +125,6 @@ def prepare_data(npz: Path, folder: Path, *, limit: int | None = None) -> Path:
     return Path(result.out_dir)
 
 
-def epoch_lines(label: str):
-    """A callback printing one line per epoch: the validation scores and the time it took."""
-    import lightning as L
-
-    class EpochLine(L.Callback):
-        def on_train_epoch_start(self, trainer, pl_module) -> None:
-            self.started = time.perf_counter()
-
-        def on_train_epoch_end(self, trainer, pl_module) -> None:  # runs after the epoch's validation
-            m = trainer.callback_metrics
-            scores = " ".join(f"{k} {float(m[k]):.3f}" for k in ("val/auroc", "val/balanced_accuracy") if k in m)
-            epoch, took = f"{trainer.current_epoch + 1}/{trainer.max_epochs}", time.perf_counter() - self.started
-            print(f"  {label}: epoch {epoch} {scores} ({took:.1f} s)", file=sys.stderr)
-
-    return EpochLine()
-
-
 def _recipe_cli(
     recipe: Path,
     prepared: Path,
@@ -168,11 +151,11 @@ def _recipe_cli(
     for flag, value in [("trainer.max_epochs", opts.max_epochs), ("trainer.accelerator", opts.accelerator),
                         ("data.num_workers", opts.num_workers)]:  # fmt: skip
         args += [f"--{flag}", str(value)] if value is not None else []
-    with warnings.catch_warnings():  # the args are this script's, not its command line's: no mix-up to warn of
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = LeukoCLI(args=args, run=False)
+    cli = LeukoCLI(args=args, run=False)
     where = "" if splits is None else f" fold {fold}"
-    cli.trainer.callbacks.append(epoch_lines(f"{cli.model.hparams.net} seed {seed}{where}"))
+    for callback in cli.trainer.callbacks:  # the progress bar is off, so LeukoCLI prints a line per epoch
+        if isinstance(callback, EpochLog):
+            callback.label = f"{cli.model.hparams.net} seed {seed}{where}"
     return cli
 
 
@@ -267,7 +250,7 @@ def fit_protocol(net: str, prepared: Path, *, seed: int, epochs: int, opts: argp
     )
     best = ModelCheckpoint(root / "checkpoints", "best", monitor="val/auroc", mode="max", enable_version_counter=False)
     quiet = dict(devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False)
-    callbacks = [best, epoch_lines(f"{net} seed {seed}")]
+    callbacks = [best, EpochLog(f"{net} seed {seed}")]
     trainer = L.Trainer(max_epochs=epochs, accelerator=opts.accelerator or "cpu", callbacks=callbacks, **quiet)
     return _fit_and_test(trainer, model, data, weights_only=False)  # its own checkpoint, with the data's hparams
 

@@ -45,7 +45,7 @@ class Progress:
         self.file = file if file is not None else sys.stderr
         self.n = 0
         self._bar = None
-        if enabled and _is_terminal(self.file):
+        if enabled and is_terminal(self.file):
             self._bar = tqdm(iterable, total=self.total, desc=desc, unit=unit or "it", file=self.file)
         self._start = self._last = time.monotonic()
         self._next_step = 1  # the tenth whose crossing prints the next plain line
@@ -116,7 +116,7 @@ def _len(iterable) -> int | None:
         return None
 
 
-def _is_terminal(file) -> bool:
+def is_terminal(file) -> bool:
     try:
         return file.isatty()
     except (AttributeError, ValueError):  # no isatty, or a closed stream

@@ -21,11 +21,13 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins import CheckpointIO, TorchCheckpointIO
 
 from leuko.data.datamodule import LeukoDataModule
+from leuko.data.progress import is_terminal
 from leuko.errors import ConfigError
 from leuko.params import COMMAND_SECTIONS
 from leuko.tracking.lineage import lineage_tags
 from leuko.tracking.runs import DEFAULT_EXPERIMENT, TrackingCallback, config_params, make_logger
 from leuko.training import run_dir
+from leuko.training.epoch_log import EpochLog
 from leuko.training.module import VolumeClassifier
 from leuko.training.predictions import predictions_frame
 
@@ -86,8 +88,11 @@ def quiet_lightning() -> None:
     """Silence two Lightning messages a leuko user cannot act on; every other message and warning stays.
 
     - the tip to install litlogger for Lightning's cloud platform (leuko logs to MLflow), printed by every Trainer;
-    - torch's FutureWarning about `isinstance(treespec, LeafSpec)`, raised by Lightning's own _pytree module.
+    - torch's FutureWarning about `isinstance(treespec, LeafSpec)`, raised by Lightning's own _pytree module;
+    - LightningCLI's warning that args= was given beside a command line: `leuko cv`, a sweep's trial and the
+      benchmarks build each fit's arguments on purpose, and `leuko fit` passes its own command line.
     """
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended", category=UserWarning)
     warnings.filterwarnings(
         "ignore",
         message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
@@ -176,6 +181,12 @@ class LeukoCLI(LightningCLI):
         if not has_checkpoint:
             callbacks += default_checkpoints(root / run_dir.CHECKPOINTS, validates=validates, monitor=monitor)
         callbacks.append(TrackingCallback())
+        if self.subcommand in (None, "fit") and not any(isinstance(c, EpochLog) for c in callbacks):
+            # None: `leuko cv` builds the CLI without a subcommand and fits each fold
+            bar = config["trainer"].get("enable_progress_bar")
+            if bar is False or (bar is None and not is_terminal(sys.stdout)):
+                kwargs["enable_progress_bar"] = False  # a bar in a log shows nothing until the run ends
+                callbacks.append(EpochLog(root.name))
         if self.subcommand == "predict":
             callbacks.append(CSVPredictionWriter(config.get("predictions") or root / run_dir.PREDICTIONS))
         if tracking.enabled and config["trainer"].get("logger") in (None, True):

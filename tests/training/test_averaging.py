@@ -1,7 +1,5 @@
 """EMA weights (leuko.training.averaging.EMAWeights), the checkpoint monitor (--monitor) and early stopping."""
 
-import warnings
-
 import pytest
 import torch
 from lightning.pytorch.callbacks import EarlyStopping
@@ -15,9 +13,7 @@ from leuko.training.cli import LeukoCLI
 def _cli(config, root, *extra):
     args = ["--config", str(config), "--trainer.default_root_dir", str(root), "--tracking.enabled", "false"]
     args += ["--trainer.logger", "false", "--data.fold", "0", *extra]
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        return LeukoCLI(args=args, run=False)
+    return LeukoCLI(args=args, run=False)
 
 
 @pytest.mark.slow

@@ -1,5 +1,9 @@
 """`leuko fit | validate | test | predict` through LightningCLI, tracked in a real MLflow store."""
 
+import re
+import sys
+import warnings
+
 import mlflow
 import pandas as pd
 import pytest
@@ -116,7 +120,6 @@ def test_fit_prints_no_lightning_noise(tiny_config, tmp_path):
     """Lightning's litlogger tip and torch's pytree deprecation warning are nothing a leuko user can act on."""
     import os
     import subprocess
-    import sys
 
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     cmd = [sys.executable, "-m", "leuko.cli", "fit", "--config", str(tiny_config)]
@@ -126,3 +129,26 @@ def test_fit_prints_no_lightning_noise(tiny_config, tmp_path):
     assert "Trainer.fit` stopped" in done.stderr  # Lightning's own messages still come through
     assert "litlogger" not in done.stderr
     assert "LeafSpec" not in done.stderr and "_pytree" not in done.stderr
+    # no bar in a log: one plain line per epoch, named after the run folder, with the epoch's scores
+    line = re.search(r"^run: epoch 1/1  train/loss \d\.\d{3}  val/loss .*val/balanced_accuracy \d\.\d{3}.*s\)$",
+                     done.stderr, re.M)  # fmt: skip
+    assert line, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize(("terminal", "bar", "lines"), [(True, "null", False), (False, "null", True),
+                                                        (True, "false", True), (True, "true", False)])  # fmt: skip
+def test_epoch_lines_replace_the_bar_off_a_terminal(tiny_config, monkeypatch, terminal, bar, lines):
+    """The bar where it can be drawn (a terminal, unless switched off); plain epoch lines everywhere else."""
+    from leuko.training.cli import LeukoCLI
+    from leuko.training.epoch_log import EpochLog
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: terminal, raising=False)
+    args = ["--config", str(tiny_config), "--trainer.enable_progress_bar", bar, "--tracking.enabled", "false"]
+    args += ["--trainer.logger", "false"]
+    with warnings.catch_warnings(record=True) as caught:  # pytest's own sys.argv stands beside args=
+        warnings.simplefilter("always")
+        cli = LeukoCLI(args=args, run=False)  # no subcommand: as `leuko cv` builds each fold's
+    assert not [w for w in caught if "args parameter" in str(w.message)]  # leuko passes args= on purpose
+    logs = [c for c in cli.trainer.callbacks if isinstance(c, EpochLog)]
+    assert len(logs) == int(lines)
+    assert (cli.trainer.progress_bar_callback is not None) == (not lines)
