@@ -172,8 +172,7 @@ def fit_recipe(recipe: Path, prepared: Path, *, seed: int, opts: argparse.Namesp
     for fold in range(opts.folds or 1):
         cli = _recipe_cli(recipe, prepared, seed=seed, opts=opts, root=root / f"fold_{fold}", fold=fold, splits=splits)
         cells, result = _fit_and_test(cli.trainer, cli.model, cli.datamodule, weights_only=None)
-        best = type(cli.model).load_from_checkpoint(cli.trainer.checkpoint_callback.best_model_path, weights_only=False)
-        members.append(best.eval())
+        members.append(cli.model.eval())  # the predict in _fit_and_test loaded the best checkpoint into it
         fits.append(result)
         print(json.dumps({"fold": fold, **{m: result[m] for m in METRICS}}), file=sys.stderr, flush=True)
     cells = ensemble_predictions(members, cli.datamodule, opts.tta)

@@ -28,6 +28,9 @@ def _add_cv(sub) -> None:
         leuko cv --config conf/experiment/phantoms_tiny.yaml --folds 0,1 --model.net vit3d_tiny
         leuko cv --config conf/experiment/phantoms_tiny.yaml --trainer.max_epochs 20 --name long
         any further --section.key value is a config override, as for `leuko fit`.
+        fold f trains with seed_everything + f (fold 0 as `leuko fit --data.fold 0`), so the fold models of
+        `leuko register --ensemble` start from different weights; each fold's config.yaml records its seed.
+        outputs: <out>/<name>/fold_<f>/ (checkpoints, config.yaml), oof_predictions.csv, cv_summary.json.
         """,
     )
     p.add_argument("--config", action="append", required=True, help="YAML config (repeat to layer files)")

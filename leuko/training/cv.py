@@ -93,7 +93,7 @@ def cross_validate(
     return result
 
 
-def fold_seed_args(seed, fold: int) -> list[str]:
+def fold_seed_args(seed: int | bool | None, fold: int) -> list[str]:
     """["--seed_everything", seed + fold] for a fixed integer seed: each fold model starts from its own weights.
 
     Fold 0 keeps the seed itself, so it trains exactly as `leuko fit --data.fold 0` (and a sweep's one-fold
