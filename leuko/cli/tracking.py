@@ -9,7 +9,7 @@ from pathlib import Path
 
 from leuko.cli.command import UsageError, add_command
 from leuko.deploy.tta import DEFAULT_TTA, TTA_MODES
-from leuko.training.run_dir import OOF, read_summary
+from leuko.training.run_dir import OOF
 
 
 def add_parsers(sub) -> None:
@@ -93,7 +93,7 @@ def _add_register(sub) -> None:
 
 def cmd_register(args: argparse.Namespace, rest: list[str]) -> None:
     # heavy imports here: keeps `leuko --help` instant
-    from leuko.tracking.registry import Source, earned_epochs, print_summary, register, source_from_study
+    from leuko.tracking.registry import Source, print_summary, register, source_from_study
 
     if args.config:
         source = Source(configs=args.config, overrides=rest)
@@ -105,11 +105,7 @@ def cmd_register(args: argparse.Namespace, rest: list[str]) -> None:
     if args.cv:
         if not (Path(args.cv) / OOF).is_file():
             raise UsageError(f"--cv {args.cv}: no {OOF} in it; give the output folder of a finished `leuko cv`")
-        source.cv_dir = args.cv
-        # a refit trains for the epochs the CV earned; an --ensemble ships the CV's own fold models, no refit
-        if args.config and not args.ensemble and (epochs := earned_epochs(read_summary(args.cv), source.overrides)):
-            source.overrides = [*source.overrides, *epochs]
-            print(f"refit for {epochs[1]} epochs: the mean best epoch of the CV in {args.cv}", file=sys.stderr)
+        source.cv_dir = args.cv  # register() refits for the epochs this CV earned
     if args.cv_dir and not args.ensemble:
         raise UsageError(f"--cv-dir {args.cv_dir}: names the CV whose fold models form an ensemble; add --ensemble")
     result = register(

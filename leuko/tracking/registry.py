@@ -83,11 +83,9 @@ def source_from_study(space: str | Path, *, storage: str | None = None, trial: i
                 f"trial {trial} of study {cfg.study!r} is not COMPLETE; COMPLETE trials: {[t.number for t in complete]}"
             )
     attrs = chosen.user_attrs
-    overrides = list(attrs[A_OVERRIDES])
-    overrides += earned_epochs(attrs.get(A_CV) or {})
     return Source(
         configs=list(attrs[A_CONFIG]),
-        overrides=overrides,
+        overrides=list(attrs[A_OVERRIDES]),
         cv=dict(attrs.get(A_CV, {})),
         study=cfg.study,
         trial=chosen.number,
@@ -137,6 +135,11 @@ def register(
     if source.study is not None:
         tags.update({"leuko.study": source.study, "leuko.trial": str(source.trial)})
     args = [a for c in source.configs for a in ("--config", c)] + list(source.overrides)
+    if not ensemble:  # a refit trains for the epochs its CV earned; an ensemble's fold models are trained as they are
+        summary = source.cv or (run_dir.read_summary(source.cv_dir) if source.cv_dir else {})
+        if epochs := earned_epochs(summary, source.overrides):
+            args += epochs
+            print(f"refit for {epochs[1]} epochs: the mean best epoch of its CV", file=sys.stderr)
     args += ["--data.fold", "null", "--trainer.default_root_dir", str(root), "--tracking.run_name", run_name]
     cli = LeukoCLI(args=args, run=False, parent_run_id=source.sweep_run_id if is_rank_zero() else None, extra_tags=tags)
     tracking = cli.config["tracking"]

@@ -179,7 +179,9 @@ def test_budget_sweep_starts_from_the_recipe_stops_in_time_and_refits_the_epochs
     best = study.best_trial
     earned = best.user_attrs["leuko.cv"]["best_epoch"]["mean"]
     assert 1 <= earned <= 3
-    assert source_from_study(space).overrides[-2:] == ["--trainer.max_epochs", str(round(earned))]
+    source = source_from_study(space)
+    assert source.cv["best_epoch"]["mean"] == earned  # register() refits for earned_epochs(source.cv)
+    assert not any(o.startswith("--trainer.max_epochs") for o in source.overrides)  # an ensemble's CV: its own
 
 
 @pytest.mark.slow

@@ -110,17 +110,24 @@ def test_registering_no_better_model_makes_a_challenger(registry, monkeypatch):
 
 
 @pytest.mark.slow
-def test_register_a_config_by_hand(registry, tiny_prepared, monkeypatch, tmp_path):
+def test_register_a_config_by_hand(registry, tiny_prepared, monkeypatch, tmp_path, capsys):
     from helpers.sweep import write_base
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", registry["tracking_uri"])
-    base = write_base(tmp_path, tiny_prepared)
+    base = write_base(tmp_path, tiny_prepared)  # max_epochs 1
     result = register(
         Source(configs=[str(base)], overrides=["--model.lr", "0.002"]), name="leuko-manual", out=tmp_path / "runs"
     )
     assert result["alias"] == CHAMPION and result["cv"] == {}
     client = mlflow.MlflowClient(registry["tracking_uri"])
     assert str(client.get_model_version_by_alias("leuko-manual", "champion").version) == "1"
+    assert client.get_run(result["run_id"]).data.params["trainer.max_epochs"] == "1"  # no CV: the file's epochs
+
+    # a CV whose folds peaked at epoch 2 on average: the refit (no validation to stop on) trains for 2
+    cv = {"best_epoch": {"mean": 1.6, "std": 0.5}, "balanced_accuracy": {"mean": 0.5, "std": 0.1}}
+    earned = register(Source(configs=[str(base)], overrides=[], cv=cv), name="leuko-manual", out=tmp_path / "runs")
+    assert client.get_run(earned["run_id"]).data.params["trainer.max_epochs"] == "2"
+    assert "refit for 2 epochs: the mean best epoch of its CV" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------- the code travels
