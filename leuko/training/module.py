@@ -178,6 +178,12 @@ class VolumeClassifier(L.LightningModule):
         metrics = getattr(self, f"{stage}_metrics")
         recall = getattr(self, f"{stage}_recall")
         confusion = getattr(self, f"{stage}_confusion")
+        if self._trainer is not None and self.trainer.sanity_checking:
+            # a couple of batches, scored nowhere: a class missing from them would only warn that its AUROC
+            # is undefined
+            for metric in (metrics, recall, confusion):
+                metric.reset()
+            return
         # torchmetrics syncs its states across DDP processes in compute().
         self.log_dict(metrics.compute())
         per_class = recall.compute()

@@ -32,3 +32,26 @@ def test_vit_img_size_comes_from_the_input_shape_unless_net_kwargs_give_one():
     assert VolumeClassifier(net="vit3d_tiny", input_shape=(16, 32, 32)).net.grid == (2, 4, 4)
     given = VolumeClassifier(net="vit3d_tiny", input_shape=(16, 32, 32), net_kwargs={"img_size": [32, 32, 32]})
     assert given.net.grid == (4, 4, 4)
+
+
+def test_the_sanity_check_is_not_scored(tmp_path):
+    """Lightning's sanity check runs a batch or two of validation before training: too few cells to hold every
+    class, so scoring them would only warn that a class's AUROC is undefined (and log nothing)."""
+    import warnings
+
+    import lightning as L
+    import torch
+
+    def batches(labels):
+        cells = [{"volume": torch.randn(1, 16, 16, 16), "label": label} for label in labels]
+        return torch.utils.data.DataLoader(cells, batch_size=4)
+
+    model = VolumeClassifier(net="vit3d_tiny", num_classes=4, input_shape=(16, 16, 16))
+    trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=1, default_root_dir=tmp_path)  # fmt: skip
+    val = batches([0, 0, 0, 0, 0, 1, 2, 3])  # the sanity check sees class 0 only; the epoch's validation all four
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, train_dataloaders=batches([0, 1, 2, 3]), val_dataloaders=val)
+    assert not [w for w in caught if "No positive samples" in str(w.message)]
+    assert "val/auroc" in trainer.callback_metrics  # the real validation is still scored
