@@ -156,17 +156,14 @@ def _fit_fold(cli, fold: int, trial_callbacks: list | None) -> tuple[dict, pd.Da
     if trial_callbacks:
         trainer.callbacks.extend(trial_callbacks)
     trainer.fit(model, datamodule=datamodule)
-    ckpt = "best" if trainer.checkpoint_callback and trainer.checkpoint_callback.best_model_path else None
+    # the best checkpoint by its path: "best" would make Lightning warn that there are two ModelCheckpoints
+    ckpt = (trainer.checkpoint_callback.best_model_path or None) if trainer.checkpoint_callback else None
     metrics = trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt, verbose=False)[0]
     row = {"fold": fold, **{k.removeprefix("val/"): float(v) for k, v in metrics.items()}}
     # epochs trained up to the best checkpoint (1-based): what a refit of this config needs
-    row["best_epoch"] = (
-        int(run_dir.load_checkpoint(trainer.checkpoint_callback.best_model_path)["epoch"]) + 1
-        if ckpt
-        else trainer.current_epoch
-    )
+    row["best_epoch"] = int(run_dir.load_checkpoint(ckpt)["epoch"]) + 1 if ckpt else trainer.current_epoch
     datamodule.hparams.predict_split = "val"
-    preds = trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt)
+    preds = trainer.predict(model, datamodule=datamodule)  # the validate above left the best weights in the model
     if hasattr(trainer.logger, "run_id") and trainer.is_global_zero:
         matrix = model.last_confusion.get("val")
         if matrix is not None:

@@ -28,10 +28,12 @@ class EpochLog(L.Callback):
         self._started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # runs after the epoch's validation, so its scores are in callback_metrics
-        if not trainer.is_global_zero or trainer.sanity_checking:
-            return
-        print(self.line(trainer, time.perf_counter() - self._started), file=sys.stderr, flush=True)
+        # runs after the epoch's validation, so its scores are in callback_metrics. Every rank reads them:
+        # under DDP, reading a metric logged with sync_dist reduces it across the processes, so a read on rank 0
+        # alone would wait for the others forever.
+        line = self.line(trainer, time.perf_counter() - self._started)
+        if trainer.is_global_zero:
+            print(line, file=sys.stderr, flush=True)
 
     def line(self, trainer: L.Trainer, seconds: float) -> str:
         metrics = trainer.callback_metrics

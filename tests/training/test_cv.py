@@ -6,6 +6,7 @@ import mlflow
 import pandas as pd
 import pytest
 import yaml
+from sklearn.metrics import balanced_accuracy_score
 
 from leuko.cli import main
 from leuko.training.cv import fold_seed_args
@@ -29,7 +30,7 @@ def test_cv_writes_out_of_fold_predictions_and_nested_runs(
             "--tracking.experiment",
             experiment,
             "--trainer.max_epochs",
-            "1",
+            "2",
         ]
     )
     assert code == 0
@@ -51,6 +52,10 @@ def test_cv_writes_out_of_fold_predictions_and_nested_runs(
     # each fold model starts from its own weights: fold k is seeded with the config's seed (0) + k
     seeds = [yaml.safe_load((out / f"fold_{k}" / "config.yaml").read_text())["seed_everything"] for k in (0, 1)]
     assert seeds == [0, 1]
+    # the out-of-fold predictions come from the checkpoint each fold's row scored (best.ckpt, epoch 1 or 2)
+    for fold, cells in oof.groupby("fold"):
+        row = metrics.set_index("fold").loc[fold]
+        assert balanced_accuracy_score(cells["label"], cells["pred_label"]) == pytest.approx(row["balanced_accuracy"])
     assert summary["balanced_accuracy"]["mean"] == pytest.approx(metrics["balanced_accuracy"].mean())
     assert summary["balanced_accuracy"]["std"] == pytest.approx(metrics["balanced_accuracy"].std(ddof=1))
 

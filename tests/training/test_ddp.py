@@ -45,6 +45,8 @@ def test_ddp_two_cpu_processes(tiny_config, tiny_prepared, tracking_uri, experim
     ]
     done = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+    # one epoch line from rank 0, though every rank reads the synced scores (rank 0 alone would deadlock)
+    assert done.stderr.count("run: epoch 1/1  ") == 1, done.stderr[-4000:]
 
     # Each rank trained on its own shard; together they cover the training set.
     ranks = [set((tmp_path / "cells" / f"epoch0_rank{r}.txt").read_text().split()) for r in (0, 1)]
