@@ -85,7 +85,7 @@ class _DropLitLoggerTip(logging.Filter):
 
 
 def quiet_lightning() -> None:
-    """Silence two Lightning messages a leuko user cannot act on; every other message and warning stays.
+    """Silence three Lightning messages a leuko user cannot act on; every other message and warning stays.
 
     - the tip to install litlogger for Lightning's cloud platform (leuko logs to MLflow), printed by every Trainer;
     - torch's FutureWarning about `isinstance(treespec, LeafSpec)`, raised by Lightning's own _pytree module;
