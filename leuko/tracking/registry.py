@@ -104,6 +104,16 @@ def earned_epochs(cv_summary: dict, overrides: list[str] = ()) -> list[str]:
     return ["--trainer.max_epochs", str(max(1, round(earned)))]
 
 
+def refit_epochs(source: Source) -> list[str]:
+    """The earned_epochs of a refit of source: from its trial's CV, or from the CV folder given with --cv.
+
+    A trial's own --trainer.max_epochs is the sweep's epoch budget, which the earned epochs replace; epochs
+    given by hand (`leuko register --config ... --trainer.max_epochs N`) win.
+    """
+    summary = source.cv or (run_dir.read_summary(source.cv_dir) if source.cv_dir else {})
+    return earned_epochs(summary, source.overrides if source.study is None else ())
+
+
 def register(
     source: Source,
     *,
@@ -135,11 +145,9 @@ def register(
     if source.study is not None:
         tags.update({"leuko.study": source.study, "leuko.trial": str(source.trial)})
     args = [a for c in source.configs for a in ("--config", c)] + list(source.overrides)
-    if not ensemble:  # a refit trains for the epochs its CV earned; an ensemble's fold models are trained as they are
-        summary = source.cv or (run_dir.read_summary(source.cv_dir) if source.cv_dir else {})
-        if epochs := earned_epochs(summary, source.overrides):
-            args += epochs
-            print(f"refit for {epochs[1]} epochs: the mean best epoch of its CV", file=sys.stderr)
+    if not ensemble and (epochs := refit_epochs(source)):  # an ensemble's fold models are shipped as trained
+        args += epochs
+        print(f"refit for {epochs[1]} epochs: the mean best epoch of its CV", file=sys.stderr)
     args += ["--data.fold", "null", "--trainer.default_root_dir", str(root), "--tracking.run_name", run_name]
     cli = LeukoCLI(args=args, run=False, parent_run_id=source.sweep_run_id if is_rank_zero() else None, extra_tags=tags)
     tracking = cli.config["tracking"]

@@ -1,6 +1,8 @@
 """A refit trains for the epochs its CV earned (the mean best validation epoch), unless told otherwise."""
 
-from leuko.tracking.registry import earned_epochs
+import json
+
+from leuko.tracking.registry import Source, earned_epochs, refit_epochs
 
 
 def test_the_mean_best_epoch_rounded():
@@ -12,3 +14,20 @@ def test_none_without_a_best_epoch_or_with_epochs_given():
     assert earned_epochs({}) == [] and earned_epochs({"best_epoch": {"mean": None}}) == []
     assert earned_epochs({"best_epoch": {"mean": 12.0}}, ["--trainer.max_epochs", "20"]) == []
     assert earned_epochs({"best_epoch": {"mean": 12.0}}, ["--trainer.max_epochs=20"]) == []
+
+
+def test_a_trial_refits_for_its_earned_epochs_over_the_sweeps_budget(tmp_path):
+    """A sweep trial's overrides carry the sweep's epoch budget (conf/sweep/default.yaml: trainer.max_epochs 30);
+    its refit trains for the epochs its CV earned instead. Epochs given by hand with --config win."""
+    cv = {"best_epoch": {"mean": 14.6, "std": 2.0}}
+    budget = ["--model.lr", "0.003", "--trainer.max_epochs", "30"]
+    trial = Source(configs=["base.yaml"], overrides=budget, cv=cv, study="s", trial=3)
+    assert refit_epochs(trial) == ["--trainer.max_epochs", "15"]
+    assert refit_epochs(Source(configs=["base.yaml"], overrides=budget, cv=cv)) == []  # by hand: 30 it is
+
+    folder = tmp_path / "cv"  # `leuko register --config ... --cv folder`: the CV's summary file
+    folder.mkdir()
+    (folder / "cv_summary.json").write_text(json.dumps(cv))
+    by_cv = Source(configs=["base.yaml"], overrides=[], cv_dir=str(folder))
+    assert refit_epochs(by_cv) == ["--trainer.max_epochs", "15"]
+    assert refit_epochs(Source(configs=["base.yaml"], overrides=[])) == []  # no CV, nothing earned
