@@ -55,6 +55,7 @@ class VolumeClassifier(L.LightningModule):
         class_weights: Literal["none", "balanced"] | list[float] = "none",
         channels_last: bool = False,
         compile: bool = False,
+        mixup: float = 0.0,
     ):
         """
         Args:
@@ -68,6 +69,8 @@ class VolumeClassifier(L.LightningModule):
             class_weights: "balanced" weighs the loss by inverse training-class frequency.
             channels_last: channels_last_3d memory format (faster convolutions on recent GPUs).
             compile: torch.compile the net.
+            mixup: alpha of mixup (Zhang et al. 2018): each training batch becomes lam * x + (1 - lam) * x[perm]
+                with lam ~ Beta(alpha, alpha), and the loss the same mix of both labels' losses; 0 is off.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -86,6 +89,8 @@ class VolumeClassifier(L.LightningModule):
         # Kept out of the module tree (object.__setattr__), so checkpoints hold the weights once, under
         # net.*, and load whether or not the loading side compiles.
         object.__setattr__(self, "_compiled_net", torch.compile(self.net) if compile else None)
+        if mixup < 0:
+            raise ConfigError(f"mixup={mixup}: give the alpha of its Beta distribution, e.g. 0.2, or 0 for none")
         if isinstance(class_weights, list) and len(class_weights) != num_classes:
             raise ConfigError(f"class_weights has {len(class_weights)} values but there are {num_classes} classes")
         self.register_buffer("loss_weights", torch.ones(num_classes), persistent=False)
@@ -135,12 +140,27 @@ class VolumeClassifier(L.LightningModule):
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.hparams.mixup > 0:
+            return self._mixup_step(batch)
         logits = self(batch["volume"])
         loss = self._loss(logits, batch["label"])
         # Kept on the device and fed to the metrics at epoch end: torchmetrics' update runs torch.unique and
         # torch.bincount, each of which waits for the GPU, so updating here would stall every step.
         self._train_outputs.append((logits.detach().float().softmax(-1), batch["label"]))
         # Logged as tensors: Lightning reduces them at epoch end, no host sync per step.
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(logits), sync_dist=True)
+        return loss
+
+    def _mixup_step(self, batch: dict) -> torch.Tensor:
+        x, labels = batch["volume"], batch["label"]
+        alpha = torch.tensor(float(self.hparams.mixup))
+        lam = float(torch.distributions.Beta(alpha, alpha).sample())  # torch's generator: seeded like the rest
+        perm = torch.randperm(len(x), device=x.device)
+        logits = self(lam * x + (1 - lam) * x[perm])
+        loss = lam * self._loss(logits, labels) + (1 - lam) * self._loss(logits, labels[perm])
+        # the train metrics score each mixed volume against its larger share's label
+        major = labels if lam >= 0.5 else labels[perm]
+        self._train_outputs.append((logits.detach().float().softmax(-1), major))
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(logits), sync_dist=True)
         return loss
 

@@ -55,3 +55,29 @@ def test_the_sanity_check_is_not_scored(tmp_path):
         trainer.fit(model, train_dataloaders=batches([0, 1, 2, 3]), val_dataloaders=val)
     assert not [w for w in caught if "No positive samples" in str(w.message)]
     assert "val/auroc" in trainer.callback_metrics  # the real validation is still scored
+
+
+def test_mixup_mixes_the_volumes_and_the_two_labels_losses(monkeypatch):
+    import torch
+    import torch.nn.functional as F
+
+    from leuko.errors import ConfigError
+
+    model = VolumeClassifier(net="vit3d_tiny", num_classes=4, input_shape=(16, 16, 16), mixup=0.4).eval()
+    monkeypatch.setattr(model, "log", lambda *args, **kwargs: None)  # no trainer to log to
+    x, labels = torch.randn(6, 1, 16, 16, 16), torch.tensor([0, 1, 2, 3, 0, 1])
+    torch.manual_seed(3)
+    loss = model.training_step({"volume": x, "label": labels}, 0)
+    torch.manual_seed(3)  # the same draws, by hand
+    lam = torch.distributions.Beta(torch.tensor(0.4), torch.tensor(0.4)).sample()
+    perm = torch.randperm(6)
+    with torch.no_grad():
+        logits = model(lam * x + (1 - lam) * x[perm])
+    expected = lam * F.cross_entropy(logits, labels) + (1 - lam) * F.cross_entropy(logits, labels[perm])
+    assert 0 < lam < 1 and not torch.equal(perm, torch.arange(6))
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    with torch.no_grad():
+        plain = F.cross_entropy(model(x), labels)
+    assert abs(float(loss) - float(plain)) > 1e-4  # an untrained net's losses are close, but not this close
+    with pytest.raises(ConfigError, match=r"mixup=-0.2: give the alpha"):
+        VolumeClassifier(net="vit3d_tiny", num_classes=4, mixup=-0.2)
