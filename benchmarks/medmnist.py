@@ -17,7 +17,7 @@ data), Student t 95% CI of the mean, and the ensemble of the seeds (their mean t
 "ensemble" in --json). --folds K: per seed, a K-fold CV of the recipe on the official train + val volumes
 (class-stratified), its K fold models one model (their mean probability, as `leuko register --ensemble` ships
 it); --tta flip|flip_rot90: that model averages over the views (leuko.deploy.tta). Results kept in
-<work>/<stem>/results/ are reused (delete one to redo it).
+<work>/<stem>/results/ are reused (delete one to redo it); the recipe's are keyed on its settings, not its comments.
 """
 
 from __future__ import annotations
@@ -377,6 +377,14 @@ def plan(opts: argparse.Namespace) -> list[tuple[str | None, str | None, int | N
     return settings or [(None, None, opts.max_epochs)]
 
 
+def recipe_key(recipe: Path) -> str:
+    """8 hex digits of the recipe's settings (the parsed YAML, keys sorted): a changed comment keeps its results."""
+    import yaml
+
+    settings = yaml.safe_load(recipe.read_text())
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def run(opts: argparse.Namespace) -> dict:
     """Every (setting, seed) of opts: rows, summary, and the details (also written to <work>/<stem>/results.json)."""
     if opts.threads:
@@ -385,7 +393,7 @@ def run(opts: argparse.Namespace) -> dict:
         torch.set_num_threads(opts.threads)
     folder = Path(opts.work) / opts.npz.name.removesuffix(".npz")
     prepared = prepare_data(opts.npz, folder, limit=opts.limit)
-    recipe = f"recipe-{hashlib.sha256(RECIPE.read_bytes()).hexdigest()[:8]}"  # a changed recipe is trained again
+    recipe = f"recipe-{recipe_key(RECIPE)}"  # a changed recipe is trained again
     runs, tables = [], {}  # tables: each setting's test probabilities per seed, for the ensemble of its seeds
     shipped = ("" if opts.folds is None else f"-k{opts.folds}") + ("" if opts.tta == "none" else f"-{opts.tta}")
     for label, net, epochs in plan(opts):

@@ -226,3 +226,15 @@ def test_help_has_examples(capsys):
         with pytest.raises(SystemExit):
             medmnist.parse_args(bad)
     assert "--nets 'fishnet3d_tiny:ten': give NAME[:EPOCHS]" in capsys.readouterr().err
+
+
+def test_results_are_kept_across_comment_edits_of_the_recipe(tmp_path):
+    """Cached results are keyed on the recipe's settings: a comment edit keeps them, a changed value does not."""
+    recipe = medmnist.RECIPE.read_text()
+    first, commented, changed = (tmp_path / f"{n}.yaml" for n in ("first", "commented", "changed"))
+    first.write_text(recipe)
+    commented.write_text("# a new first line\n" + recipe.replace("\n", "  # note\n", 3))
+    changed.write_text(recipe.replace("lr: 0.003", "lr: 0.002"))
+    assert "lr: 0.003" in recipe
+    assert medmnist.recipe_key(first) == medmnist.recipe_key(commented) == medmnist.recipe_key(medmnist.RECIPE)
+    assert medmnist.recipe_key(changed) != medmnist.recipe_key(first)
