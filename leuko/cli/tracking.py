@@ -52,7 +52,8 @@ def _add_register(sub) -> None:
         default=None,
         metavar="DIR",
         help="a `leuko cv` of the same config: its out-of-fold predictions give the temperature and review "
-        "threshold (a trial from --space brings its own; an --ensemble is calibrated on its own CV)",
+        "threshold, and its mean best epoch the refit's epochs unless --trainer.max_epochs is given (a trial "
+        "from --space brings its own CV; an --ensemble is calibrated on its own CV)",
     )
     p.add_argument(
         "--ensemble",
