@@ -77,6 +77,8 @@ class VolumeClassifier(L.LightningModule):
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         if len(self.class_names) != num_classes:
             raise ConfigError(f"class_names has {len(self.class_names)} names but num_classes is {num_classes}")
+        if mixup < 0:
+            raise ConfigError(f"mixup={mixup}: give the alpha of its Beta distribution, e.g. 0.2, or 0 for none")
         if not all(0 < m < 1 for m in milestones):
             raise ConfigError(
                 f"milestones {tuple(milestones)} must be fractions of the training in (0, 1), e.g. [0.5, 0.75]"
@@ -89,8 +91,6 @@ class VolumeClassifier(L.LightningModule):
         # Kept out of the module tree (object.__setattr__), so checkpoints hold the weights once, under
         # net.*, and load whether or not the loading side compiles.
         object.__setattr__(self, "_compiled_net", torch.compile(self.net) if compile else None)
-        if mixup < 0:
-            raise ConfigError(f"mixup={mixup}: give the alpha of its Beta distribution, e.g. 0.2, or 0 for none")
         if isinstance(class_weights, list) and len(class_weights) != num_classes:
             raise ConfigError(f"class_weights has {len(class_weights)} values but there are {num_classes} classes")
         self.register_buffer("loss_weights", torch.ones(num_classes), persistent=False)
