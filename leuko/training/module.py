@@ -140,27 +140,21 @@ class VolumeClassifier(L.LightningModule):
         )
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        x, labels = batch["volume"], batch["label"]
         if self.hparams.mixup > 0:
-            return self._mixup_step(batch)
-        logits = self(batch["volume"])
-        loss = self._loss(logits, batch["label"])
+            alpha = torch.tensor(float(self.hparams.mixup))
+            lam = float(torch.distributions.Beta(alpha, alpha).sample())  # torch's generator: seeded like the rest
+            perm = torch.randperm(len(x), device=x.device)
+            logits = self(lam * x + (1 - lam) * x[perm])
+            loss = lam * self._loss(logits, labels) + (1 - lam) * self._loss(logits, labels[perm])
+            labels = labels if lam >= 0.5 else labels[perm]  # the train metrics: each volume's larger share
+        else:
+            logits = self(x)
+            loss = self._loss(logits, labels)
         # Kept on the device and fed to the metrics at epoch end: torchmetrics' update runs torch.unique and
         # torch.bincount, each of which waits for the GPU, so updating here would stall every step.
-        self._train_outputs.append((logits.detach().float().softmax(-1), batch["label"]))
+        self._train_outputs.append((logits.detach().float().softmax(-1), labels))
         # Logged as tensors: Lightning reduces them at epoch end, no host sync per step.
-        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(logits), sync_dist=True)
-        return loss
-
-    def _mixup_step(self, batch: dict) -> torch.Tensor:
-        x, labels = batch["volume"], batch["label"]
-        alpha = torch.tensor(float(self.hparams.mixup))
-        lam = float(torch.distributions.Beta(alpha, alpha).sample())  # torch's generator: seeded like the rest
-        perm = torch.randperm(len(x), device=x.device)
-        logits = self(lam * x + (1 - lam) * x[perm])
-        loss = lam * self._loss(logits, labels) + (1 - lam) * self._loss(logits, labels[perm])
-        # the train metrics score each mixed volume against its larger share's label
-        major = labels if lam >= 0.5 else labels[perm]
-        self._train_outputs.append((logits.detach().float().softmax(-1), major))
         self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(logits), sync_dist=True)
         return loss
 
@@ -198,17 +192,14 @@ class VolumeClassifier(L.LightningModule):
         metrics = getattr(self, f"{stage}_metrics")
         recall = getattr(self, f"{stage}_recall")
         confusion = getattr(self, f"{stage}_confusion")
-        if self._trainer is not None and self.trainer.sanity_checking:
-            # a couple of batches, scored nowhere: a class missing from them would only warn that its AUROC
-            # is undefined
-            for metric in (metrics, recall, confusion):
-                metric.reset()
-            return
-        # torchmetrics syncs its states across DDP processes in compute().
-        self.log_dict(metrics.compute())
-        per_class = recall.compute()
-        self.log_dict({f"{stage}/recall_{name}": per_class[i] for i, name in enumerate(self.class_names)})
-        self.last_confusion[stage] = confusion.compute().cpu()
+        # The sanity check's couple of batches are scored nowhere: a class missing from them would only warn
+        # that its AUROC is undefined.
+        if self._trainer is None or not self.trainer.sanity_checking:
+            # torchmetrics syncs its states across DDP processes in compute().
+            self.log_dict(metrics.compute())
+            per_class = recall.compute()
+            self.log_dict({f"{stage}/recall_{name}": per_class[i] for i, name in enumerate(self.class_names)})
+            self.last_confusion[stage] = confusion.compute().cpu()
         for metric in (metrics, recall, confusion):
             metric.reset()
 
