@@ -145,6 +145,8 @@ def register(
     if source.study is not None:
         tags.update({"leuko.study": source.study, "leuko.trial": str(source.trial)})
     args = [a for c in source.configs for a in ("--config", c)] + list(source.overrides)
+    if not ensemble and source.cv_dir and not source.cv:  # `--config --cv DIR`: DIR's scores go on the version
+        source = replace(source, cv=run_dir.read_summary(source.cv_dir))
     if not ensemble and (epochs := refit_epochs(source)):  # an ensemble's fold models are shipped as trained
         args += epochs
         print(f"refit for {epochs[1]} epochs: the mean best epoch of its CV", file=sys.stderr)

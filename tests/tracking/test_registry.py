@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -129,6 +130,17 @@ def test_register_a_config_by_hand(registry, tiny_prepared, monkeypatch, tmp_pat
     assert client.get_run(earned["run_id"]).data.params["trainer.max_epochs"] == "2"
     assert "refit for 2 epochs: the mean best epoch of its CV" in capsys.readouterr().err
 
+    # `leuko register --config ... --cv DIR`: DIR's summary sets the epochs and tags the version with its scores
+    trial_cv = registry["source"].cv_dir
+    summary = json.loads((Path(trial_cv) / "cv_summary.json").read_text())
+    by_cv = register(Source(configs=[str(base)], overrides=[], cv_dir=trial_cv), name="leuko-manual", out=tmp_path)
+    assert by_cv["cv"] == summary
+    tags = client.get_model_version("leuko-manual", by_cv["version"]).tags
+    mean = summary["balanced_accuracy"]["mean"]
+    assert tags["leuko.cv_balanced_accuracy"].startswith(f"{mean:.6f} +- ")
+    epochs = str(max(1, round(summary["best_epoch"]["mean"])))
+    assert client.get_run(by_cv["run_id"]).data.params["trainer.max_epochs"] == epochs
+
 
 # ---------------------------------------------------------------------------------------------- the code travels
 
@@ -154,6 +166,7 @@ def test_registered_model_carries_its_code_and_loads_without_leuko_installed(reg
     # a fresh process that cannot import the installed leuko loads the model and predicts with the bundled code
     script = f"""
 import sys
+from pathlib import Path
 sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
 try:
     import leuko
