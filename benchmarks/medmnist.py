@@ -6,6 +6,7 @@
     python benchmarks/medmnist.py --nets resnet3d_50_tiny,fishnet3d_tiny:30 --epochs 10 --seeds 3
     python benchmarks/medmnist.py --seeds 5 --results benchmarks/RESULTS.md  # also rewrite its MedMNIST section
     python benchmarks/medmnist.py --folds 5 --tta flip --seeds 3        # 5 fold models as one, 8 flip views
+    python benchmarks/medmnist.py --tta flip --seeds 9 --groups 3       # 3 seeds' models as one, 3 times over
 
 --npz: train/val/test _images (N, D, H, W) or (N, D, H, W, C) and _labels (N, 1) or one-hot (N, K). Work folder:
 <work>/<file stem>/. Classes: MedMNIST's names for its 3D sets, else class_<i>. AUROC: of label 1 for two classes,
@@ -14,7 +15,8 @@ MedMNIST data, its best validation checkpoint tested once. --nets: the MedMNIST 
 Adam, lr 1e-3, x0.1 at 50% and 75% of the epochs, batch 32, 100 epochs, no augmentation or weight decay, best
 val AUC; a ViT's patch is the largest side <= 8 dividing the shape. --seeds N: seeds 0..N-1 (seed_everything and
 data), Student t 95% CI of the mean, and the ensemble of the seeds (their mean test probabilities, scored once;
-"ensemble" in --json). --folds K: per seed, a K-fold CV of the recipe on the official train + val volumes
+"ensemble" in --json); --groups K: the same for disjoint groups of K seeds (0..K-1, K..2K-1, ...), mean and 95% CI
+over the groups ("ensemble_groups"). --folds K: per seed, a K-fold CV of the recipe on the official train + val volumes
 (class-stratified), its K fold models one model (their mean probability, as `leuko register --ensemble` ships
 it); --tta flip|flip_rot90: that model averages over the views (leuko.deploy.tta). Results kept in
 <work>/<stem>/results/ are reused (delete one to redo it); the recipe's are keyed on its settings, not its comments.
@@ -304,6 +306,13 @@ def ensemble_scores(tables: list[pd.DataFrame]) -> dict:
     return heldout_scores(mean, classes)
 
 
+def group_scores(tables: list[pd.DataFrame], k: int) -> dict:
+    """ensemble_scores of disjoint groups of k consecutive seeds' tables: {"k", "groups": [{"seeds", metric: ..}],
+    "summary": {metric: confidence_interval over the groups}} (the spread of an ensemble of k models)."""
+    groups = [{"seeds": list(range(i, i + k)), **ensemble_scores(tables[i : i + k])} for i in range(0, len(tables), k)]
+    return {"k": k, "groups": groups, "summary": {m: confidence_interval([g[m] for g in groups]) for m in METRICS}}
+
+
 def _binary_auroc(cells, positive: str) -> float:
     from sklearn.metrics import roc_auc_score
 
@@ -336,8 +345,11 @@ def _fmt(value: float | None, ci: tuple = (None, None)) -> str:
     return "–" if value is None else f"{value:.3f}" + ("" if ci[0] is None else f" [{ci[0]:.3f}, {ci[1]:.3f}]")
 
 
-def table(runs: list[dict], per_net: dict, published: dict | None, ensembles: dict | None = None) -> str:
-    """Markdown: a row per run, the mean [95% CI] over seeds and the ensemble of the seeds per net, the published."""
+def table(
+    runs: list[dict], per_net: dict, published: dict | None, ensembles: dict | None = None, groups: dict | None = None
+) -> str:
+    """Markdown: a row per run, the mean [95% CI] over seeds and the ensemble of the seeds per net (and of groups
+    of seeds: group_scores), the published."""
     head = "| net | seed | params (M) | epochs | best epoch (val) | test AUC | test ACC | test balanced ACC | train |"
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
@@ -350,6 +362,12 @@ def table(runs: list[dict], per_net: dict, published: dict | None, ensembles: di
         lines.append(f"| **{net}: mean [95% CI]** | {n} seed(s) | | | | {scores} | |")
         if ensemble := (ensembles or {}).get(net):  # one model: the mean probability of the seeds' models
             lines.append(f"| {net}: ensemble of the seeds | {n} | | | | {' | '.join(map(_fmt, ensemble.values()))} | |")
+        if group := (groups or {}).get(net):
+            scores = " | ".join(_fmt(s["mean"], (s["ci_low"], s["ci_high"])) for s in group["summary"].values())
+            count = len(group["groups"])
+            lines.append(
+                f"| **{net}: {count} ensembles of {group['k']} seeds, mean [95% CI]** | {n} | | | | {scores} | |"
+            )
     if p := published:
         lines.append(f"| {p['net']} | – | – | 100 | – | {p['auroc']:.3f} | {p['accuracy']:.3f} | – | – |")
     return "\n".join(lines)
@@ -421,10 +439,12 @@ def run(opts: argparse.Namespace) -> dict:
             print(json.dumps({k: runs[-1][k] for k in ("label", "seed", *METRICS)}), file=sys.stderr, flush=True)
     per_net = summarise(runs)
     ensembles = {n: ensemble_scores(t) for n, t in tables.items() if len(t) > 1 and all(x is not None for x in t)}
+    groups = {n: group_scores(tables[n], opts.groups) for n in ensembles} if opts.groups else {}
     document = {
         "rows": [{"net": r["label"], "seed": r["seed"], **{m: r[m] for m in METRICS}} for r in runs],
         "summary": next(iter(per_net.values())) if len(per_net) == 1 else per_net,
         "ensemble": next(iter(ensembles.values())) if len(per_net) == 1 and ensembles else ensembles,
+        **({"ensemble_groups": next(iter(groups.values())) if len(per_net) == 1 else groups} if groups else {}),
         "dataset": folder.name,
         "recipe": "MedMNIST v2 protocol" if opts.nets else RECIPE.as_posix().removeprefix(f"{ROOT.as_posix()}/"),
         "work": str(folder),
@@ -472,6 +492,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tta", default="none", choices=TTA_MODES, help="recipe: test-time views averaged (default none)"
     )
     parser.add_argument("--seeds", type=int, default=1, help="repeat each setting with seeds 0..N-1 (default 1)")
+    parser.add_argument(
+        "--groups", type=int, default=None, help="also score each K seeds' models as one (disjoint groups), mean + CI"
+    )
     parser.add_argument("--limit", type=int, default=None, help="keep N random train volumes (quick checks)")
     parser.add_argument("--accelerator", default=None, help="cpu, gpu, auto (default: the recipe's; cpu for --nets)")
     parser.add_argument("--num-workers", type=int, default=None, help="data-loader workers (default: recipe's, 0)")
@@ -481,8 +504,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, default=None, help="also write the table into this RESULTS.md")
     opts = parser.parse_args(argv)
     for name, value in vars(opts).items():
-        if name in ("seeds", "limit", "max_epochs", "epochs", "threads", "folds") and value is not None and value < 1:
+        if (
+            name in ("seeds", "limit", "max_epochs", "epochs", "threads", "folds", "groups")
+            and value is not None
+            and value < 1
+        ):
             parser.error(f"--{name.replace('_', '-')} {value}: give a positive number")
+    if opts.groups is not None and (opts.groups < 2 or opts.seeds % opts.groups or opts.seeds == opts.groups):
+        parser.error(f"--groups {opts.groups} --seeds {opts.seeds}: give a group size of 2 or more that divides the "
+                     f"seeds into at least two groups, e.g. --groups 3 --seeds 9")  # fmt: skip
     if opts.folds == 1:
         parser.error("--folds 1: a CV needs at least 2 folds; drop --folds to train once on the official split")
     if opts.nets and (opts.folds or opts.tta != "none"):
@@ -504,11 +534,14 @@ def main(argv: list[str] | None = None) -> dict:
     published = PUBLISHED.get(document["dataset"].removesuffix("_28"))
     per_net = summarise(document["runs"])
     ensembles = {next(iter(per_net)): document["ensemble"]} if len(per_net) == 1 else document["ensemble"]
-    text = table(document["runs"], per_net, published, ensembles if document["ensemble"] else None)
+    groups = document.get("ensemble_groups")
+    groups = {next(iter(per_net)): groups} if groups and len(per_net) == 1 else groups
+    text = table(document["runs"], per_net, published, ensembles if document["ensemble"] else None, groups)
     print(f"\n{document['dataset']}, test split, model chosen on validation; {env}\n\n{text}")
     if opts.json:
         opts.json.parent.mkdir(parents=True, exist_ok=True)
-        opts.json.write_text(json.dumps({k: document[k] for k in ("rows", "summary", "ensemble")}, indent=2) + "\n")
+        keys = ("rows", "summary", "ensemble", "ensemble_groups")
+        opts.json.write_text(json.dumps({k: document[k] for k in keys if k in document}, indent=2) + "\n")
         print(f"\nwrote {opts.json}", file=sys.stderr)
     if opts.results:
         write_results(opts.results, document, text, command, env)

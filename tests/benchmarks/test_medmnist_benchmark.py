@@ -178,6 +178,31 @@ def test_ensemble_scores_average_the_probabilities():
     assert medmnist.ensemble_scores([one])["accuracy"] == 0.5
 
 
+def test_groups_score_disjoint_groups_of_seeds_as_one_model(tmp_path, capsys):
+    """--seeds 4 --groups 2: seeds 0-1 and 2-3 each as one model (their cached test tables averaged), and the mean
+    and t-interval over the two groups, in the JSON and the printed table."""
+    npz = _npz(tmp_path / "tinyvessel3d.npz")
+    out = tmp_path / "out.json"
+    medmnist.main(
+        ["--npz", str(npz), "--work", str(tmp_path), "--seeds", "4", "--groups", "2", "--json", str(out), *QUICK]
+    )
+    saved = json.loads(out.read_text())["ensemble_groups"]
+    tables = [pd.read_csv(t) for t in sorted((tmp_path / "tinyvessel3d" / "results").glob("*-s[0-3].csv"))]
+    assert len(tables) == 4 and saved["k"] == 2 and [g["seeds"] for g in saved["groups"]] == [[0, 1], [2, 3]]
+    for group, members in zip(saved["groups"], (tables[:2], tables[2:])):
+        assert {m: group[m] for m in medmnist.METRICS} == medmnist.ensemble_scores(members)
+    auroc = saved["summary"]["auroc"]
+    assert auroc["n"] == 2 and auroc["mean"] == pytest.approx(np.mean([g["auroc"] for g in saved["groups"]]))
+    assert ": 2 ensembles of 2 seeds, mean [95% CI]** | 4 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("groups", "seeds"), [("4", "9"), ("3", "3"), ("1", "4")])
+def test_groups_must_split_the_seeds(groups, seeds, capsys):
+    with pytest.raises(SystemExit):
+        medmnist.parse_args(["--groups", groups, "--seeds", seeds])
+    assert f"--groups {groups} --seeds {seeds}: give a group size of 2 or more" in capsys.readouterr().err
+
+
 def test_binary_auroc_is_the_positive_class():
     import pandas as pd
 
