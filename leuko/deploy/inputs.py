@@ -11,9 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pandas as pd
 
 from leuko.data.io import VolumeError, read_volume
 from leuko.data.preprocess import STACK_BYTES, process_cell, process_cells
+from leuko.training.predictions import probability_table
 
 UNREADABLE = (VolumeError, ValueError, OSError)  # what read_cells reports for a cell instead of preparing it
 
@@ -127,3 +129,40 @@ def check_prepared(config: dict, prepared: np.ndarray) -> None:
             f"prepared volumes of shape {tuple(prepared.shape)}: expected (B, {', '.join(map(str, expected))}); "
             "send raw volumes with preprocess=true instead"
         )
+
+
+class VolumeModel:
+    """What the model's inference code (leuko.deploy.pyfunc_model) and its ONNX Runtime twin
+    (leuko.deploy.onnx_model) share: the settings read from model_config.json, raw volumes prepared as for
+    training, and the output table. A subclass sets `config` (with use_config) and defines predict_proba."""
+
+    config: dict
+    classes: list[str]
+    temperature: float  # 1: uncalibrated
+
+    def use_config(self, config: dict) -> None:
+        self.config = config
+        self.classes = list(config["classes"])
+        self.temperature = float((config.get("calibration") or {}).get("temperature", 1.0))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.config["preprocessing"]["shape"])
+
+    def preprocess(self, volume: np.ndarray, voxel_size=None) -> np.ndarray:
+        """A raw (C, D, H, W) volume -> (C, *shape) float32, exactly as `leuko prepare` did for training."""
+        return prepare_volume(self.config, volume, voxel_size)
+
+    def predict_proba(self, prepared: np.ndarray) -> np.ndarray:  # (B, C, *shape) -> (B, classes)
+        raise NotImplementedError
+
+    def predict_table(self, model_input, params=None) -> pd.DataFrame:
+        """pred_label and prob_<class> per volume; params preprocess (default true) and voxel_size."""
+        params = params or {}
+        x = np.asarray(model_input, dtype=np.float32)
+        if x.ndim == 4:
+            x = x[None]  # one volume
+        if params.get("preprocess", True):
+            voxel_size = params.get("voxel_size") or None
+            x = np.stack([self.preprocess(v, voxel_size) for v in x]) if len(x) else x
+        return probability_table(self.predict_proba(x), self.classes)

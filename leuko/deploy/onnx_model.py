@@ -31,8 +31,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from leuko.deploy.inputs import check_prepared, prepare_volume
-from leuko.training.predictions import probability_table
+from leuko.deploy.inputs import VolumeModel, check_prepared
 
 GRAPH_VERSION = 1  # bump when the exported graph changes for the same weights and config
 PARITY = 1e-4  # largest |p_onnx - p_torch| a graph may show: the probabilities predict writes stay the same
@@ -126,25 +125,15 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-class OnnxModel:
+class OnnxModel(VolumeModel):
     """A model's graph with its config: the interface of leuko.deploy.pyfunc_model.LeukoModel, without torch."""
 
     def __init__(self, path: str | Path, config: dict, *, threads: int | None = None) -> None:
         self.path = Path(path)
-        self.config = config
-        self.classes = list(config["classes"])
-        self.temperature = float((config.get("calibration") or {}).get("temperature", 1.0))  # in the graph
+        self.use_config(config)  # its temperature is in the graph
         self.session = session(self.path)
         self.threads = threads or default_threads()
         self._pool = ThreadPoolExecutor(max_workers=self.threads) if self.threads > 1 else None
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.config["preprocessing"]["shape"])
-
-    def preprocess(self, volume: np.ndarray, voxel_size=None) -> np.ndarray:
-        """A raw (C, D, H, W) volume -> (C, *shape) float32, exactly as `leuko prepare` did for training."""
-        return prepare_volume(self.config, volume, voxel_size)
 
     def predict_proba(self, prepared: np.ndarray) -> np.ndarray:
         """(B, C, *shape) prepared volumes -> (B, classes) calibrated probabilities."""
@@ -164,11 +153,4 @@ class OnnxModel:
 
     def predict(self, model_input, params=None) -> pd.DataFrame:
         """As the pyfunc model's predict: params preprocess (default true) and voxel_size."""
-        params = params or {}
-        x = np.asarray(model_input, dtype=np.float32)
-        if x.ndim == 4:
-            x = x[None]  # one volume
-        if params.get("preprocess", True):
-            voxel_size = params.get("voxel_size") or None
-            x = np.stack([self.preprocess(v, voxel_size) for v in x]) if len(x) else x
-        return probability_table(self.predict_proba(x), self.classes)
+        return self.predict_table(model_input, params)

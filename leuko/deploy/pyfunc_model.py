@@ -29,24 +29,21 @@ from mlflow.pyfunc import PythonModel
 from safetensors.torch import load_file
 
 from leuko.deploy.ensemble import Ensemble
-from leuko.deploy.inputs import check_prepared, prepare_volume
+from leuko.deploy.inputs import VolumeModel, check_prepared
 from leuko.nets import build_net
-from leuko.training.predictions import probability_table
 
 BATCH = 32  # volumes per forward pass; 32 tiny-net 32^3 volumes need well under 1 GB
 
 
-class LeukoModel(PythonModel):
+class LeukoModel(VolumeModel, PythonModel):
     # The logged signature (a float32 tensor) validates the input; MLflow's type-hint validation,
     # and its warning that predict has no type hints, do not apply.
     _skip_type_hint_validation = True
 
     def load_context(self, context) -> None:
-        self.config = json.loads(Path(context.artifacts["model_config"]).read_text())
+        self.use_config(json.loads(Path(context.artifacts["model_config"]).read_text()))
         config = self.config
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in config["net_kwargs"].items()}
-        self.classes = list(config["classes"])
-        self.temperature = float((config.get("calibration") or {}).get("temperature", 1.0))  # 1: uncalibrated
         names = (config.get("ensemble") or {}).get("weights") or ["weights"]
         missing = [n for n in names if n not in context.artifacts]
         if missing:
@@ -60,14 +57,6 @@ class LeukoModel(PythonModel):
         self.module = Ensemble(members, self.temperature, config.get("tta", "none")).to(self.device).eval()
         self.net = members[0]  # the first member: the net `leuko explain` draws
 
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(self.config["preprocessing"]["shape"])
-
-    def preprocess(self, volume: np.ndarray, voxel_size=None) -> np.ndarray:
-        """A raw (C, D, H, W) volume -> (C, *shape) float32, exactly as `leuko prepare` did for training."""
-        return prepare_volume(self.config, volume, voxel_size)
-
     def predict_proba(self, prepared: np.ndarray) -> np.ndarray:
         """(B, C, *shape) prepared volumes -> (B, classes) probabilities."""
         check_prepared(self.config, prepared)
@@ -79,14 +68,7 @@ class LeukoModel(PythonModel):
         return np.concatenate(out) if out else np.zeros((0, len(self.classes)), np.float32)
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
-        params = params or {}
-        x = np.asarray(model_input, dtype=np.float32)
-        if x.ndim == 4:
-            x = x[None]  # one volume
-        if params.get("preprocess", True):
-            voxel_size = params.get("voxel_size") or None
-            x = np.stack([self.preprocess(v, voxel_size) for v in x]) if len(x) else x
-        return probability_table(self.predict_proba(x), self.classes)
+        return self.predict_table(model_input, params)
 
 
 mlflow.models.set_model(LeukoModel())
