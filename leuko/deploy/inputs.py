@@ -8,6 +8,7 @@ and preprocessing {modality, shape, target_voxel_size, n_medium, ri_scale, read_
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import numpy as np
@@ -131,7 +132,7 @@ def check_prepared(config: dict, prepared: np.ndarray) -> None:
         )
 
 
-class VolumeModel:
+class VolumeModel(ABC):
     """What the model's inference code (leuko.deploy.pyfunc_model) and its ONNX Runtime twin
     (leuko.deploy.onnx_model) share: the settings read from model_config.json, raw volumes prepared as for
     training, and the output table. A subclass sets `config` (with use_config) and defines predict_proba."""
@@ -153,8 +154,9 @@ class VolumeModel:
         """A raw (C, D, H, W) volume -> (C, *shape) float32, exactly as `leuko prepare` did for training."""
         return prepare_volume(self.config, volume, voxel_size)
 
-    def predict_proba(self, prepared: np.ndarray) -> np.ndarray:  # (B, C, *shape) -> (B, classes)
-        raise NotImplementedError
+    @abstractmethod
+    def predict_proba(self, prepared: np.ndarray) -> np.ndarray:
+        """(B, C, *shape) prepared volumes -> (B, classes) probabilities."""
 
     def predict_table(self, model_input, params=None) -> pd.DataFrame:
         """pred_label and prob_<class> per volume; params preprocess (default true) and voxel_size."""
