@@ -52,8 +52,9 @@ def _add_register(sub) -> None:
         default=None,
         metavar="DIR",
         help="a `leuko cv` of the same config: its out-of-fold predictions give the temperature and review "
-        "threshold, and its mean best epoch the refit's epochs unless --trainer.max_epochs is given (a trial "
-        "from --space brings its own CV; an --ensemble is calibrated on its own CV)",
+        "threshold, its mean best epoch the refit's epochs unless --trainer.max_epochs is given, and its scores "
+        "the version's leuko.cv_* tags (a trial from --space brings its own CV; an --ensemble is calibrated on "
+        "its own CV)",
     )
     p.add_argument(
         "--ensemble",
