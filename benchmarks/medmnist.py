@@ -533,10 +533,10 @@ def main(argv: list[str] | None = None) -> dict:
     command = "python " + " ".join([Path(sys.argv[0]).as_posix(), *(sys.argv[1:] if argv is None else argv)])
     published = PUBLISHED.get(document["dataset"].removesuffix("_28"))
     per_net = summarise(document["runs"])
-    ensembles = {next(iter(per_net)): document["ensemble"]} if len(per_net) == 1 else document["ensemble"]
-    groups = document.get("ensemble_groups")
-    groups = {next(iter(per_net)): groups} if groups and len(per_net) == 1 else groups
-    text = table(document["runs"], per_net, published, ensembles if document["ensemble"] else None, groups)
+    # the document keeps one setting's ensembles unkeyed (as its summary); the table takes them per setting
+    ensembles, groups = ({next(iter(per_net)): v} if v and len(per_net) == 1 else v
+                         for v in (document["ensemble"], document.get("ensemble_groups")))  # fmt: skip
+    text = table(document["runs"], per_net, published, ensembles or None, groups)
     print(f"\n{document['dataset']}, test split, model chosen on validation; {env}\n\n{text}")
     if opts.json:
         opts.json.parent.mkdir(parents=True, exist_ok=True)

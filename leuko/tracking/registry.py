@@ -104,14 +104,18 @@ def earned_epochs(cv_summary: dict, overrides: list[str] = ()) -> list[str]:
     return ["--trainer.max_epochs", str(max(1, round(earned)))]
 
 
+def cv_summary(source: Source) -> dict:
+    """The CV scores of source: its trial's, or those of the CV folder given with --cv ({} without either)."""
+    return source.cv or (run_dir.read_summary(source.cv_dir) if source.cv_dir else {})
+
+
 def refit_epochs(source: Source) -> list[str]:
-    """The earned_epochs of a refit of source: from its trial's CV, or from the CV folder given with --cv.
+    """The earned_epochs of a refit of source, from its cv_summary.
 
     A trial's own --trainer.max_epochs is the sweep's epoch budget, which the earned epochs replace; epochs
     given by hand (`leuko register --config ... --trainer.max_epochs N`) win.
     """
-    summary = source.cv or (run_dir.read_summary(source.cv_dir) if source.cv_dir else {})
-    return earned_epochs(summary, source.overrides if source.study is None else ())
+    return earned_epochs(cv_summary(source), source.overrides if source.study is None else ())
 
 
 def register(
@@ -145,11 +149,11 @@ def register(
     if source.study is not None:
         tags.update({"leuko.study": source.study, "leuko.trial": str(source.trial)})
     args = [a for c in source.configs for a in ("--config", c)] + list(source.overrides)
-    if not ensemble and source.cv_dir and not source.cv:  # `--config --cv DIR`: DIR's scores go on the version
-        source = replace(source, cv=run_dir.read_summary(source.cv_dir))
-    if not ensemble and (epochs := refit_epochs(source)):  # an ensemble's fold models are shipped as trained
-        args += epochs
-        print(f"refit for {epochs[1]} epochs: the mean best epoch of its CV", file=sys.stderr)
+    if not ensemble:  # a refit: `--config --cv DIR` puts DIR's scores on the version and earns its epochs
+        source = replace(source, cv=cv_summary(source))
+        if epochs := refit_epochs(source):  # an ensemble's fold models are shipped as trained
+            args += epochs
+            print(f"refit for {epochs[1]} epochs: the mean best epoch of its CV", file=sys.stderr)
     args += ["--data.fold", "null", "--trainer.default_root_dir", str(root), "--tracking.run_name", run_name]
     cli = LeukoCLI(args=args, run=False, parent_run_id=source.sweep_run_id if is_rank_zero() else None, extra_tags=tags)
     tracking = cli.config["tracking"]
