@@ -143,17 +143,17 @@ def register(
             f"--cv-dir {cv_dir}: names the CV whose fold models form an ensemble; add --ensemble (--cv calibrates)"
         )
     metric = metric or source.objective
+    if not ensemble:  # a refit: `--config --cv DIR` puts DIR's scores on the version and earns its epochs
+        source = replace(source, cv=cv_summary(source))  # read before any folder is made: a bad file leaves none
     root = _refit_folder(out, source)
     run_name = root.name
     tags = {"leuko.command": "register", "leuko.role": "refit", "leuko.registered_model": name}
     if source.study is not None:
         tags.update({"leuko.study": source.study, "leuko.trial": str(source.trial)})
     args = [a for c in source.configs for a in ("--config", c)] + list(source.overrides)
-    if not ensemble:  # a refit: `--config --cv DIR` puts DIR's scores on the version and earns its epochs
-        source = replace(source, cv=cv_summary(source))
-        if epochs := refit_epochs(source):  # an ensemble's fold models are shipped as trained
-            args += epochs
-            print(f"refit for {epochs[1]} epochs: the mean best epoch of its CV", file=sys.stderr)
+    if not ensemble and (epochs := refit_epochs(source)):  # an ensemble's fold models are shipped as trained
+        args += epochs
+        print(f"refit for {epochs[1]} epochs: the mean best epoch of its CV", file=sys.stderr)
     args += ["--data.fold", "null", "--trainer.default_root_dir", str(root), "--tracking.run_name", run_name]
     cli = LeukoCLI(args=args, run=False, parent_run_id=source.sweep_run_id if is_rank_zero() else None, extra_tags=tags)
     tracking = cli.config["tracking"]

@@ -31,3 +31,19 @@ def test_a_trial_refits_for_its_earned_epochs_over_the_sweeps_budget(tmp_path):
     by_cv = Source(configs=["base.yaml"], overrides=[], cv_dir=str(folder))
     assert refit_epochs(by_cv) == ["--trainer.max_epochs", "15"]
     assert refit_epochs(Source(configs=["base.yaml"], overrides=[])) == []  # no CV, nothing earned
+
+
+def test_a_damaged_cv_summary_is_named_before_any_refit_folder_is_made(tmp_path):
+    """`leuko register --config ... --cv DIR` with a broken DIR/cv_summary.json: the error names the file, and
+    no empty register-<time> folder is left in --out."""
+    import pytest
+
+    from leuko.errors import LeukoError
+    from leuko.tracking.registry import register
+
+    folder = tmp_path / "cv"
+    folder.mkdir()
+    (folder / "cv_summary.json").write_text("{broken")
+    with pytest.raises(LeukoError, match=r"cv_summary\.json: not valid JSON"):
+        register(Source(configs=["base.yaml"], overrides=[], cv_dir=str(folder)), out=tmp_path / "runs")
+    assert not (tmp_path / "runs").exists()
