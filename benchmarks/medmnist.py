@@ -7,11 +7,13 @@
     python benchmarks/medmnist.py --seeds 5 --results benchmarks/RESULTS.md  # also rewrite its MedMNIST section
     python benchmarks/medmnist.py --folds 5 --tta flip --seeds 3        # 5 fold models as one, 8 flip views
     python benchmarks/medmnist.py --tta flip --seeds 9 --groups 3       # 3 seeds' models as one, 3 times over
+    python benchmarks/medmnist.py --recipe conf/experiment/phantoms_tiny.yaml conf/model/resnet3d_50_slim.yaml
 
 --npz: train/val/test _images (N, D, H, W) or (N, D, H, W, C) and _labels (N, 1) or one-hot (N, K). Work folder:
 <work>/<file stem>/. Classes: MedMNIST's names for its 3D sets, else class_<i>. AUROC: of label 1 for two classes,
 else macro one-vs-rest. Default: the recipe of conf/experiment/phantoms_tiny.yaml (read at run time) on the
-MedMNIST data, its best validation checkpoint tested once. --nets: the MedMNIST v2 protocol (Yang et al. 2023):
+MedMNIST data, its best validation checkpoint tested once; --recipe FILE...: these config files instead, layered in
+order as `leuko fit --config A --config B` layers them. --nets: the MedMNIST v2 protocol (Yang et al. 2023):
 Adam, lr 1e-3, x0.1 at 50% and 75% of the epochs, batch 32, 100 epochs, no augmentation or weight decay, best
 val AUC; a ViT's patch is the largest side <= 8 dividing the shape. --seeds N: seeds 0..N-1 (seed_everything and
 data), Student t 95% CI of the mean, and the ensemble of the seeds (their mean test probabilities, scored once;
@@ -128,7 +130,7 @@ def prepare_data(npz: Path, folder: Path, *, limit: int | None = None) -> Path:
 
 
 def _recipe_cli(
-    recipe: Path,
+    recipe: list[Path],
     prepared: Path,
     *,
     seed: int,
@@ -146,7 +148,7 @@ def _recipe_cli(
     from leuko.training.cv import fold_seed_args
 
     init = fold_seed_args(seed * (opts.folds or 1), fold)  # one fit (no --folds): fold 0, the seed itself
-    args = ["--config", str(recipe), *init, "--data.seed", str(seed)]
+    args = [arg for config in recipe for arg in ("--config", str(config))] + [*init, "--data.seed", str(seed)]
     args += ["--data.prepared_dir", str(prepared), "--data.splits", str(splits or "null"), "--data.fold", str(fold)]
     args += ["--trainer.default_root_dir", str(root), "--tracking.enabled", "false", "--trainer.logger", "false"]
     args += ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -161,7 +163,7 @@ def _recipe_cli(
     return cli
 
 
-def fit_recipe(recipe: Path, prepared: Path, *, seed: int, opts: argparse.Namespace, root: Path) -> tuple:
+def fit_recipe(recipe: list[Path], prepared: Path, *, seed: int, opts: argparse.Namespace, root: Path) -> tuple:
     """One fit of the recipe on the prepared MedMNIST data (fold 0 = the official val split); with --folds K, a
     K-fold CV on the official train + val volumes (class-stratified, seeded) whose K fold models form one model;
     with --tta, the model averages over those views. Tested once, as `leuko register --ensemble --tta` ships it
@@ -395,12 +397,15 @@ def plan(opts: argparse.Namespace) -> list[tuple[str | None, str | None, int | N
     return settings or [(None, None, opts.max_epochs)]
 
 
-def recipe_key(recipe: Path) -> str:
-    """8 hex digits of the recipe's settings (the parsed YAML, keys sorted): a changed comment keeps its results."""
+def recipe_key(*configs: Path) -> str:
+    """8 hex digits of the recipe's settings (each parsed YAML, keys sorted): a changed comment keeps its results.
+
+    One file is keyed on its settings alone, several on the list of them in order (as they are layered)."""
     import yaml
 
-    settings = yaml.safe_load(recipe.read_text())
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    settings = [yaml.safe_load(config.read_text()) for config in configs]
+    key = json.dumps(settings[0] if len(settings) == 1 else settings, sort_keys=True, default=str)
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
 
 
 def run(opts: argparse.Namespace) -> dict:
@@ -411,7 +416,8 @@ def run(opts: argparse.Namespace) -> dict:
         torch.set_num_threads(opts.threads)
     folder = Path(opts.work) / opts.npz.name.removesuffix(".npz")
     prepared = prepare_data(opts.npz, folder, limit=opts.limit)
-    recipe = f"recipe-{recipe_key(RECIPE)}"  # a changed recipe is trained again
+    configs = opts.recipe or [RECIPE]
+    recipe = f"recipe-{recipe_key(*configs)}"  # a changed recipe is trained again
     runs, tables = [], {}  # tables: each setting's test probabilities per seed, for the ensemble of its seeds
     shipped = ("" if opts.folds is None else f"-k{opts.folds}") + ("" if opts.tta == "none" else f"-{opts.tta}")
     for label, net, epochs in plan(opts):
@@ -427,7 +433,7 @@ def run(opts: argparse.Namespace) -> dict:
                 continue
             root = folder / "runs" / cache.stem
             if net is None:
-                cells, result = fit_recipe(RECIPE, prepared, seed=seed, opts=opts, root=root)
+                cells, result = fit_recipe(configs, prepared, seed=seed, opts=opts, root=root)
             else:
                 cells, result = fit_protocol(net, prepared, seed=seed, epochs=epochs, opts=opts, root=root)
             runs.append({"label": label or recipe_label(result), "seed": seed, **result})
@@ -446,12 +452,17 @@ def run(opts: argparse.Namespace) -> dict:
         "ensemble": next(iter(ensembles.values())) if len(per_net) == 1 and ensembles else ensembles,
         **({"ensemble_groups": next(iter(groups.values())) if len(per_net) == 1 else groups} if groups else {}),
         "dataset": folder.name,
-        "recipe": "MedMNIST v2 protocol" if opts.nets else RECIPE.as_posix().removeprefix(f"{ROOT.as_posix()}/"),
+        "recipe": "MedMNIST v2 protocol" if opts.nets else " + ".join(_shown(c) for c in configs),
         "work": str(folder),
         "runs": runs,
     }
     (folder / "results.json").write_text(json.dumps(document, indent=2) + "\n")
     return document
+
+
+def _shown(path: Path) -> str:
+    """path relative to the repository when it is inside it."""
+    return path.resolve().as_posix().removeprefix(f"{ROOT.as_posix()}/")
 
 
 def write_results(path: Path, document: dict, text: str, command: str, env: str) -> None:
@@ -480,6 +491,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=doc[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n".join(doc[2:])
     )
     parser.add_argument("--npz", type=Path, default=DEFAULT_NPZ, help=f"MedMNIST 3D file (default {DEFAULT_NPZ})")
+    parser.add_argument(
+        "--recipe", type=Path, nargs="+", default=None, metavar="FILE",
+        help="config files layered in order (default conf/experiment/phantoms_tiny.yaml)",
+    )  # fmt: skip
     parser.add_argument("--nets", help="NAME[:EPOCHS],... of leuko.nets, on the MedMNIST v2 protocol (default: recipe)")
     parser.add_argument("--epochs", type=int, default=100, help="--nets: epochs per net (protocol: 100)")
     parser.add_argument("--max-epochs", type=int, default=None, help="cap on epochs (default: recipe's, --epochs)")
@@ -515,8 +530,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      f"seeds into at least two groups, e.g. --groups 3 --seeds 9")  # fmt: skip
     if opts.folds == 1:
         parser.error("--folds 1: a CV needs at least 2 folds; drop --folds to train once on the official split")
-    if opts.nets and (opts.folds or opts.tta != "none"):
-        parser.error("--folds and --tta apply to the default recipe; drop --nets to use them")
+    if opts.nets and (opts.folds or opts.tta != "none" or opts.recipe):
+        parser.error("--recipe, --folds and --tta apply to a recipe; drop --nets to use them")
+    missing = [str(config) for config in opts.recipe or [] if not config.is_file()]
+    if missing:
+        parser.error(f"--recipe {' '.join(missing)}: no such file; give config files such as "
+                     "conf/experiment/phantoms_tiny.yaml conf/model/resnet3d_50_slim.yaml")  # fmt: skip
     if opts.nets and not re.fullmatch(r"\s*[\w.-]+(:\d+)?\s*(,\s*[\w.-]+(:\d+)?\s*)*,?", opts.nets):
         parser.error(f"--nets {opts.nets!r}: give NAME[:EPOCHS],..., e.g. fishnet3d_tiny:30,vit3d_tiny")
     return opts

@@ -19,11 +19,12 @@ from torch import nn
 
 from leuko.errors import ConfigError
 from leuko.nets.fishnet3d import FishNet3D, fishnet3d, fishnet3d_pool_tiny, fishnet3d_tiny
-from leuko.nets.resnet3d import ResNet3D, resnet3d_50, resnet3d_50_tiny
+from leuko.nets.resnet3d import ResNet3D, resnet3d_50, resnet3d_50_slim, resnet3d_50_tiny
 from leuko.nets.vit3d import ViT3D, vit3d, vit3d_convstem, vit3d_convstem_tiny, vit3d_tiny
 
 NETS: dict[str, Callable[..., nn.Module]] = {
     "resnet3d_50": resnet3d_50,
+    "resnet3d_50_slim": resnet3d_50_slim,
     "resnet3d_50_tiny": resnet3d_50_tiny,
     "vit3d": vit3d,
     "vit3d_tiny": vit3d_tiny,

@@ -136,7 +136,9 @@ def test_folds_and_tta_score_the_fold_models_as_one_model(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [(["--folds", "1"], "--folds 1: a CV needs at least 2 folds"),
-     (["--nets", "resnet3d_50_tiny", "--tta", "flip"], "--folds and --tta apply to the default recipe")],
+     (["--nets", "resnet3d_50_tiny", "--tta", "flip"], "--recipe, --folds and --tta apply to a recipe"),
+     (["--nets", "resnet3d_50_tiny", "--recipe", "conf/model/resnet3d_50_slim.yaml"], "apply to a recipe"),
+     (["--recipe", "conf/experiment/phantoms_tiny.yaml", "nope.yaml"], "--recipe nope.yaml: no such file")],
 )  # fmt: skip
 def test_folds_and_tta_refuse_what_they_cannot_do(extra, message, capsys):
     with pytest.raises(SystemExit):
@@ -251,6 +253,20 @@ def test_help_has_examples(capsys):
         with pytest.raises(SystemExit):
             medmnist.parse_args(bad)
     assert "--nets 'fishnet3d_tiny:ten': give NAME[:EPOCHS]" in capsys.readouterr().err
+
+
+def test_recipe_files_are_layered_in_order(tmp_path):
+    """--recipe A B: B's settings over A's, as `leuko fit --config A --config B`; keyed apart from A alone."""
+    layer = tmp_path / "layer.yaml"
+    layer.write_text(yaml.safe_dump({"model": {"net": "vit3d_tiny"}}))
+    npz = _npz(tmp_path / "tinyvessel3d.npz")
+    argv = ["--npz", str(npz), "--work", str(tmp_path), *QUICK, "--recipe", str(medmnist.RECIPE), str(layer)]
+    document = medmnist.main(argv)
+    assert [r["net"] for r in document["runs"]] == ["vit3d_tiny"]  # the recipe's own net is resnet3d_50_tiny
+    assert document["recipe"] == f"conf/experiment/phantoms_tiny.yaml + {layer.as_posix()}"
+    assert medmnist.recipe_key(medmnist.RECIPE, layer) != medmnist.recipe_key(medmnist.RECIPE)
+    cached = sorted(p.name for p in (tmp_path / "tinyvessel3d" / "results").glob("*.json"))
+    assert cached == [f"recipe-{medmnist.recipe_key(medmnist.RECIPE, layer)}-e1-s0.json"]
 
 
 def test_results_are_kept_across_comment_edits_of_the_recipe(tmp_path):

@@ -7,8 +7,9 @@ from torch import nn
 
 from leuko.nets import NETS, ViT3D, build_net, constructor_kwargs, net_class, net_kwargs
 
-TINY = [name for name in NETS if name.endswith("_tiny")]
-FULL = [name for name in NETS if not name.endswith("_tiny")]
+# CPU-sized nets (the _tiny variants and resnet3d_50_slim) and the full-size nets that have a _tiny variant
+TINY = [name for name in NETS if name.endswith(("_tiny", "_slim"))]
+FULL = [name for name in NETS if f"{name}_tiny" in NETS]
 
 
 def _first_conv(net: nn.Module) -> nn.Conv3d:
@@ -24,7 +25,19 @@ def _on_meta(name: str, **kwargs) -> nn.Module:
 def test_registry_names():
     studies = {"resnet3d_50", "resnet3d_50_tiny", "vit3d", "vit3d_tiny", "fishnet3d", "fishnet3d_tiny"}
     other_stems = {"fishnet3d_pool_tiny", "vit3d_convstem", "vit3d_convstem_tiny"}
-    assert set(NETS) == studies | other_stems
+    other_sizes = {"resnet3d_50_slim"}
+    assert set(NETS) == studies | other_stems | other_sizes
+
+
+def test_slim_is_resnet50_depth_at_tiny_width():
+    def blocks(net):
+        return [len(getattr(net.backbone, f"layer{i}")) for i in range(1, 5)]
+
+    slim, tiny = (build_net(n, in_channels=1, num_classes=2) for n in ("resnet3d_50_slim", "resnet3d_50_tiny"))
+    assert blocks(slim) == [3, 4, 6, 3] == blocks(_on_meta("resnet3d_50", in_channels=1, num_classes=2))
+    assert blocks(tiny) == [1, 1, 1, 1] and slim.num_features == tiny.num_features == 256
+    assert _first_conv(slim).weight.shape == _first_conv(tiny).weight.shape == (8, 1, 3, 3, 3)
+    assert 0.7e6 < sum(p.numel() for p in slim.parameters()) < 0.75e6  # 0.73 M; tiny 0.23 M
 
 
 def test_other_stems_keep_the_study_nets_as_they_are():
