@@ -146,43 +146,55 @@ def register(
     if not ensemble:  # a refit: `--config --cv DIR` puts DIR's scores on the version and earns its epochs
         source = replace(source, cv=cv_summary(source))  # read before any folder is made: a bad file leaves none
     root = _refit_folder(out, source)
-    run_name = root.name
-    tags = {"leuko.command": "register", "leuko.role": "refit", "leuko.registered_model": name}
-    if source.study is not None:
-        tags.update({"leuko.study": source.study, "leuko.trial": str(source.trial)})
-    args = [a for c in source.configs for a in ("--config", c)] + list(source.overrides)
-    if not ensemble and (epochs := refit_epochs(source)):  # an ensemble's fold models are shipped as trained
-        args += epochs
-        print(f"refit for {epochs[1]} epochs: the mean best epoch of its CV", file=sys.stderr)
-    args += ["--data.fold", "null", "--trainer.default_root_dir", str(root), "--tracking.run_name", run_name]
-    cli = LeukoCLI(args=args, run=False, parent_run_id=source.sweep_run_id if is_rank_zero() else None, extra_tags=tags)
-    tracking = cli.config["tracking"]
-    if not tracking.enabled or cli.trainer.logger is None:
-        with contextlib.suppress(OSError):
-            root.rmdir()  # nothing was written to it
-        raise RegisterError(
-            "tracking is off (tracking.enabled false or trainer.logger false): registering needs MLflow"
+    with _removed_if_left_empty(root):  # a refused input (a --cv-dir, tracking off) leaves no empty folder
+        run_name = root.name
+        tags = {"leuko.command": "register", "leuko.role": "refit", "leuko.registered_model": name}
+        if source.study is not None:
+            tags.update({"leuko.study": source.study, "leuko.trial": str(source.trial)})
+        args = [a for c in source.configs for a in ("--config", c)] + list(source.overrides)
+        if not ensemble and (epochs := refit_epochs(source)):  # an ensemble's fold models are shipped as trained
+            args += epochs
+            print(f"refit for {epochs[1]} epochs: the mean best epoch of its CV", file=sys.stderr)
+        args += ["--data.fold", "null", "--trainer.default_root_dir", str(root), "--tracking.run_name", run_name]
+        cli = LeukoCLI(
+            args=args, run=False, parent_run_id=source.sweep_run_id if is_rank_zero() else None, extra_tags=tags
         )
-    check_tta(tta, cli.datamodule.shape)
-    test, folds = None, None  # test: scored after calibration when the model is not the refit alone
-    if ensemble:
-        cv_dir = Path(cv_dir) if cv_dir is not None else fold_ensemble.run_cv(source, root, out, name)
-        if not is_rank_zero():
-            return {}
-        members, folds = fold_ensemble.load_members(cv_dir, cli)
-        for save in [c for c in cli.trainer.callbacks if isinstance(c, SaveConfigCallback)]:
-            save.save_config(cli.trainer, cli.model, "register")  # config.yaml and params, as a fit logs them
-    else:
-        print(f"refit on every non-test patient: {shlex.join(args[:-6])}", file=sys.stderr)
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-        if tta == "none":
-            tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
-            test = _check_metric({k.removeprefix("test/"): float(v) for k, v in tested.items()}, metric)
-        if not cli.trainer.is_global_zero:
-            return {}
-        members = [cli.model.net]
-    model = {"members": members, "folds": folds, "cv_dir": cv_dir if ensemble else None, "tta": tta}
-    return _log_and_register(cli, source, test, model, name=name, metric=metric)
+        tracking = cli.config["tracking"]
+        if not tracking.enabled or cli.trainer.logger is None:
+            raise RegisterError(
+                "tracking is off (tracking.enabled false or trainer.logger false): registering needs MLflow"
+            )
+        check_tta(tta, cli.datamodule.shape)
+        test, folds = None, None  # test: scored after calibration when the model is not the refit alone
+        if ensemble:
+            cv_dir = Path(cv_dir) if cv_dir is not None else fold_ensemble.run_cv(source, root, out, name)
+            if not is_rank_zero():
+                return {}
+            members, folds = fold_ensemble.load_members(cv_dir, cli)
+            for save in [c for c in cli.trainer.callbacks if isinstance(c, SaveConfigCallback)]:
+                save.save_config(cli.trainer, cli.model, "register")  # config.yaml and params, as a fit logs them
+        else:
+            print(f"refit on every non-test patient: {shlex.join(args[:-6])}", file=sys.stderr)
+            cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+            if tta == "none":
+                tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+                test = _check_metric({k.removeprefix("test/"): float(v) for k, v in tested.items()}, metric)
+            if not cli.trainer.is_global_zero:
+                return {}
+            members = [cli.model.net]
+        model = {"members": members, "folds": folds, "cv_dir": cv_dir if ensemble else None, "tta": tta}
+        return _log_and_register(cli, source, test, model, name=name, metric=metric)
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(folder: Path):
+    """On an error inside, folder is removed again when nothing was written to it."""
+    try:
+        yield folder
+    except BaseException:
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only an empty folder
+        raise
 
 
 def _check_metric(test: dict, metric: str) -> dict:

@@ -181,6 +181,7 @@ def test_cv_dirs_that_cannot_form_the_ensemble_are_refused(ensemble, pinned, tmp
         register(other_split, out=out, ensemble=True, cv_dir=ensemble["cv"])
     with pytest.raises(RegisterError, match="add --ensemble"):
         register(source, out=out, cv_dir=ensemble["cv"])
+    assert out.is_dir() and not list(out.iterdir())  # no empty register-<time> folder left by a refusal
 
 
 @pytest.mark.slow
