@@ -460,6 +460,17 @@ def run(opts: argparse.Namespace) -> dict:
     return document
 
 
+def _read_config(path: Path) -> dict | str:
+    """The parsed YAML file, or what is wrong with it."""
+    import yaml
+
+    try:
+        settings = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        return f"not valid YAML ({' '.join(str(exc).split())})"
+    return settings if isinstance(settings, dict) else f"holds {type(settings).__name__}, not a mapping"
+
+
 def _shown(path: Path) -> str:
     """path relative to the repository when it is inside it."""
     return path.resolve().as_posix().removeprefix(f"{ROOT.as_posix()}/")
@@ -536,6 +547,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if missing:
         parser.error(f"--recipe {' '.join(missing)}: no such file; give config files such as "
                      "conf/experiment/phantoms_tiny.yaml conf/model/resnet3d_50_slim.yaml")  # fmt: skip
+    for config in opts.recipe or []:
+        if not isinstance(settings := _read_config(config), dict):
+            parser.error(f"--recipe {config}: {settings}; give a YAML mapping of config sections, as in conf/")
     if opts.nets and not re.fullmatch(r"\s*[\w.-]+(:\d+)?\s*(,\s*[\w.-]+(:\d+)?\s*)*,?", opts.nets):
         parser.error(f"--nets {opts.nets!r}: give NAME[:EPOCHS],..., e.g. fishnet3d_tiny:30,vit3d_tiny")
     return opts

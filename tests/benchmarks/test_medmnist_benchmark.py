@@ -138,7 +138,8 @@ def test_folds_and_tta_score_the_fold_models_as_one_model(tmp_path):
     [(["--folds", "1"], "--folds 1: a CV needs at least 2 folds"),
      (["--nets", "resnet3d_50_tiny", "--tta", "flip"], "--recipe, --folds and --tta apply to a recipe"),
      (["--nets", "resnet3d_50_tiny", "--recipe", "conf/model/resnet3d_50_slim.yaml"], "apply to a recipe"),
-     (["--recipe", "conf/experiment/phantoms_tiny.yaml", "nope.yaml"], "--recipe nope.yaml: no such file")],
+     (["--recipe", "conf/experiment/phantoms_tiny.yaml", "nope.yaml"], "--recipe nope.yaml: no such file"),
+     (["--recipe", "Makefile"], "--recipe Makefile: not valid YAML")],
 )  # fmt: skip
 def test_folds_and_tta_refuse_what_they_cannot_do(extra, message, capsys):
     with pytest.raises(SystemExit):
@@ -253,6 +254,14 @@ def test_help_has_examples(capsys):
         with pytest.raises(SystemExit):
             medmnist.parse_args(bad)
     assert "--nets 'fishnet3d_tiny:ten': give NAME[:EPOCHS]" in capsys.readouterr().err
+
+
+def test_a_recipe_file_that_is_no_mapping_is_named(tmp_path, capsys):
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- model\n- data\n")
+    with pytest.raises(SystemExit):
+        medmnist.parse_args(["--recipe", str(listed)])
+    assert f"--recipe {listed}: holds list, not a mapping; give a YAML mapping" in capsys.readouterr().err
 
 
 def test_recipe_files_are_layered_in_order(tmp_path):
