@@ -49,6 +49,15 @@ def test_register_without_a_study_says_what_to_run(tmp_path):
         source_from_study(space, storage=str(tmp_path / "none.journal"))
 
 
+def test_register_with_tracking_off_is_refused_and_leaves_no_folder(tiny_prepared, tmp_path):
+    from helpers.sweep import write_base
+
+    base = write_base(tmp_path, tiny_prepared)
+    with pytest.raises(RegisterError, match="tracking is off .*registering needs MLflow"):
+        register(Source(configs=[str(base)], overrides=["--tracking.enabled", "false"]), out=tmp_path / "runs")
+    assert (tmp_path / "runs").is_dir() and not list((tmp_path / "runs").iterdir())
+
+
 @pytest.mark.slow
 def test_best_trial_is_refit_tested_logged_and_champion(registry):
     result, uri = registry["result"], registry["tracking_uri"]
