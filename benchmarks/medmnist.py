@@ -401,9 +401,7 @@ def recipe_key(*configs: Path) -> str:
     """8 hex digits of the recipe's settings (each parsed YAML, keys sorted): a changed comment keeps its results.
 
     One file is keyed on its settings alone, several on the list of them in order (as they are layered)."""
-    import yaml
-
-    settings = [yaml.safe_load(config.read_text()) for config in configs]
+    settings = [_read_config(config) for config in configs]
     key = json.dumps(settings[0] if len(settings) == 1 else settings, sort_keys=True, default=str)
     return hashlib.sha256(key.encode()).hexdigest()[:8]
 
