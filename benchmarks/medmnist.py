@@ -8,6 +8,7 @@
     python benchmarks/medmnist.py --folds 5 --tta flip --seeds 3        # 5 fold models as one, 8 flip views
     python benchmarks/medmnist.py --tta flip --seeds 9 --groups 3       # 3 seeds' models as one, 3 times over
     python benchmarks/medmnist.py --recipe conf/experiment/phantoms_tiny.yaml conf/model/resnet3d_50_slim.yaml
+    python benchmarks/medmnist.py --tta flip --seeds 3 --calibrate       # decisions at the data's class mix
 
 --npz: train/val/test _images (N, D, H, W) or (N, D, H, W, C) and _labels (N, 1) or one-hot (N, K). Work folder:
 <work>/<file stem>/. Classes: MedMNIST's names for its 3D sets, else class_<i>. AUROC: of label 1 for two classes,
@@ -20,7 +21,11 @@ data), Student t 95% CI of the mean, and the ensemble of the seeds (their mean t
 "ensemble" in --json); --groups K: the same for disjoint groups of K seeds (0..K-1, K..2K-1, ...), mean and 95% CI
 over the groups ("ensemble_groups"). --folds K: per seed, a K-fold CV of the recipe on the official train + val volumes
 (class-stratified), its K fold models one model (their mean probability, as `leuko register --ensemble` ships
-it); --tta flip|flip_rot90: that model averages over the views (leuko.deploy.tta). Results kept in
+it); --tta flip|flip_rot90: that model averages over the views (leuko.deploy.tta). --calibrate: the model's
+probabilities get a temperature and one bias per class fitted on its validation predictions (the official val
+split; with --folds, out of fold), bias-corrected temperature scaling (leuko.evaluation.calibration): the
+recipe's balanced sampler trains for equal classes, this moves the decisions to the data's own mix, which is
+what accuracy (and a count per class) asks for; balanced accuracy then drops. Results kept in
 <work>/<stem>/results/ are reused (delete one to redo it); the recipe's are keyed on its settings, not its comments.
 """
 
@@ -193,6 +198,53 @@ def fit_recipe(recipe: list[Path], prepared: Path, *, seed: int, opts: argparse.
         "val_score": _number(np.mean([f["val_score"] for f in fits])),
         "train_s": round(sum(f["train_s"] for f in fits), 1),
     }
+
+
+def validation_table(recipe: list[Path], prepared: Path, *, seed: int, opts: argparse.Namespace, root: Path):
+    """The validation probabilities of a finished fit of the recipe (root: its run folder), from its best
+    checkpoints, over the --tta views: the official val split (one fit), or with --folds K each fold model on its
+    own val fold (out of fold). Columns cell_id, pred_label, prob_<class>, label, fold."""
+    import torch
+
+    from leuko.tracking.fold_ensemble import held_out_terms
+    from leuko.training.predictions import probability_table
+
+    splits = None if opts.folds is None else root / "splits.csv"
+    parts = []
+    for fold in range(opts.folds or 1):
+        where = root if opts.folds is None and opts.tta == "none" else root / f"fold_{fold}"  # as fit_recipe
+        checkpoint = where / "checkpoints" / "best.ckpt"
+        if not checkpoint.is_file():
+            raise MedMNISTError(
+                f"{checkpoint}: no such file, so no validation predictions to calibrate on; delete the cached "
+                f"result {root.name}.json (and .csv) in {root.parent.parent / 'results'} to fit it again"
+            )
+        cli = _recipe_cli(recipe, prepared, seed=seed, opts=opts, root=where, fold=fold, splits=splits)
+        cli.datamodule.setup("fit")
+        cli.model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
+        rows = cli.datamodule.subset("val")
+        probs = held_out_terms([cli.model.eval()], cli.datamodule, 1.0, opts.tta, subset="val").mean(axis=(0, 1))
+        table = probability_table(probs, cli.model.class_names, cell_id=rows["cell_id"].astype(str).to_list())
+        parts.append(table.assign(label=rows["label"].to_numpy(), fold=fold))
+    return pd.concat(parts, ignore_index=True)
+
+
+def calibrated(result: dict, cells: pd.DataFrame, val: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
+    """(result, test table) of the model with bias-corrected temperature scaling fitted on val (--calibrate):
+    the metrics of the rescaled test probabilities, the uncalibrated ones kept under "calibration"."""
+    from leuko.evaluation.calibration import fit_bias_corrected, label_indices, scale_biased
+    from leuko.training.predictions import prob_columns
+
+    classes = [c.removeprefix("prob_") for c in cells.columns if c.startswith("prob_")]
+    columns = prob_columns(classes)
+    temperature, bias = fit_bias_corrected(val[columns].to_numpy(), label_indices(val, classes))
+    cells = cells.copy()
+    cells[columns] = scale_biased(cells[columns].to_numpy(), temperature, bias)
+    cells[PRED] = np.array(classes)[cells[columns].to_numpy().argmax(axis=1)]
+    calibration = {"temperature": temperature, "bias": dict(zip(classes, bias.tolist())), "fitted_on": len(val),
+                   "uncalibrated": {m: result[m] for m in METRICS}}  # fmt: skip
+    label = f"{result['label']}, calibrated on val"
+    return {**result, "label": label, **heldout_scores(cells, classes), "calibration": calibration}, cells
 
 
 def write_cv_splits(prepared: Path, path: Path, *, k: int, seed: int) -> Path:
@@ -423,24 +475,32 @@ def run(opts: argparse.Namespace) -> dict:
             key = f"{net}-e{epochs}-b{opts.batch_size}-lr{opts.lr:g}" if net else f"{recipe}-e{epochs or 'r'}{shipped}"
             cache = folder / "results" / f"{key}-s{seed}{'' if opts.limit is None else f'-train{opts.limit}'}.json"
             print(f"--- {folder.name}: {label or 'default recipe'}, seed {seed}", file=sys.stderr, flush=True)
-            if cache.is_file():
-                runs.append(json.loads(cache.read_text()))
-                test = cache.with_suffix(".csv")
-                tables.setdefault(runs[-1]["label"], []).append(pd.read_csv(test) if test.is_file() else None)
-                print(f"result from {cache}", file=sys.stderr, flush=True)
-                continue
             root = folder / "runs" / cache.stem
-            if net is None:
-                cells, result = fit_recipe(configs, prepared, seed=seed, opts=opts, root=root)
+            if cache.is_file():
+                result, test = json.loads(cache.read_text()), cache.with_suffix(".csv")
+                cells = pd.read_csv(test) if test.is_file() else None
+                print(f"result from {cache}", file=sys.stderr, flush=True)
             else:
-                cells, result = fit_protocol(net, prepared, seed=seed, epochs=epochs, opts=opts, root=root)
-            runs.append({"label": label or recipe_label(result), "seed": seed, **result})
-            tables.setdefault(runs[-1]["label"], []).append(cells)
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cells.to_csv(cache.with_suffix(".csv"), index=False)
-            runs[-1]["environment"] = environment(opts.accelerator)
-            cache.write_text(json.dumps(runs[-1], indent=2) + "\n")
-            print(json.dumps({k: runs[-1][k] for k in ("label", "seed", *METRICS)}), file=sys.stderr, flush=True)
+                if net is None:
+                    cells, result = fit_recipe(configs, prepared, seed=seed, opts=opts, root=root)
+                else:
+                    cells, result = fit_protocol(net, prepared, seed=seed, epochs=epochs, opts=opts, root=root)
+                result = {"label": label or recipe_label(result), "seed": seed, **result}
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                cells.to_csv(cache.with_suffix(".csv"), index=False)
+                result["environment"] = environment(opts.accelerator)
+                cache.write_text(json.dumps(result, indent=2) + "\n")
+            if opts.calibrate:  # the fit's cached validation predictions, else made from its checkpoints
+                val = cache.with_name(f"{cache.stem}-val.csv")
+                if not val.is_file():
+                    validation_table(configs, prepared, seed=seed, opts=opts, root=root).to_csv(val, index=False)
+                if cells is None:
+                    raise MedMNISTError(f"{cache.with_suffix('.csv')}: no such file, so nothing to calibrate; "
+                                        f"delete {cache} to fit it again")  # fmt: skip
+                result, cells = calibrated(result, cells, pd.read_csv(val))
+            runs.append(result)
+            tables.setdefault(result["label"], []).append(cells)
+            print(json.dumps({k: result[k] for k in ("label", "seed", *METRICS)}), file=sys.stderr, flush=True)
     per_net = summarise(runs)
     ensembles = {n: ensemble_scores(t) for n, t in tables.items() if len(t) > 1 and all(x is not None for x in t)}
     groups = {n: group_scores(tables[n], opts.groups) for n in ensembles} if opts.groups else {}
@@ -515,6 +575,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tta", default="none", choices=TTA_MODES, help="recipe: test-time views averaged (default none)"
     )
+    parser.add_argument(
+        "--calibrate", action="store_true",
+        help="recipe: fit a temperature and class biases on the validation predictions (decisions at the data's mix)",
+    )  # fmt: skip
     parser.add_argument("--seeds", type=int, default=1, help="repeat each setting with seeds 0..N-1 (default 1)")
     parser.add_argument(
         "--groups", type=int, default=None, help="also score each K seeds' models as one (disjoint groups), mean + CI"
@@ -539,8 +603,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      f"seeds into at least two groups, e.g. --groups 3 --seeds 9")  # fmt: skip
     if opts.folds == 1:
         parser.error("--folds 1: a CV needs at least 2 folds; drop --folds to train once on the official split")
-    if opts.nets and (opts.folds or opts.tta != "none" or opts.recipe):
-        parser.error("--recipe, --folds and --tta apply to a recipe; drop --nets to use them")
+    if opts.nets and (opts.folds or opts.tta != "none" or opts.recipe or opts.calibrate):
+        parser.error("--recipe, --folds, --tta and --calibrate apply to a recipe; drop --nets to use them")
     missing = [str(config) for config in opts.recipe or [] if not config.is_file()]
     if missing:
         parser.error(f"--recipe {' '.join(missing)}: no such file; give config files such as "

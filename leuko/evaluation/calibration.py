@@ -9,6 +9,14 @@ Prediction tables hold probabilities (prob_<class>), not logits. log p = z - log
 logits z by one constant per row, which the softmax ignores, so softmax(log p / T) == softmax(z / T): T fitted
 on log-probabilities is the T to divide the logits by (leuko.deploy.pyfunc_model does).
 
+Bias-corrected temperature scaling (BCTS; Alexandari et al. 2020, "Maximum likelihood with bias-corrected
+calibration is hard-to-beat at label shift adaptation") adds one bias per class: softmax(log p / T + b). The
+biases move the decision boundaries to the class frequencies of the cells it is fitted on. A net trained on
+class-balanced batches predicts as if every class were equally common; BCTS on held-out cells of the data's own
+mix turns its probabilities into ones for that mix, whose argmax is the one that maximises accuracy (and whose sum
+over a sample is its expected count per class). It changes argmaxes, so it is a choice of decision rule, not
+only of confidence: balanced accuracy is highest with the balanced net's own argmax, accuracy with BCTS.
+
 Calibration error: torchmetrics' expected calibration error (ECE), N_BINS equal-width confidence bins, l1
 norm: overall on the top-1 confidence (MulticlassCalibrationError), and per class one-vs-rest, prob_<class>
 against label == class (BinaryCalibrationError).
@@ -33,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import minimize_scalar
+from scipy.optimize import minimize, minimize_scalar
 from scipy.special import log_softmax
 
 from leuko.training.predictions import prob_columns
@@ -79,6 +87,34 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
 
     found = minimize_scalar(loss, bounds=LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-6})
     return float(math.exp(found.x))
+
+
+def fit_bias_corrected(probs: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+    """(T, b): the temperature and per-class biases (b[0] = 0) that minimise the NLL of softmax(log p / T + b).
+
+    The NLL is convex in (1 / T, b) (a multinomial logistic regression on the log-probabilities), so L-BFGS finds
+    its one minimum; 1 / T is bounded as log T is in fit_temperature. labels: (N,) class indices."""
+    logits = log_probabilities(probs)
+    labels = np.asarray(labels, dtype=int)
+    if len(labels) == 0:
+        raise ValueError("no cells to fit a temperature and biases on")
+    rows, k = np.arange(len(labels)), logits.shape[1]
+    onehot = np.eye(k)[labels]
+
+    def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
+        inverse_t, bias = params[0], np.concatenate([[0.0], params[1:]])
+        logp = log_softmax(logits * inverse_t + bias, axis=1)
+        residual = (np.exp(logp) - onehot) / len(labels)  # d NLL / d (logits / T + b)
+        return float(-logp[rows, labels].mean()), np.concatenate([[np.sum(residual * logits)], residual.sum(0)[1:]])
+
+    bounds = [(math.exp(-LOG_T_BOUNDS[1]), math.exp(-LOG_T_BOUNDS[0]))] + [(None, None)] * (k - 1)
+    found = minimize(loss, np.concatenate([[1.0], np.zeros(k - 1)]), jac=True, method="L-BFGS-B", bounds=bounds)
+    return float(1.0 / found.x[0]), np.concatenate([[0.0], found.x[1:]])
+
+
+def scale_biased(probs: np.ndarray, temperature: float, bias: np.ndarray) -> np.ndarray:
+    """(N, K) probabilities -> (N, K) softmax(log p / T + b) (fit_bias_corrected's T and b)."""
+    return np.exp(log_softmax(log_probabilities(probs) / float(temperature) + np.asarray(bias), axis=1))
 
 
 def calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> float:

@@ -150,15 +150,16 @@ def calibration_dir(cv_dir: str | Path | None, source_cv: str | None) -> str | N
 
 
 # ---------------------------------------------------------------------------------------------- the test report
-def held_out_terms(members, datamodule, temperature: float, tta: str) -> np.ndarray:
+def held_out_terms(members, datamodule, temperature: float, tta: str, subset: str = "test") -> np.ndarray:
     """(views, members, N, classes): each member's calibrated probabilities on each TTA view of the N held-out
-    test cells (leuko.deploy.ensemble.Ensemble.terms), in forward passes of the datamodule's batch size."""
+    test cells (or of another subset: val) (leuko.deploy.ensemble.Ensemble.terms), in forward passes of the
+    datamodule's batch size."""
     import torch  # heavy import here, as in _net_spec
 
     from leuko.deploy.ensemble import Ensemble
 
-    rows = datamodule.subset("test")
-    if rows.empty:
+    rows = datamodule.subset(subset)
+    if rows.empty and subset == "test":
         raise EnsembleError(
             f"{datamodule.prepared_dir}: no held-out test patients (data.test_fraction "
             f"{datamodule.hparams.test_fraction}); registering scores the model on them: set data.test_fraction > 0"

@@ -136,8 +136,9 @@ def test_folds_and_tta_score_the_fold_models_as_one_model(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [(["--folds", "1"], "--folds 1: a CV needs at least 2 folds"),
-     (["--nets", "resnet3d_50_tiny", "--tta", "flip"], "--recipe, --folds and --tta apply to a recipe"),
+     (["--nets", "resnet3d_50_tiny", "--tta", "flip"], "--recipe, --folds, --tta and --calibrate apply to a recipe"),
      (["--nets", "resnet3d_50_tiny", "--recipe", "conf/model/resnet3d_50_slim.yaml"], "apply to a recipe"),
+     (["--nets", "resnet3d_50_tiny", "--calibrate"], "drop --nets to use them"),
      (["--recipe", "conf/experiment/phantoms_tiny.yaml", "nope.yaml"], "--recipe nope.yaml: no such file"),
      (["--recipe", "Makefile"], "--recipe Makefile: not valid YAML")],
 )  # fmt: skip
