@@ -289,3 +289,59 @@ def test_results_are_kept_across_comment_edits_of_the_recipe(tmp_path):
     assert "lr: 0.003" in recipe
     assert medmnist.recipe_key(first) == medmnist.recipe_key(commented) == medmnist.recipe_key(medmnist.RECIPE)
     assert medmnist.recipe_key(changed) != medmnist.recipe_key(first)
+
+
+def test_calibrate_fits_bcts_on_the_out_of_fold_validation_predictions(tmp_path):
+    """--folds 2 --tta flip --calibrate: every train + val volume predicted once by the fold model that did not
+    train on it (its flip views averaged), a temperature and class biases fitted on that table, and the test
+    metrics those of the rescaled test probabilities; the fit's own numbers kept, and the table reused."""
+    import torch
+
+    from leuko.data.prepared import load_prepared
+    from leuko.evaluation.calibration import fit_bias_corrected, label_indices, scale_biased
+    from leuko.training.module import VolumeClassifier
+
+    npz = _npz(tmp_path / "tinyvessel3d.npz")
+    argv = ["--npz", str(npz), "--work", str(tmp_path), "--folds", "2", "--tta", "flip", *QUICK]
+    (run,) = medmnist.main([*argv, "--calibrate"])["runs"]
+    folder = tmp_path / "tinyvessel3d"
+    (cache,) = (folder / "results").glob("*-s0.json")
+    val = pd.read_csv(cache.with_name(f"{cache.stem}-val.csv"))
+    (work,) = (folder / "runs").iterdir()
+    splits = pd.read_csv(work / "splits.csv", dtype=str).set_index("cell_id")
+    assert sorted(val["cell_id"]) == sorted(splits.index[splits["fold"] != "test"])  # out of fold, each once
+    assert (val["fold"].astype(str).to_numpy() == splits.loc[val["cell_id"], "fold"].to_numpy()).all()
+    volumes, index, _ = load_prepared(folder / "prepared")
+    flips = [dims for n in range(4) for dims in itertools.combinations((2, 3, 4), n)]
+    for fold in (0, 1):
+        best = work / f"fold_{fold}" / "checkpoints" / "best.ckpt"
+        member = VolumeClassifier.load_from_checkpoint(best, map_location="cpu", weights_only=False).eval()
+        mine = val[val["fold"] == fold]
+        x = torch.from_numpy(np.asarray(volumes[index.set_index("cell_id").loc[mine["cell_id"], "row"]], np.float32))
+        with torch.no_grad():
+            expected = torch.stack([member(torch.flip(x, f) if f else x).softmax(-1) for f in flips]).mean(0)
+        assert np.allclose(mine[["prob_class_0", "prob_class_1"]].to_numpy(), expected.numpy(), atol=1e-5)
+    fitted = json.loads(cache.read_text())  # the cache keeps the uncalibrated model
+    classes = ["class_0", "class_1"]
+    columns = [f"prob_{c}" for c in classes]
+    temperature, bias = fit_bias_corrected(val[columns].to_numpy(), label_indices(val, classes))
+    cells = pd.read_csv(cache.with_suffix(".csv"))
+    cells[columns] = scale_biased(cells[columns].to_numpy(), temperature, bias)
+    cells["pred_label"] = np.array(classes)[cells[columns].to_numpy().argmax(1)]
+    assert {m: run[m] for m in medmnist.METRICS} == medmnist.heldout_scores(cells, classes)
+    assert run["calibration"]["temperature"] == pytest.approx(temperature)
+    assert run["calibration"]["uncalibrated"] == {m: fitted[m] for m in medmnist.METRICS}
+    assert run["label"] == f"{fitted['label']}, calibrated on val" and run["calibration"]["fitted_on"] == 32
+    cache.with_name(f"{cache.stem}-val.csv").unlink()  # made again from the checkpoints: the same numbers
+    assert medmnist.main([*argv, "--calibrate"])["runs"] == [run]
+    assert medmnist.main(argv)["runs"][0]["label"] == fitted["label"]  # without --calibrate: the fit as it was
+
+
+def test_calibrate_names_the_missing_checkpoint(tmp_path, capsys):
+    npz = _npz(tmp_path / "tinyvessel3d.npz")
+    argv = ["--npz", str(npz), "--work", str(tmp_path), *QUICK]
+    medmnist.main(argv)
+    (checkpoint,) = (tmp_path / "tinyvessel3d" / "runs").glob("*/checkpoints/best.ckpt")
+    checkpoint.unlink()
+    with pytest.raises(SystemExit, match=r"best.ckpt: no such file, so no validation predictions.*delete the cached"):
+        medmnist.main([*argv, "--calibrate"])
