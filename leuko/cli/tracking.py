@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from leuko.cli.command import UsageError, add_command
+from leuko.deploy.decisions import DECISIONS, DEFAULT_DECISIONS
 from leuko.deploy.tta import DEFAULT_TTA, TTA_MODES
 from leuko.training.run_dir import OOF
 
@@ -31,6 +32,7 @@ def _add_register(sub) -> None:
         leuko register --config params.yaml --cv runs/dvc        # calibrated on that CV's out-of-fold cells
         leuko register --config params.yaml --ensemble --cv-dir runs/dvc --tta flip   # its 5 fold models, 8 views
         leuko register --space conf/sweep/default.yaml --ensemble       # runs a CV of the best trial first
+        leuko register --config params.yaml --cv runs/dvc --decisions prevalence   # labels at the data's class mix
         MLFLOW_TRACKING_URI=http://127.0.0.1:5001 leuko register --space conf/sweep/default.yaml
         """,
     )
@@ -78,6 +80,15 @@ def _add_register(sub) -> None:
         "combinations of D, H and W; flip_rot90 also turns each a quarter in (H, W) (16 views; needs H == W). "
         "Costs views x members forward passes per cell",
     )
+    p.add_argument(
+        "--decisions",
+        default=DEFAULT_DECISIONS,
+        choices=DECISIONS,
+        help=f"how probabilities become labels (default {DEFAULT_DECISIONS}): balanced is the net's own argmax, "
+        "trained on class-balanced batches (best balanced accuracy); prevalence adds class biases fitted with the "
+        "temperature on the CV's out-of-fold cells, so labels and differentials follow the training data's class "
+        "mix (best accuracy; needs --cv, a sweep trial or --ensemble)",
+    )
     p.add_argument("--name", default="leuko", help="registered model name (default leuko)")
     p.add_argument(
         "--metric",
@@ -118,6 +129,7 @@ def cmd_register(args: argparse.Namespace, rest: list[str]) -> None:
         ensemble=args.ensemble,
         cv_dir=args.cv_dir,
         tta=args.tta,
+        decisions=args.decisions,
     )
     if result and not args.config and not args.no_baselines:
         # the sweep's own folder (--out of `leuko sweep`) holds its trials and the baselines it cached

@@ -1,11 +1,12 @@
 """A registered model as one nn.Module: prepared volumes -> calibrated class probabilities.
 
-    p(x) = mean over members m and TTA views v of softmax(net_m(v(x)) / T)                  (B, classes)
+    p(x) = mean over members m and TTA views v of softmax(net_m(v(x)) / T + b)              (B, classes)
 
 members: the nets of the model (one for a refit, the k fold models of a CV for an ensemble); T: the model's
 temperature (model_config.json calibration.temperature), fitted on the out-of-fold predictions of the CV the
-members came from, so it scales each member's logits as it was fitted to; views: leuko.deploy.tta. One
-member and no TTA is exactly softmax(net(x) / T), what registered models always returned.
+members came from, so it scales each member's logits as it was fitted to; b: the model's class biases
+(calibration.bias, fitted with T when registered with `--decisions prevalence`), else 0; views:
+leuko.deploy.tta. One member and no TTA is exactly softmax(net(x) / T), what registered models always returned.
 
 The model's inference code (leuko.deploy.pyfunc_model) runs it batch by batch; `leuko export` and predict's
 ONNX cache (leuko.deploy.graph) export it whole, so the graph averages inside. The views and members run
@@ -23,12 +24,20 @@ from leuko.deploy.tta import apply_view, views
 
 
 class Ensemble(nn.Module):
-    def __init__(self, members: Sequence[nn.Module], temperature: float = 1.0, tta: str = "none") -> None:
+    def __init__(
+        self,
+        members: Sequence[nn.Module],
+        temperature: float = 1.0,
+        tta: str = "none",
+        bias: Sequence[float] | None = None,
+    ) -> None:
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member net")
         self.members = nn.ModuleList(members)
         self.temperature = float(temperature)
+        # a buffer, so it moves with .to(device) and is a constant of an exported graph; not in the state dict
+        self.register_buffer("bias", None if bias is None else torch.tensor(bias, dtype=torch.float32), False)
         self.tta = tta
         self.views = views(tta)
 
@@ -38,7 +47,8 @@ class Ensemble(nn.Module):
 
     def _term(self, net: nn.Module, seen: torch.Tensor) -> torch.Tensor:
         """One member's calibrated probabilities on one view: (B, classes)."""
-        return (net(seen).float() / self.temperature).softmax(-1)
+        logits = net(seen).float() / self.temperature
+        return (logits if self.bias is None else logits + self.bias).softmax(-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         total = None

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from leuko import __version__
+from leuko.deploy.decisions import class_bias
 from leuko.deploy.ensemble import Ensemble
 from leuko.deploy.onnx_model import GRAPH, INPUT, OUTPUT, PARITY, SIDECAR, OnnxModel, cache_folder, model_files
 
@@ -45,7 +46,7 @@ def probabilities(impl) -> nn.Module:
     Ensemble (members and TTA views), or, for the inference code of models registered before ensembles
     (which has only .net), the one-member Ensemble: softmax(net / temperature)."""
     module = getattr(impl, "module", None)
-    return module if module is not None else Ensemble([impl.net], temperature(impl.config)).eval()
+    return module if module is not None else Ensemble([impl.net], temperature(impl.config)).eval()  # no bias then
 
 
 def write_graph(model: nn.Module, config: dict, path: str | Path) -> None:
@@ -122,10 +123,11 @@ def sidecar(config: dict, graph_path: str | Path, *, model_uri: str, parity: dic
             "name": OUTPUT,
             "dtype": "float32",
             "shape": ["batch", len(config["classes"])],
-            "meaning": "calibrated class probabilities, softmax(logits / temperature) averaged over the ensemble's "
-            "members and TTA views, in the order of classes",
+            "meaning": "calibrated class probabilities, softmax(logits / temperature + bias) averaged over the "
+            "ensemble's members and TTA views, in the order of classes",
         },
         "temperature": temperature(config),
+        "bias": class_bias(config),  # null: none (decisions as trained)
         "ensemble_size": len((config.get("ensemble") or {}).get("weights") or ["weights"]),
         "tta": config.get("tta", "none"),
         "preprocessing": config["preprocessing"],

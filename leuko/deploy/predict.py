@@ -19,9 +19,9 @@ outside the intensities of the training data (leuko.deploy.intensity; --allow-ou
 predicts anyway). A minority of such cells is predicted and flagged in out_of_distribution. Models
 registered before the intensity range was stored predict without that check, with a note saying so.
 
-Probabilities are calibrated by the model's temperature; uncertainty, review and seen_patient (cells of a
-patient the model was trained on, whose scores would be optimistic) come from what the model stores:
-see leuko.deploy.trust.
+Probabilities are calibrated by the model's temperature (and class biases: leuko.deploy.decisions);
+uncertainty, review and seen_patient (cells of a patient the model was trained on, whose scores would be
+optimistic) come from what the model stores: see leuko.deploy.trust.
 """
 
 from __future__ import annotations

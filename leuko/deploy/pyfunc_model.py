@@ -54,7 +54,8 @@ class LeukoModel(VolumeModel, PythonModel):
             net.load_state_dict(load_file(context.artifacts[name]), strict=True)
             members.append(net)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.module = Ensemble(members, self.temperature, config.get("tta", "none")).to(self.device).eval()
+        self.module = Ensemble(members, self.temperature, config.get("tta", "none"), self.bias)
+        self.module = self.module.to(self.device).eval()
         self.net = members[0]  # the first member: the net `leuko explain` draws
 
     def predict_proba(self, prepared: np.ndarray) -> np.ndarray:

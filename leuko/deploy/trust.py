@@ -6,7 +6,10 @@ which check is off and writes the columns it can):
     calibration         {"temperature", "ece_before", "ece_after", "n_cells", "fitted_on", ...}: the
                         temperature T (leuko.evaluation.calibration) the inference code divides the net's
                         logits by before the softmax, fitted on the out-of-fold predictions of the CV the
-                        model came from
+                        model came from; registered with `--decisions prevalence`, also "bias" {class: b}
+                        and "decisions": "prevalence", one bias per class added after dividing by T (bias-corrected
+                        temperature scaling), which moves the argmax from the balanced sampler's equal classes to
+                        the class mix of those cells
     review              {"uncertainty": "entropy", "threshold", "target_accuracy", "coverage", "accuracy",
                         "n_cells", "fitted_on"} (leuko.evaluation.review), chosen on the same cells, scaled by T
     training_patients   {"hash": "sha256(salt + patient_id)", "salt", "sha256": [hex digest per patient],
@@ -31,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from leuko.deploy.decisions import DEFAULT_DECISIONS
 from leuko.errors import LeukoError
 from leuko.evaluation.calibration import calibrate, label_indices
 from leuko.evaluation.review import REVIEW, TARGET_ACCURACY, UNCERTAINTY, choose_threshold, flags, predictive_entropy
@@ -50,8 +54,11 @@ def log(message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- registering
-def calibration_and_review(oof: str | Path, classes: Sequence[str], target: float = TARGET_ACCURACY) -> dict:
-    """{"calibration", "review"} fitted on a CV's out-of-fold predictions (oof_predictions.csv)."""
+def calibration_and_review(
+    oof: str | Path, classes: Sequence[str], target: float = TARGET_ACCURACY, bias: bool = False
+) -> dict:
+    """{"calibration", "review"} fitted on a CV's out-of-fold predictions (oof_predictions.csv); bias: with class
+    biases (leuko.evaluation.calibration.calibrate)."""
     cells = pd.read_csv(oof, dtype={"cell_id": str, "patient_id": str, "label": str})
     missing = [c for c in prob_columns(classes) if c not in cells.columns]
     if missing:
@@ -60,10 +67,11 @@ def calibration_and_review(oof: str | Path, classes: Sequence[str], target: floa
             "give --cv the output folder of a `leuko cv` of the same config"
         )
     where = f"{len(cells)} out-of-fold cells of {Path(oof).parent}"
-    calibration, scaled = calibrate(cells, classes, fitted_on=where)
+    calibration, scaled = calibrate(cells, classes, fitted_on=where, bias=bias)
     calibration.pop("per_class")  # in the CV's eval/calibration.json; the model keeps what it applies
     correct = scaled.argmax(axis=1) == label_indices(cells, classes)
-    review = choose_threshold(predictive_entropy(scaled), correct, target, fitted_on=f"{where}, scaled by T")
+    scaled_by = "scaled by T and the class biases" if bias else "scaled by T"
+    review = choose_threshold(predictive_entropy(scaled), correct, target, fitted_on=f"{where}, {scaled_by}")
     return {"calibration": calibration, "review": review}
 
 
@@ -74,11 +82,20 @@ def training_patients(patient_ids: Iterable) -> dict:
     return {"hash": HASH, "salt": salt, "sha256": sorted(_digest(salt, p) for p in ids), "n_patients": len(ids)}
 
 
-def trust_config(cv_dir: str | Path | None, classes: Sequence[str], patient_ids: Iterable) -> dict:
+def trust_config(
+    cv_dir: str | Path | None, classes: Sequence[str], patient_ids: Iterable, decisions: str = DEFAULT_DECISIONS
+) -> dict:
     """What `leuko register` adds to model_config.json: training_patients always, calibration and review
-    when the source has a CV with out-of-fold predictions (else a note says the model is uncalibrated)."""
+    when the source has a CV with out-of-fold predictions (else a note says the model is uncalibrated);
+    decisions "prevalence": the calibration has class biases, and a source without such a CV is refused."""
     out = {"training_patients": training_patients(patient_ids)}
     oof = Path(cv_dir) / OOF if cv_dir else None
+    if decisions == "prevalence" and (oof is None or not oof.is_file()):
+        raise TrustError(
+            "--decisions prevalence: the class biases are fitted on a CV's out-of-fold predictions"
+            + (f", and {oof} is not there" if oof else ", and this model has none")
+            + "; pass --cv DIR (a finished `leuko cv` of the same config), register a sweep trial or an --ensemble"
+        )
     if oof is None or not oof.is_file():
         log(
             "note: no out-of-fold predictions of a CV for this model"
@@ -86,12 +103,14 @@ def trust_config(cv_dir: str | Path | None, classes: Sequence[str], patient_ids:
             + ": registered without a temperature or review threshold (register a sweep trial, or pass --cv)"
         )
         return out
-    out.update(calibration_and_review(oof, classes))
+    out.update(calibration_and_review(oof, classes, bias=decisions == "prevalence"))
     cal, review = out["calibration"], out["review"]
+    biases = ", ".join(f"{c} {b:+.2f}" for c, b in cal.get("bias", {}).items())
+    biases = f" (class biases {biases})" if biases else ""
     coverage = f"{review['coverage']:.1%} of cells retained at {review['target_accuracy']:.0%} accuracy"
     log(
-        f"calibrated on {cal['fitted_on']}: T = {cal['temperature']:.3f}, ECE {cal['ece_before']:.3f} -> "
-        f"{cal['ece_after']:.3f}; review threshold: {coverage}"
+        f"calibrated on {cal['fitted_on']}: T = {cal['temperature']:.3f}{biases}, "
+        f"ECE {cal['ece_before']:.3f} -> {cal['ece_after']:.3f}; review threshold: {coverage}"
     )
     return out
 

@@ -151,32 +151,46 @@ def label_indices(cells: pd.DataFrame, classes: Sequence[str]) -> np.ndarray:
     return cells["label"].astype(str).map(lookup).to_numpy(dtype=int)
 
 
-def held_out_scaled(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray) -> np.ndarray | None:
-    """(N, K): each fold's probabilities scaled by a T fitted on the other folds; None with fewer than 2 folds."""
+def held_out_scaled(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray, bias: bool = False) -> np.ndarray | None:
+    """(N, K): each fold's probabilities scaled by a T (and with bias, class biases) fitted on the other folds;
+    None with fewer than 2 folds."""
     names = pd.unique(folds)
     if len(names) < 2:
         return None
     out = np.empty_like(np.asarray(probs, dtype=np.float64))
     for fold in names:
         inside = folds == fold
-        out[inside] = scale(probs[inside], fit_temperature(probs[~inside], labels[~inside]))
+        if bias:
+            out[inside] = scale_biased(probs[inside], *fit_bias_corrected(probs[~inside], labels[~inside]))
+        else:
+            out[inside] = scale(probs[inside], fit_temperature(probs[~inside], labels[~inside]))
     return out
 
 
-def calibrate(cells: pd.DataFrame, classes: Sequence[str], fitted_on: str) -> tuple[dict, np.ndarray]:
-    """(the calibration.json dict, (N, K) temperature-scaled probabilities) of a prediction table with labels."""
+def calibrate(
+    cells: pd.DataFrame, classes: Sequence[str], fitted_on: str, bias: bool = False
+) -> tuple[dict, np.ndarray]:
+    """(the calibration.json dict, (N, K) temperature-scaled probabilities) of a prediction table with labels;
+    with bias, bias-corrected temperature scaling: "bias" {class: b} joins the dict and the argmax moves to the
+    table's class mix ("decisions": "prevalence")."""
     probs = cells[prob_columns(classes)].to_numpy(dtype=np.float64)  # (N, K)
     labels = label_indices(cells, classes)
-    temperature = fit_temperature(probs, labels)
-    scaled = scale(probs, temperature)
+    if bias:
+        temperature, biases = fit_bias_corrected(probs, labels)
+        scaled = scale_biased(probs, temperature, biases)
+    else:
+        temperature = fit_temperature(probs, labels)
+        scaled = scale(probs, temperature)
     summary = {
         "temperature": temperature,
+        **({"bias": dict(zip(classes, biases.tolist())), "decisions": "prevalence"} if bias else {}),
         "ece_before": calibration_error(probs, labels),
         "ece_after": calibration_error(scaled, labels),
         "nll_before": nll(probs, labels),
         "nll_after": nll(scaled, labels),
     }
-    if "fold" in cells.columns and (held_out := held_out_scaled(probs, labels, cells["fold"].to_numpy())) is not None:
+    folds = cells["fold"].to_numpy() if "fold" in cells.columns else np.zeros(len(cells))
+    if (held_out := held_out_scaled(probs, labels, folds, bias)) is not None:
         summary["ece_after_held_out"] = calibration_error(held_out, labels)
     before, after = class_calibration_errors(probs, labels), class_calibration_errors(scaled, labels)
     summary["per_class"] = {c: {"ece_before": b, "ece_after": a} for c, b, a in zip(classes, before, after)}

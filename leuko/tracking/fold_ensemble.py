@@ -150,10 +150,12 @@ def calibration_dir(cv_dir: str | Path | None, source_cv: str | None) -> str | N
 
 
 # ---------------------------------------------------------------------------------------------- the test report
-def held_out_terms(members, datamodule, temperature: float, tta: str, subset: str = "test") -> np.ndarray:
-    """(views, members, N, classes): each member's calibrated probabilities on each TTA view of the N held-out
-    test cells (or of another subset: val) (leuko.deploy.ensemble.Ensemble.terms), in forward passes of the
-    datamodule's batch size."""
+def held_out_terms(
+    members, datamodule, temperature: float, tta: str, subset: str = "test", bias: list[float] | None = None
+) -> np.ndarray:
+    """(views, members, N, classes): each member's calibrated probabilities (temperature, class biases) on each
+    TTA view of the N held-out test cells (or of another subset: val) (leuko.deploy.ensemble.Ensemble.terms), in
+    forward passes of the datamodule's batch size."""
     import torch  # heavy import here, as in _net_spec
 
     from leuko.deploy.ensemble import Ensemble
@@ -165,7 +167,7 @@ def held_out_terms(members, datamodule, temperature: float, tta: str, subset: st
             f"{datamodule.hparams.test_fraction}); registering scores the model on them: set data.test_fraction > 0"
         )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    module = Ensemble(members, temperature, tta).to(device).eval()
+    module = Ensemble(members, temperature, tta, bias).to(device).eval()
     volumes = np.load(datamodule.volumes_path, mmap_mode="r")  # (N, C, D, H, W)
     size, parts = datamodule.hparams.batch_size, []
     with torch.inference_mode():

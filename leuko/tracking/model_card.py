@@ -209,7 +209,8 @@ def model_summary(config: dict) -> str:
 def calibration(config: dict) -> dict:
     """temperature, ece_before, ece_after (those present) from a model config: top level or under "calibration"."""
     found = {**config, **(config.get("calibration") or {})}
-    return {k: found[k] for k in ("temperature", "ece_before", "ece_after", "fitted_on") if found.get(k) is not None}
+    keys = ("temperature", "bias", "ece_before", "ece_after", "fitted_on")
+    return {k: found[k] for k in keys if found.get(k) is not None}
 
 
 def review(config: dict) -> dict:
@@ -313,6 +314,13 @@ def _calibration(card: CardData) -> str:
     if "temperature" not in found:
         return "Not calibrated: the probabilities are the network's softmax outputs, not fitted to frequencies."
     text = f"Temperature scaling, T = {found['temperature']:.3f} (logits divided by T before the softmax)."
+    if "bias" in found:  # leuko.deploy.decisions
+        biases = ", ".join(f"{c} {b:+.3f}" for c, b in found["bias"].items())
+        text = (
+            f"Bias-corrected temperature scaling, T = {found['temperature']:.3f}, class biases {biases} (added to "
+            "logits / T): labels follow the class mix of the training data (`--decisions prevalence`), not equal "
+            "classes."
+        )
     if "ece_before" in found and "ece_after" in found:
         text += f" ECE (15 bins): {found['ece_before']:.3f} before, {found['ece_after']:.3f} after."
     return text + (f" Fitted on {found['fitted_on']}." if "fitted_on" in found else "")

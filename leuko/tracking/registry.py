@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from leuko.deploy.decisions import DECISIONS, DEFAULT_DECISIONS, class_bias
 from leuko.deploy.tta import DEFAULT_TTA, check_tta
 from leuko.errors import LeukoError
 from leuko.tracking.champion import CHALLENGER, CHAMPION, SCORE_DECIMALS, crown, decide
@@ -127,9 +128,12 @@ def register(
     ensemble: bool = False,
     cv_dir: str | Path | None = None,
     tta: str = DEFAULT_TTA,
+    decisions: str = DEFAULT_DECISIONS,
 ) -> dict:
     """Refit (ensemble: the fold models of cv_dir, or of a CV run first), test, log and register; returns
-    {"version", "alias", "score", "run_id", "model_uri", "comparison", ...}. tta: a mode of leuko.deploy.tta."""
+    {"version", "alias", "score", "run_id", "model_uri", "comparison", ...}. tta: a mode of leuko.deploy.tta;
+    decisions: "balanced" (the net's own argmax) or "prevalence" (class biases fitted with the temperature on
+    the CV's out-of-fold cells: leuko.deploy.trust)."""
     # heavy imports here, as in source_from_study
     from lightning.pytorch.cli import SaveConfigCallback
 
@@ -141,6 +145,13 @@ def register(
     if cv_dir is not None and not ensemble:
         raise RegisterError(
             f"--cv-dir {cv_dir}: names the CV whose fold models form an ensemble; add --ensemble (--cv calibrates)"
+        )
+    if decisions not in DECISIONS:
+        raise RegisterError(f"--decisions {decisions!r}: give one of {', '.join(DECISIONS)}")
+    if decisions == "prevalence" and not ensemble and source.cv_dir is None:  # before a refit is spent on it
+        raise RegisterError(
+            "--decisions prevalence: the class biases are fitted on a CV's out-of-fold predictions, and this "
+            "config has none; pass --cv DIR (a finished `leuko cv` of the same config) or --ensemble"
         )
     metric = metric or source.objective
     if not ensemble:  # a refit: `--config --cv DIR` puts DIR's scores on the version and earns its epochs
@@ -176,13 +187,14 @@ def register(
         else:
             print(f"refit on every non-test patient: {shlex.join(args[:-6])}", file=sys.stderr)
             cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-            if tta == "none":
+            if tta == "none" and decisions == "balanced":  # else scored as it ships, biases and views included
                 tested = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
                 test = _check_metric({k.removeprefix("test/"): float(v) for k, v in tested.items()}, metric)
             if not cli.trainer.is_global_zero:
                 return {}
             members = [cli.model.net]
         model = {"members": members, "folds": folds, "cv_dir": cv_dir if ensemble else None, "tta": tta}
+        model["decisions"] = decisions
         return _log_and_register(cli, source, test, model, name=name, metric=metric)
 
 
@@ -245,7 +257,8 @@ def _log_and_register(cli, source: Source, test: dict | None, model: dict, *, na
     try:
         # temperature and review threshold from the CV's out-of-fold cells; hashes of the training patients
         calibrate_on = fold_ensemble.calibration_dir(model["cv_dir"], source.cv_dir)
-        config.update(trust_config(calibrate_on, config["classes"], cli.datamodule.subset("train")["patient_id"]))
+        patients = cli.datamodule.subset("train")["patient_id"]
+        config.update(trust_config(calibrate_on, config["classes"], patients, model["decisions"]))
         config["tta"] = model["tta"]
         if model["cv_dir"] is not None:
             weights = weight_names(len(model["members"]))
@@ -254,7 +267,9 @@ def _log_and_register(cli, source: Source, test: dict | None, model: dict, *, na
         report = {"test": test, "rows": None, "metrics": {}, "probs": None}
         if test is None:  # the model as it ships: calibrated, averaged over its members and views
             temperature = (config.get("calibration") or {}).get("temperature", 1.0)
-            terms = fold_ensemble.held_out_terms(model["members"], cli.datamodule, temperature, model["tta"])
+            terms = fold_ensemble.held_out_terms(
+                model["members"], cli.datamodule, temperature, model["tta"], bias=class_bias(config)
+            )
             labels = cli.datamodule.subset("test")["label_index"].to_numpy()
             report = fold_ensemble.held_out_report(terms, labels, config["classes"], model["tta"])
         test = _check_metric(report["test"], metric)

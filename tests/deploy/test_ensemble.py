@@ -16,7 +16,7 @@ from helpers.model_folder import _ball, model_folder
 from leuko.deploy import export as export_module
 from leuko.deploy.ensemble import Ensemble
 from leuko.deploy.export import export
-from leuko.deploy.graph import probabilities, write_graph
+from leuko.deploy.graph import probabilities, sidecar, write_graph
 from leuko.deploy.onnx_model import PARITY, OnnxModel, cache_folder, cached, model_files
 from leuko.deploy.predict import load_model, predict
 from leuko.nets import build_net, constructor_kwargs
@@ -31,9 +31,10 @@ def tiny_net(seed: int) -> torch.nn.Module:
     return build_net("fishnet3d_tiny", in_channels=1, num_classes=4, **constructor_kwargs("fishnet3d_tiny", {}, SHAPE))
 
 
-def ensemble_folder(root: Path, *, members: int = 3, tta: str = "flip") -> Path:
+def ensemble_folder(root: Path, *, members: int = 3, tta: str = "flip", bias: dict | None = None) -> Path:
     """root/model: a leuko model folder of `members` seeded fishnet3d_tiny nets and the given TTA, laid out as
-    `leuko register --ensemble` logs one (weights, weights_1, ...; model_config.json ensemble and tta)."""
+    `leuko register --ensemble` logs one (weights, weights_1, ...; model_config.json ensemble and tta); bias:
+    class biases in its calibration, as `--decisions prevalence` stores them."""
     model_folder(root / "first", temperature=TEMPERATURE, seed=0)  # member 0 and the config of a single net
     files = root / "first" / "files"
     config = json.loads((files / "model_config.json").read_text())
@@ -43,6 +44,8 @@ def ensemble_folder(root: Path, *, members: int = 3, tta: str = "flip") -> Path:
         save_file({k: v.contiguous() for k, v in tiny_net(i).state_dict().items()}, artifacts[f"weights_{i}"])
     config["ensemble"] = {"weights": list(artifacts), "folds": [str(i) for i in range(members)], "cv_dir": "runs/cv"}
     config["tta"] = tta
+    if bias is not None:
+        config["calibration"]["bias"] = bias
     (root / "model_config.json").write_text(json.dumps(config))
     mlflow.pyfunc.save_model(
         str(root / "model"),
@@ -92,6 +95,32 @@ def test_one_member_without_tta_is_the_calibrated_softmax():
     x = torch.from_numpy(cells())
     with torch.no_grad():
         assert torch.equal(Ensemble([net], TEMPERATURE)(x), (net(x) / TEMPERATURE).softmax(-1))
+
+
+def test_class_biases_are_added_after_the_temperature():
+    net, bias = tiny_net(0).eval(), [0.0, -1.5, 0.5, 2.0]
+    x = torch.from_numpy(cells())
+    with torch.no_grad():
+        got = Ensemble([net], TEMPERATURE, bias=bias)(x)
+        assert torch.allclose(got, (net(x) / TEMPERATURE + torch.tensor(bias)).softmax(-1), atol=1e-6)
+        assert not torch.allclose(got, Ensemble([net], TEMPERATURE)(x), atol=1e-3)
+    assert "bias" not in Ensemble([net], TEMPERATURE, bias=bias).state_dict()  # weights files stay the nets'
+
+
+def test_a_model_with_class_biases_applies_them_in_torch_and_in_its_graph(tmp_path):
+    bias = {"neutrophil": 0.0, "eosinophil": -2.0, "lymphocyte": 0.7, "monocyte": 1.2}
+    folder = ensemble_folder(tmp_path, members=2, tta="none", bias=bias)
+    _, impl = load_model(str(folder), runtime="torch")
+    assert impl.bias == [bias[c] for c in impl.classes]
+    x = cells(5, seed=2)
+    with torch.no_grad():
+        logits = np.stack([n(torch.from_numpy(x)).numpy() / TEMPERATURE for n in members_of(folder)])
+    expected = torch.from_numpy(logits + np.array(impl.bias, dtype=np.float32)).softmax(-1).mean(0).numpy()
+    got = impl.predict_proba(x)
+    assert np.abs(got - expected).max() < 1e-5
+    write_graph(probabilities(impl), impl.config, tmp_path / "b.onnx")
+    assert sidecar(impl.config, tmp_path / "b.onnx", model_uri="m", parity={})["bias"] == impl.bias
+    assert np.abs(OnnxModel(tmp_path / "b.onnx", impl.config).predict_proba(x) - got).max() < PARITY
 
 
 def test_the_ensemble_averages_its_members_and_views():

@@ -143,3 +143,27 @@ def test_out_of_fold_predictions_of_other_classes_are_refused_by_name(tmp_path):
     cv = fake_cv(tmp_path / "runs")
     with pytest.raises(TrustError, match=r"lacks prob_basophil.*same config"):
         trust_config(cv, [*CLASSES, "basophil"], ["P1"])
+
+
+def test_prevalence_decisions_store_class_biases_fitted_with_the_temperature(tmp_path, capsys):
+    from leuko.deploy.trust import TrustError
+    from leuko.evaluation.calibration import fit_bias_corrected, label_indices, scale_biased
+
+    cv = fake_cv(tmp_path / "runs", error=0.1)
+    config = trust_config(cv, CLASSES, ["P1"], decisions="prevalence")
+    cells = pd.read_csv(cv / "oof_predictions.csv", dtype={"label": str})
+    probs, labels = cells[prob_columns(CLASSES)].to_numpy(), label_indices(cells, CLASSES)
+    temperature, bias = fit_bias_corrected(probs, labels)
+    calibration = config["calibration"]
+    assert calibration["temperature"] == pytest.approx(temperature)
+    assert list(calibration["bias"]) == CLASSES and np.allclose(list(calibration["bias"].values()), bias)
+    assert calibration["decisions"] == "prevalence" and calibration["bias"]["neutrophil"] == 0.0
+    assert config["review"]["fitted_on"].endswith("scaled by T and the class biases")
+    assert "(class biases neutrophil +0.00, eosinophil" in capsys.readouterr().err
+    balanced = trust_config(cv, CLASSES, ["P1"])["calibration"]
+    assert "bias" not in balanced and balanced["nll_after"] > calibration["nll_after"]  # the biases fit better
+    assert np.allclose(scale_biased(probs, temperature, bias).sum(1), 1.0)
+    with pytest.raises(TrustError, match=r"--decisions prevalence: .* and this model has none; pass --cv DIR"):
+        trust_config(None, CLASSES, ["P1"], decisions="prevalence")
+    with pytest.raises(TrustError, match=r"missing/oof_predictions.csv is not there"):
+        trust_config(tmp_path / "missing", CLASSES, ["P1"], decisions="prevalence")

@@ -163,6 +163,51 @@ def test_a_given_cv_dir_is_used_as_it_is(ensemble, pinned):
 
 
 @pytest.mark.slow
+def test_prevalence_decisions_ship_class_biases_fitted_on_the_cvs_out_of_fold_cells(ensemble, pinned, tiny_prepared):
+    """--decisions prevalence: the model config holds (T, b) of bias-corrected temperature scaling on the CV's
+    out-of-fold table; the loaded model returns the members' softmax(logits / T + b), and the registered score
+    is that model's balanced accuracy on the held-out test patients."""
+    from sklearn.metrics import balanced_accuracy_score
+
+    from leuko.data.folds import TEST, make_splits
+    from leuko.evaluation.calibration import fit_bias_corrected, label_indices
+
+    source = Source(configs=[str(pinned["base"])], overrides=list(pinned["overrides"]))
+    runs = pinned["folder"] / "runs"
+    result = register(source, name="ens-prev", out=runs, ensemble=True, cv_dir=ensemble["cv"], decisions="prevalence")
+    client = mlflow.MlflowClient(pinned["uri"], registry_uri=pinned["uri"])
+    where = client.get_model_version_download_uri("ens-prev", result["version"])
+    local = Path(mlflow.artifacts.download_artifacts(where, tracking_uri=pinned["uri"]))
+    config = json.loads((local / "artifacts" / "model_config.json").read_text())
+    oof = pd.read_csv(ensemble["cv"] / run_dir.OOF, dtype={"label": str})
+    temperature, bias = fit_bias_corrected(oof[[f"prob_{c}" for c in CLASSES]].to_numpy(), label_indices(oof, CLASSES))
+    assert config["calibration"]["temperature"] == pytest.approx(temperature)
+    assert np.allclose([config["calibration"]["bias"][c] for c in CLASSES], bias)
+    assert "Bias-corrected temperature scaling" in (local / "artifacts" / "MODEL_CARD.md").read_text()
+
+    index = pd.read_csv(tiny_prepared / "index.csv", dtype=str)
+    splits = make_splits(index, k=2, test_fraction=0.2, seed=0)  # helpers.sweep.write_base's data settings
+    test = index.set_index("cell_id").loc[splits.loc[splits["fold"] == TEST, "cell_id"]]
+    x = np.load(tiny_prepared / "volumes.npy", mmap_mode="r")[test["row"].astype(int).to_numpy()].astype(np.float32)
+    got = mlflow.pyfunc.load_model(str(local)).predict(x, params={"preprocess": False}).filter(like="prob_")
+    members = member_probabilities(ensemble["cv"], config, x)  # softmax(logits / T): log of it + b is logits / T + b
+    expected = torch.from_numpy(np.log(members) + bias).softmax(-1).numpy().mean(0)
+    assert np.abs(got.to_numpy() - expected).max() < 1e-5
+    labels = [CLASSES.index(label) for label in test["label"]]
+    assert result["score"] == pytest.approx(balanced_accuracy_score(labels, expected.argmax(1)), abs=1e-6)
+
+
+def test_prevalence_decisions_without_a_cv_are_refused_before_a_refit(tmp_path, capsys):
+    out = tmp_path / "runs"
+    with pytest.raises(RegisterError, match=r"--decisions prevalence: .* pass --cv DIR .* or --ensemble"):
+        register(Source(configs=["conf/experiment/phantoms_tiny.yaml"], overrides=[]), out=out, decisions="prevalence")
+    assert not out.exists() or not list(out.iterdir())
+    with pytest.raises(SystemExit):
+        main(["register", "--config", "x.yaml", "--decisions", "argmax"])
+    assert "invalid choice: 'argmax' (choose from 'balanced', 'prevalence')" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_cv_dirs_that_cannot_form_the_ensemble_are_refused(ensemble, pinned, tmp_path):
     source = Source(configs=[str(pinned["base"])], overrides=list(pinned["overrides"]))
     out = tmp_path / "runs"

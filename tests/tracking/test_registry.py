@@ -150,6 +150,15 @@ def test_register_a_config_by_hand(registry, tiny_prepared, monkeypatch, tmp_pat
     epochs = str(max(1, round(summary["best_epoch"]["mean"])))
     assert client.get_run(by_cv["run_id"]).data.params["trainer.max_epochs"] == epochs
 
+    # --decisions prevalence: the refit ships class biases fitted on DIR's out-of-fold cells, and is scored with them
+    source = Source(configs=[str(base)], overrides=[], cv_dir=trial_cv)
+    shifted = register(source, name="leuko-manual", out=tmp_path, decisions="prevalence")
+    where = client.get_model_version_download_uri("leuko-manual", shifted["version"])
+    config = json.loads(Path(mlflow.artifacts.download_artifacts(f"{where}/artifacts/model_config.json")).read_text())
+    calibration = config["calibration"]
+    assert list(calibration["bias"]) == config["classes"] and calibration["decisions"] == "prevalence"
+    assert shifted["comparison"] is not None and shifted["score"] == shifted["test"]["balanced_accuracy"]
+
 
 # ---------------------------------------------------------------------------------------------- the code travels
 
