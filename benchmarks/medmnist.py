@@ -8,7 +8,7 @@
     python benchmarks/medmnist.py --folds 5 --tta flip --seeds 3        # 5 fold models as one, 8 flip views
     python benchmarks/medmnist.py --tta flip --seeds 9 --groups 3       # 3 seeds' models as one, 3 times over
     python benchmarks/medmnist.py --recipe conf/experiment/phantoms_tiny.yaml conf/model/resnet3d_50_slim.yaml
-    python benchmarks/medmnist.py --tta flip --seeds 3 --calibrate       # decisions at the data's class mix
+    python benchmarks/medmnist.py --tta flip --seeds 3 --decisions prevalence  # labels at the data's class mix
 
 --npz: train/val/test _images (N, D, H, W) or (N, D, H, W, C) and _labels (N, 1) or one-hot (N, K). Work folder:
 <work>/<file stem>/. Classes: MedMNIST's names for its 3D sets, else class_<i>. AUROC: of label 1 for two classes,
@@ -21,11 +21,12 @@ data), Student t 95% CI of the mean, and the ensemble of the seeds (their mean t
 "ensemble" in --json); --groups K: the same for disjoint groups of K seeds (0..K-1, K..2K-1, ...), mean and 95% CI
 over the groups ("ensemble_groups"). --folds K: per seed, a K-fold CV of the recipe on the official train + val volumes
 (class-stratified), its K fold models one model (their mean probability, as `leuko register --ensemble` ships
-it); --tta flip|flip_rot90: that model averages over the views (leuko.deploy.tta). --calibrate: the model's
-probabilities get a temperature and one bias per class fitted on its validation predictions (the official val
-split; with --folds, out of fold), bias-corrected temperature scaling (leuko.evaluation.calibration): the
-recipe's balanced sampler trains for equal classes, this moves the decisions to the data's own mix, which is
-what accuracy (and a count per class) asks for; balanced accuracy then drops. Results kept in
+it); --tta flip|flip_rot90: that model averages over the views (leuko.deploy.tta). --decisions prevalence: the
+model's probabilities get a temperature and one bias per class fitted on its validation predictions (the official
+val split; with --folds, out of fold), bias-corrected temperature scaling, as `leuko register --decisions
+prevalence` fits them on its CV's out-of-fold cells (leuko.deploy.decisions): the recipe's balanced sampler trains
+for equal classes, this moves the labels to the data's own class mix, which is what accuracy (and a count per
+class) asks for; balanced accuracy drops. Results kept in
 <work>/<stem>/results/ are reused (delete one to redo it); the recipe's are keyed on its settings, not its comments.
 """
 
@@ -50,6 +51,7 @@ from scipy import stats
 
 from leuko.data.medmnist import INFO, MANIFEST, MedMNISTError, import_medmnist
 from leuko.data.prepare import prepare
+from leuko.deploy.decisions import DECISIONS, DEFAULT_DECISIONS
 from leuko.deploy.tta import TTA_MODES
 from leuko.errors import LeukoError
 from leuko.evaluation.metrics import pooled_metrics
@@ -229,9 +231,9 @@ def validation_table(recipe: list[Path], prepared: Path, *, seed: int, opts: arg
     return pd.concat(parts, ignore_index=True)
 
 
-def calibrated(result: dict, cells: pd.DataFrame, val: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
-    """(result, test table) of the model with bias-corrected temperature scaling fitted on val (--calibrate):
-    the metrics of the rescaled test probabilities, the uncalibrated ones kept under "calibration"."""
+def prevalence_decisions(result: dict, cells: pd.DataFrame, val: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
+    """(result, test table) of the model with bias-corrected temperature scaling fitted on val (--decisions
+    prevalence): the metrics of the rescaled test probabilities, the fit's own kept under "calibration"."""
     from leuko.evaluation.calibration import fit_bias_corrected, label_indices, scale_biased
     from leuko.training.predictions import prob_columns
 
@@ -243,7 +245,7 @@ def calibrated(result: dict, cells: pd.DataFrame, val: pd.DataFrame) -> tuple[di
     cells[PRED] = np.array(classes)[cells[columns].to_numpy().argmax(axis=1)]
     calibration = {"temperature": temperature, "bias": dict(zip(classes, bias.tolist())), "fitted_on": len(val),
                    "uncalibrated": {m: result[m] for m in METRICS}}  # fmt: skip
-    label = f"{result['label']}, calibrated on val"
+    label = f"{result['label']}, prevalence decisions"
     return {**result, "label": label, **heldout_scores(cells, classes), "calibration": calibration}, cells
 
 
@@ -490,14 +492,14 @@ def run(opts: argparse.Namespace) -> dict:
                 cells.to_csv(cache.with_suffix(".csv"), index=False)
                 result["environment"] = environment(opts.accelerator)
                 cache.write_text(json.dumps(result, indent=2) + "\n")
-            if opts.calibrate:  # the fit's cached validation predictions, else made from its checkpoints
+            if opts.decisions == "prevalence":  # the val predictions: cached, else made
                 val = cache.with_name(f"{cache.stem}-val.csv")
                 if not val.is_file():
                     validation_table(configs, prepared, seed=seed, opts=opts, root=root).to_csv(val, index=False)
                 if cells is None:
                     raise MedMNISTError(f"{cache.with_suffix('.csv')}: no such file, so nothing to calibrate; "
                                         f"delete {cache} to fit it again")  # fmt: skip
-                result, cells = calibrated(result, cells, pd.read_csv(val))
+                result, cells = prevalence_decisions(result, cells, pd.read_csv(val))
             runs.append(result)
             tables.setdefault(result["label"], []).append(cells)
             print(json.dumps({k: result[k] for k in ("label", "seed", *METRICS)}), file=sys.stderr, flush=True)
@@ -576,8 +578,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tta", default="none", choices=TTA_MODES, help="recipe: test-time views averaged (default none)"
     )
     parser.add_argument(
-        "--calibrate", action="store_true",
-        help="recipe: fit a temperature and class biases on the validation predictions (decisions at the data's mix)",
+        "--decisions", default=DEFAULT_DECISIONS, choices=DECISIONS,
+        help="recipe: prevalence fits a temperature and class biases on the validation predictions, so labels "
+        "follow the data's class mix (default balanced: the net's own argmax)",
     )  # fmt: skip
     parser.add_argument("--seeds", type=int, default=1, help="repeat each setting with seeds 0..N-1 (default 1)")
     parser.add_argument(
@@ -603,8 +606,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      f"seeds into at least two groups, e.g. --groups 3 --seeds 9")  # fmt: skip
     if opts.folds == 1:
         parser.error("--folds 1: a CV needs at least 2 folds; drop --folds to train once on the official split")
-    if opts.nets and (opts.folds or opts.tta != "none" or opts.recipe or opts.calibrate):
-        parser.error("--recipe, --folds, --tta and --calibrate apply to a recipe; drop --nets to use them")
+    if opts.nets and (opts.folds or opts.tta != "none" or opts.recipe or opts.decisions != DEFAULT_DECISIONS):
+        parser.error("--recipe, --folds, --tta and --decisions apply to a recipe; drop --nets to use them")
     missing = [str(config) for config in opts.recipe or [] if not config.is_file()]
     if missing:
         parser.error(f"--recipe {' '.join(missing)}: no such file; give config files such as "

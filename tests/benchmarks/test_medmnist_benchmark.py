@@ -136,9 +136,9 @@ def test_folds_and_tta_score_the_fold_models_as_one_model(tmp_path):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [(["--folds", "1"], "--folds 1: a CV needs at least 2 folds"),
-     (["--nets", "resnet3d_50_tiny", "--tta", "flip"], "--recipe, --folds, --tta and --calibrate apply to a recipe"),
+     (["--nets", "resnet3d_50_tiny", "--tta", "flip"], "--recipe, --folds, --tta and --decisions apply to a recipe"),
      (["--nets", "resnet3d_50_tiny", "--recipe", "conf/model/resnet3d_50_slim.yaml"], "apply to a recipe"),
-     (["--nets", "resnet3d_50_tiny", "--calibrate"], "drop --nets to use them"),
+     (["--nets", "resnet3d_50_tiny", "--decisions", "prevalence"], "drop --nets to use them"),
      (["--recipe", "conf/experiment/phantoms_tiny.yaml", "nope.yaml"], "--recipe nope.yaml: no such file"),
      (["--recipe", "Makefile"], "--recipe Makefile: not valid YAML")],
 )  # fmt: skip
@@ -291,10 +291,10 @@ def test_results_are_kept_across_comment_edits_of_the_recipe(tmp_path):
     assert medmnist.recipe_key(changed) != medmnist.recipe_key(first)
 
 
-def test_calibrate_fits_bcts_on_the_out_of_fold_validation_predictions(tmp_path):
-    """--folds 2 --tta flip --calibrate: every train + val volume predicted once by the fold model that did not
-    train on it (its flip views averaged), a temperature and class biases fitted on that table, and the test
-    metrics those of the rescaled test probabilities; the fit's own numbers kept, and the table reused."""
+def test_prevalence_decisions_fit_bcts_on_the_out_of_fold_validation_predictions(tmp_path):
+    """--folds 2 --tta flip --decisions prevalence: every train + val volume predicted once by the fold model
+    that did not train on it (its flip views averaged), a temperature and class biases fitted on that table, and
+    the test metrics those of the rescaled test probabilities; the fit's own numbers kept, and the table reused."""
     import torch
 
     from leuko.data.prepared import load_prepared
@@ -303,7 +303,7 @@ def test_calibrate_fits_bcts_on_the_out_of_fold_validation_predictions(tmp_path)
 
     npz = _npz(tmp_path / "tinyvessel3d.npz")
     argv = ["--npz", str(npz), "--work", str(tmp_path), "--folds", "2", "--tta", "flip", *QUICK]
-    (run,) = medmnist.main([*argv, "--calibrate"])["runs"]
+    (run,) = medmnist.main([*argv, "--decisions", "prevalence"])["runs"]
     folder = tmp_path / "tinyvessel3d"
     (cache,) = (folder / "results").glob("*-s0.json")
     val = pd.read_csv(cache.with_name(f"{cache.stem}-val.csv"))
@@ -331,17 +331,17 @@ def test_calibrate_fits_bcts_on_the_out_of_fold_validation_predictions(tmp_path)
     assert {m: run[m] for m in medmnist.METRICS} == medmnist.heldout_scores(cells, classes)
     assert run["calibration"]["temperature"] == pytest.approx(temperature)
     assert run["calibration"]["uncalibrated"] == {m: fitted[m] for m in medmnist.METRICS}
-    assert run["label"] == f"{fitted['label']}, calibrated on val" and run["calibration"]["fitted_on"] == 32
+    assert run["label"] == f"{fitted['label']}, prevalence decisions" and run["calibration"]["fitted_on"] == 32
     cache.with_name(f"{cache.stem}-val.csv").unlink()  # made again from the checkpoints: the same numbers
-    assert medmnist.main([*argv, "--calibrate"])["runs"] == [run]
-    assert medmnist.main(argv)["runs"][0]["label"] == fitted["label"]  # without --calibrate: the fit as it was
+    assert medmnist.main([*argv, "--decisions", "prevalence"])["runs"] == [run]
+    assert medmnist.main(argv)["runs"][0]["label"] == fitted["label"]  # balanced: the fit as it was
 
 
-def test_calibrate_names_the_missing_checkpoint(tmp_path, capsys):
+def test_prevalence_decisions_name_the_missing_checkpoint(tmp_path, capsys):
     npz = _npz(tmp_path / "tinyvessel3d.npz")
     argv = ["--npz", str(npz), "--work", str(tmp_path), *QUICK]
     medmnist.main(argv)
     (checkpoint,) = (tmp_path / "tinyvessel3d" / "runs").glob("*/checkpoints/best.ckpt")
     checkpoint.unlink()
     with pytest.raises(SystemExit, match=r"best.ckpt: no such file, so no validation predictions.*delete the cached"):
-        medmnist.main([*argv, "--calibrate"])
+        medmnist.main([*argv, "--decisions", "prevalence"])
