@@ -22,8 +22,8 @@ def _add_evaluate(sub) -> None:
     p = add_command(
         sub,
         "evaluate",
-        "differentials and Bland-Altman per class, confusion matrix, learning curves and UMAP of a CV; "
-        "logged to MLflow",
+        "differentials and Bland-Altman per class, confusion matrix, calibration and decision rules, learning "
+        "curves and UMAP of a CV; logged to MLflow",
         """
         leuko evaluate --cv runs/cv-20250101-120000
         leuko evaluate --cv runs/demo --counts cytospin_counts.csv        # reference: manual counts per sample

@@ -61,6 +61,11 @@ def test_writes_every_file_with_numbers_that_match_the_analysis(tmp_path, monkey
     assert per_class["support"].sum() == len(oof)
     assert list(pd.read_csv(out / "learning_curves.csv").columns) == ["epoch", "mean"]  # header only, no MLflow
     assert result["run_id"] is None
+    # the two decision rules on the same cells: balanced is the net's own argmax (the CV's pred_label)
+    decisions = json.loads((out / "decisions.json").read_text())
+    assert metrics["decisions/balanced/accuracy"] == decisions["balanced"]["accuracy"] == metrics["oof/accuracy"]
+    assert decisions["balanced"]["bias"] == pytest.approx(expected.set_index("class")["bias"].to_dict())
+    assert 0.0 <= metrics["decisions/prevalence/balanced_accuracy"] <= 1.0
 
 
 def test_manual_counts_replace_the_labels_as_reference(tmp_path, monkeypatch):
@@ -114,7 +119,8 @@ def test_test_set_predictions_take_labels_from_the_prepared_index(tiny_prepared,
     evaluate(load_predictions(tmp_path / "predictions.csv", tiny_prepared), tmp_path / "eval", umap=False)
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert metrics["oof/accuracy"] == 1.0 and metrics["ba/neutrophil/bias"] == 0.0
-    assert not any(k.startswith("cv/") for k in metrics)
+    assert not any(k.startswith(("cv/", "decisions/")) for k in metrics)  # no folds: no rule to fit elsewhere
+    assert not (tmp_path / "eval" / "decisions.json").exists()
 
 
 def test_cli_runs_and_reports_errors(tmp_path, monkeypatch, capsys):
