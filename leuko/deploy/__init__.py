@@ -9,8 +9,9 @@ A registered leuko model is an MLflow pyfunc in the models-from-code format:
     artifacts/weights.safetensors                 the net's state dict: tensors only
     artifacts/model_config.json                   net name and kwargs, classes, preprocessing settings, the
                                                   training data's intensity range (leuko.deploy.intensity),
-                                                  temperature, review threshold and salted hashes of the
-                                                  training patients (leuko.deploy.trust)
+                                                  temperature (and class biases: leuko.deploy.decisions),
+                                                  review threshold and salted hashes of the training
+                                                  patients (leuko.deploy.trust)
 
 Trust boundary. Loading a model runs code in two places, and nothing else:
 - pyfunc_model.py from the registry, executed as a Python module (that is how MLflow loads

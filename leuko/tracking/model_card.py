@@ -11,7 +11,7 @@ The sections, in order (SECTIONS):
     Test metrics            held-out patients, scored on what the model returns (its members and views
                             averaged); bootstrap 95% CIs with the patient as the unit
                             (leuko.evaluation.intervals), overall and per sample type
-    Calibration             temperature and ECE from the model config, or "not calibrated"
+    Calibration             temperature (and class biases) and ECE from the model config, or "not calibrated"
     Review threshold        uncertainty threshold and its coverage from the model config, or none
     Input requirements      modality, channels, voxel size, shape, normalisation
     Known failure modes
