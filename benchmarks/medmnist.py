@@ -23,10 +23,12 @@ over the groups ("ensemble_groups"). --folds K: per seed, a K-fold CV of the rec
 (class-stratified), its K fold models one model (their mean probability, as `leuko register --ensemble` ships
 it); --tta flip|flip_rot90: that model averages over the views (leuko.deploy.tta). --decisions prevalence: the
 model's probabilities get a temperature and one bias per class fitted on its validation predictions (the official
-val split; with --folds, out of fold), bias-corrected temperature scaling, as `leuko register --decisions
-prevalence` fits them on its CV's out-of-fold cells (leuko.deploy.decisions): the recipe's balanced sampler trains
-for equal classes, this moves the labels to the data's own class mix, which is what accuracy (and a count per
-class) asks for; balanced accuracy drops. Results kept in
+val split; with --folds, out of fold; kept in <cache>-val.csv), bias-corrected temperature scaling, fitted on and
+applied to the model's output (members and views averaged). `leuko register --decisions prevalence` fits them on
+its CV's out-of-fold cells (no views) and applies them to each member and view before averaging
+(leuko.deploy.decisions); the same rule, fitted on other cells. The recipe's balanced sampler trains for equal
+classes; this moves the labels to the data's own class mix, which is what accuracy (and a count per class)
+asks for; balanced accuracy drops. Results kept in
 <work>/<stem>/results/ are reused (delete one to redo it); the recipe's are keyed on its settings, not its comments.
 """
 
@@ -219,7 +221,7 @@ def validation_table(recipe: list[Path], prepared: Path, *, seed: int, opts: arg
         if not checkpoint.is_file():
             raise MedMNISTError(
                 f"{checkpoint}: no such file, so no validation predictions to calibrate on; delete the cached "
-                f"result {root.name}.json (and .csv) in {root.parent.parent / 'results'} to fit it again"
+                f"result {root.name}.json (and its .csv) in {root.parent.parent / 'results'} to fit it again"
             )
         cli = _recipe_cli(recipe, prepared, seed=seed, opts=opts, root=where, fold=fold, splits=splits)
         cli.datamodule.setup("fit")
@@ -483,6 +485,7 @@ def run(opts: argparse.Namespace) -> dict:
                 cells = pd.read_csv(test) if test.is_file() else None
                 print(f"result from {cache}", file=sys.stderr, flush=True)
             else:
+                cache.with_name(f"{cache.stem}-val.csv").unlink(missing_ok=True)  # another fit's, if any
                 if net is None:
                     cells, result = fit_recipe(configs, prepared, seed=seed, opts=opts, root=root)
                 else:
@@ -493,12 +496,12 @@ def run(opts: argparse.Namespace) -> dict:
                 result["environment"] = environment(opts.accelerator)
                 cache.write_text(json.dumps(result, indent=2) + "\n")
             if opts.decisions == "prevalence":  # the val predictions: cached, else made
-                val = cache.with_name(f"{cache.stem}-val.csv")
-                if not val.is_file():
-                    validation_table(configs, prepared, seed=seed, opts=opts, root=root).to_csv(val, index=False)
                 if cells is None:
                     raise MedMNISTError(f"{cache.with_suffix('.csv')}: no such file, so nothing to calibrate; "
                                         f"delete {cache} to fit it again")  # fmt: skip
+                val = cache.with_name(f"{cache.stem}-val.csv")
+                if not val.is_file():
+                    validation_table(configs, prepared, seed=seed, opts=opts, root=root).to_csv(val, index=False)
                 result, cells = prevalence_decisions(result, cells, pd.read_csv(val))
             runs.append(result)
             tables.setdefault(result["label"], []).append(cells)

@@ -6,7 +6,8 @@ members: the nets of the model (one for a refit, the k fold models of a CV for a
 temperature (model_config.json calibration.temperature), fitted on the out-of-fold predictions of the CV the
 members came from, so it scales each member's logits as it was fitted to; b: the model's class biases
 (calibration.bias, fitted with T when registered with `--decisions prevalence`), else 0; views:
-leuko.deploy.tta. One member and no TTA is exactly softmax(net(x) / T), what registered models always returned.
+leuko.deploy.tta. One member, no TTA and no biases is exactly softmax(net(x) / T), what registered models
+returned before ensembles.
 
 The model's inference code (leuko.deploy.pyfunc_model) runs it batch by batch; `leuko export` and predict's
 ONNX cache (leuko.deploy.graph) export it whole, so the graph averages inside. The views and members run

@@ -84,6 +84,7 @@ def explain(
         out,
         source=model_uri,
         temperature=getattr(impl, "temperature", 1.0),
+        bias=getattr(impl, "bias", None),
         methods=methods,
         layer=layer,
         mask_size=mask_size,

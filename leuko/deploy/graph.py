@@ -1,10 +1,11 @@
 """A model's net as an ONNX graph of calibrated probabilities, its sidecar, and the parity check against PyTorch.
 
     graph    input "volumes" (B, C, D, H, W) float32 prepared volumes, B dynamic
-             output "probabilities" (B, classes) float32 = softmax(net(volumes) / temperature), averaged
-             inside the graph over an ensemble's members and the test-time views (leuko.deploy.ensemble):
-             what the model's inference code (leuko.deploy.pyfunc_model) returns; temperature from
-             model_config.json calibration.temperature, 1 for a model without one
+             output "probabilities" (B, classes) float32 = softmax(net(volumes) / temperature + bias),
+             averaged inside the graph over an ensemble's members and the test-time views
+             (leuko.deploy.ensemble): what the model's inference code (leuko.deploy.pyfunc_model) returns;
+             temperature from model_config.json calibration.temperature, 1 for a model without one; bias
+             from calibration.bias (leuko.deploy.decisions), 0 without it
     sidecar  JSON beside it (sidecar()): classes, input and output, temperature, ensemble size and TTA,
              the preprocessing a raw volume needs first (leuko.deploy.inputs), the intensity range and
              review threshold when the model has them, the parity with PyTorch, the graph's sha256

@@ -7,8 +7,9 @@ Input: float32 volumes (B, C, D, H, W), or one volume (C, D, H, W).
   (z, y, x um) is needed only when the training data was resampled.
 - preprocess=false: volumes already prepared (normalised and cropped to the training shape).
 Output: one row per volume: pred_label and prob_<class> per class (they sum to 1): the softmax of the net's
-logits divided by the model's temperature (model_config.json calibration.temperature; 1 when it has none),
-averaged over the model's members and test-time views (leuko.deploy.ensemble).
+logits divided by the model's temperature (model_config.json calibration.temperature; 1 when it has none)
+plus its class biases (calibration.bias, leuko.deploy.decisions; none by default), averaged over the model's
+members and test-time views (leuko.deploy.ensemble).
 
 Weights: artifacts/weights.safetensors, and for an ensemble of k fold models also weights_1 .. weights_<k-1>
 (model_config.json ensemble.weights names the artifacts, in member order); model_config.json tta names the

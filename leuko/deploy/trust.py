@@ -67,7 +67,10 @@ def calibration_and_review(
             "give --cv the output folder of a `leuko cv` of the same config"
         )
     where = f"{len(cells)} out-of-fold cells of {Path(oof).parent}"
-    calibration, scaled = calibrate(cells, classes, fitted_on=where, bias=bias)
+    try:
+        calibration, scaled = calibrate(cells, classes, fitted_on=where, bias=bias)
+    except ValueError as exc:  # a class without out-of-fold cells: no bias to fit for it
+        raise TrustError(f"{oof}: {exc}") from None
     calibration.pop("per_class")  # in the CV's eval/calibration.json; the model keeps what it applies
     correct = scaled.argmax(axis=1) == label_indices(cells, classes)
     scaled_by = "scaled by T and the class biases" if bias else "scaled by T"

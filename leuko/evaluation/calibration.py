@@ -99,6 +99,8 @@ def fit_bias_corrected(probs: np.ndarray, labels: np.ndarray) -> tuple[float, np
     if len(labels) == 0:
         raise ValueError("no cells to fit a temperature and biases on")
     rows, k = np.arange(len(labels)), logits.shape[1]
+    if absent := sorted(set(range(k)) - set(labels.tolist())):  # its bias would run off to minus infinity
+        raise ValueError(f"no cells of class index(es) {', '.join(map(str, absent))} to fit their biases on")
     onehot = np.eye(k)[labels]
 
     def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
@@ -176,6 +178,11 @@ def calibrate(
     probs = cells[prob_columns(classes)].to_numpy(dtype=np.float64)  # (N, K)
     labels = label_indices(cells, classes)
     if bias:
+        if absent := [c for i, c in enumerate(classes) if not (labels == i).any()]:
+            raise ValueError(
+                f"no cells of class(es) {', '.join(absent)} among the {fitted_on}: their biases cannot be fitted; "
+                "keep the balanced decisions, or give cells of every class"
+            )
         temperature, biases = fit_bias_corrected(probs, labels)
         scaled = scale_biased(probs, temperature, biases)
     else:

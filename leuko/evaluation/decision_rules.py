@@ -39,7 +39,11 @@ def compare_decisions(cells: pd.DataFrame, classes: Sequence[str], reference: pd
     classes = list(classes)
     probs = cells[prob_columns(classes)].to_numpy(dtype=np.float64)
     folds = cells["fold"].astype(str).to_numpy() if "fold" in cells.columns else np.zeros(len(cells))
-    prevalence = held_out_scaled(probs, label_indices(cells, classes), folds, bias=True)
+    labels = label_indices(cells, classes)
+    for fold in pd.unique(folds):  # each fold's biases come from the other folds, which need every class
+        if absent := [c for i, c in enumerate(classes) if not (labels[folds != fold] == i).any()]:
+            raise ValueError(f"the folds other than {fold} have no cells of {', '.join(absent)} to fit a bias on")
+    prevalence = held_out_scaled(probs, labels, folds, bias=True)
     if prevalence is None:
         return {}
     out = {}

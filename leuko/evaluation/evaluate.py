@@ -298,7 +298,12 @@ def evaluate(
     embedding = _embedding(pred, out_dir, umap=umap, fold=umap_fold, cells=umap_cells)
     metrics = metrics_json(pred, pooled, per_class, ba) | calibrate_and_review(pred, out_dir)
     reference = reference_from_counts(counts, pred.classes) if counts else None
-    if decisions := write_decisions(pred.cells, pred.classes, out_dir, reference):
+    try:
+        decisions = write_decisions(pred.cells, pred.classes, out_dir, reference)
+    except ValueError as exc:  # a fold whose other folds lack a class: no bias to fit for it
+        decisions = {}
+        log(f"decisions: not compared ({exc})")
+    if decisions:
         metrics |= decisions
         log(summary_line(decisions))
     (out_dir / METRICS_JSON).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")

@@ -371,6 +371,7 @@ def _export_body(dep: Deployment) -> str:
         ["output", f"{shape['output']}: {_e(', '.join(meta['classes']))}"],
         ["ensemble members, TTA", _e(f"{meta.get('ensemble_size', 1)}, {meta.get('tta', 'none')}")],
         ["temperature", f"{float(meta.get('temperature', 1.0)):.3f}"],
+        *([["class biases", _e(", ".join(f"{b:+.3f}" for b in meta["bias"]))]] if meta.get("bias") else []),
         ["max |p<sub>ONNX</sub> − p<sub>PyTorch</sub>|", f"{worst:.2e}"],
         ["onnxruntime (CPU)", f"{_rate(onnx)} cells/s"],
         [f"PyTorch ({_e(check['torch_device'])})", f"{_rate(pt)} cells/s (ONNX {onnx / pt:.2f}x)"],
@@ -380,7 +381,8 @@ def _export_body(dep: Deployment) -> str:
         + _table(["", "value"], rows, text_cols=2)
         + f'<p class="note">Throughput: batches of {check["batch_size"]} cells, each runtime timed for '
         f"{check.get('seconds', '?')} s on this machine (leuko.deploy.export). The sidecar <code>model.json</code> "
-        "beside the graph holds the classes, preprocessing, temperature and review threshold a deployment needs; "
+        "beside the graph holds the classes, preprocessing, temperature (and class biases) and review threshold "
+        "a deployment needs; "
         f"<code>leuko export --model {_e(dep.model.pinned)} --out model.onnx</code> writes the same pair anywhere.</p>"
     )
 

@@ -3,8 +3,9 @@
 Uncertainty: the predictive entropy H(p) = -sum_k p_k ln p_k (nats: 0 for a one-hot p, ln K for a uniform
 one) of the temperature-scaled probabilities (leuko.evaluation.calibration). Which probabilities: those of
 one net per cell. `leuko evaluate` scores a CV's out-of-fold cells, each by its own fold's net; `leuko
-predict` scores cells with the registered net, divided by the model's temperature. Neither averages a fold
-ensemble or test-time augmentations, so a threshold chosen on the one holds for the other.
+predict` scores cells with the registered net, divided by the model's temperature (plus its class biases).
+Neither averages a fold ensemble or test-time augmentations, so a threshold chosen on the one holds for the
+other.
 
 Threshold: on held-out predictions (out-of-fold, or validation), cells are retained when their uncertainty
 is <= the threshold and flagged for review otherwise. The threshold is the one with the largest coverage

@@ -12,7 +12,8 @@
                 around each voxel is pulled to 0, the medium of a prepared volume; clipped at 0
 
 Each map is scaled so that its maximum is 1 (a map that is 0 everywhere stays 0). Probabilities are the
-calibrated ones (logits / temperature). The net is copied first: the hooks never touch the caller's net.
+calibrated ones (logits / temperature, plus the model's class biases if it has them). The net is copied first:
+the hooks never touch the caller's net.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ TOKENS = "tokens"  # the name of the ViT token grid layer in _CamNet
 
 
 class _CamNet(nn.Module):
-    """net -> logits / temperature, with an identity layer `tokens` that a ViT's patch tokens pass through as a
-    (B, E, gd, gh, gw) grid, so that Grad-CAM can hook them like a feature map."""
+    """net -> logits / temperature (+ class biases), with an identity layer `tokens` that a ViT's patch tokens
+    pass through as a (B, E, gd, gh, gw) grid, so that Grad-CAM can hook them like a feature map."""
 
-    def __init__(self, net: nn.Module, temperature: float = 1.0) -> None:
+    def __init__(self, net: nn.Module, temperature: float = 1.0, bias: Sequence[float] | None = None) -> None:
         super().__init__()
         self.net = net
         self.temperature = float(temperature)
+        self.register_buffer("bias", None if bias is None else torch.tensor(bias, dtype=torch.float32), False)
         self.tokens = nn.Identity()
         if isinstance(net, ViT3D):
             net.blocks[-1].norm1.register_forward_hook(self._through_grid)
@@ -48,7 +50,8 @@ class _CamNet(nn.Module):
         if isinstance(self.net, ViT3D):
             patch = self.net.patch_embed.proj.kernel_size
             self._grid = tuple(s // p for s, p in zip(x.shape[-3:], patch))
-        return self.net(x) / self.temperature  # (B, classes)
+        logits = self.net(x) / self.temperature  # (B, classes)
+        return logits if self.bias is None else logits + self.bias
 
     def _through_grid(self, module, args, out: torch.Tensor) -> torch.Tensor:
         cls, tokens = out[:, :1], out[:, 1:]  # (B, 1, E), (B, N, E)
@@ -123,12 +126,13 @@ def occlusion(
     mask_size: Sequence[int] | None = None,
     overlap: float = 0.5,
     temperature: float = 1.0,
+    bias: Sequence[float] | None = None,
     n_batch: int = 32,
 ) -> np.ndarray:
     """(D, H, W) drop of the class probability when the neighbourhood of each voxel is occluded.
 
     mask_size: the occluded cube (voxels per axis), default a quarter of each side (at least 2)."""
-    model = _CamNet(copy.deepcopy(net).cpu().eval(), temperature).eval()
+    model = _CamNet(copy.deepcopy(net).cpu().eval(), temperature, bias).eval()
     volume = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None]  # (1, C, D, H, W)
     mask = tuple(mask_size) if mask_size else tuple(max(2, s // 4) for s in volume.shape[2:])
     occluder = OcclusionSensitivity(model, mask_size=mask, n_batch=n_batch, overlap=overlap, verbose=False)
@@ -148,11 +152,13 @@ def explain_cell(
     layer: str | None = None,
     temperature: float = 1.0,
     mask_size: Sequence[int] | None = None,
+    bias: Sequence[float] | None = None,
 ) -> tuple[dict[str, np.ndarray], str | None]:
-    """({method: (D, H, W) map}, Grad-CAM layer or None) of one prepared cell; methods: "gradcam", "occlusion"."""
+    """({method: (D, H, W) map}, Grad-CAM layer or None) of one prepared cell; methods: "gradcam", "occlusion".
+    Grad-CAM differentiates the logit, which class biases only shift; occlusion's probabilities include them."""
     maps, used = {}, None
     if "gradcam" in methods:
         maps["gradcam"], used = grad_cam(net, x, class_idx, layer=layer, temperature=temperature)
     if "occlusion" in methods:
-        maps["occlusion"] = occlusion(net, x, class_idx, mask_size=mask_size, temperature=temperature)
+        maps["occlusion"] = occlusion(net, x, class_idx, mask_size=mask_size, temperature=temperature, bias=bias)
     return maps, used

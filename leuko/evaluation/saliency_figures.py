@@ -6,7 +6,8 @@
     explain.csv           one row per cell and method: cell_id, [label], pred_label, probability (of the
                           predicted class), correct, method, layer (Grad-CAM's), peak_z/y/x (the map's
                           maximum, voxels of the prepared cell), png
-    explain.json          {"source", "net", "classes", "temperature", "methods", "cells": the rows of explain.csv}
+    explain.json          {"source", "net", "classes", "temperature", "bias" (class biases or null), "methods",
+                          "cells": the rows of explain.csv}
 
 The maps explain the predicted class. `leuko explain` (a registered model) and `leuko report --explain`
 (a CV's best checkpoint) write this folder; the report shows it when it exists (runs/NAME/explain/).
@@ -72,6 +73,7 @@ def explain_cells(
     *,
     source: str,
     temperature: float = 1.0,
+    bias: list[float] | None = None,
     methods: Sequence[str] = METHODS,
     layer: str | None = None,
     mask_size: Sequence[int] | None = None,
@@ -92,7 +94,14 @@ def explain_cells(
         target = int(np.argmax(probs[i]))
         label = str(cell["label"]) if "label" in cells.columns and pd.notna(cell["label"]) else None
         maps, used = explain_cell(
-            net, volumes[i], target, methods=methods, layer=layer, temperature=temperature, mask_size=mask_size
+            net,
+            volumes[i],
+            target,
+            methods=methods,
+            layer=layer,
+            temperature=temperature,
+            mask_size=mask_size,
+            bias=bias,
         )
         for method, saliency in maps.items():
             png = f"{file_stem(cell['cell_id'])}_{method}.png"
@@ -115,7 +124,8 @@ def explain_cells(
             )
     index = pd.DataFrame(rows)
     index.to_csv(out / INDEX_CSV, index=False)
-    meta = {"source": source, "net": type(net).__name__, "classes": classes, "temperature": float(temperature)}
+    meta = {"source": source, "net": type(net).__name__, "classes": classes, "temperature": float(temperature),
+            "bias": bias}  # fmt: skip
     meta |= {"methods": list(methods), "cells": json.loads(index.to_json(orient="records"))}
     (out / INDEX_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return index

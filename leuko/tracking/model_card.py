@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from leuko.deploy.decisions import class_bias
 from leuko.deploy.tta import VIEWS
 from leuko.evaluation.intervals import N_RESAMPLES, POOLED, format_ci, metric_intervals
 from leuko.training.predictions import probability_table
@@ -120,11 +121,14 @@ def held_out_table(rows: pd.DataFrame, probs: np.ndarray, classes: list[str]) ->
     return table
 
 
-def held_out_predictions(model, datamodule, temperature: float | None = None, batch_size: int = 64) -> pd.DataFrame:
+def held_out_predictions(
+    model, datamodule, temperature: float | None = None, batch_size: int = 64, bias: list[float] | None = None
+) -> pd.DataFrame:
     """The held-out test cells with cell_id, patient_id, sample_type, label, pred_label and prob_<class>.
 
     A plain forward pass on the model's device (no Trainer: the caller may be rank zero of a DDP run, whose
-    other ranks have returned), with the logits divided by the temperature when there is one."""
+    other ranks have returned), with the logits divided by the temperature when there is one, plus the class
+    biases when there are some (leuko.deploy.decisions)."""
     # heavy import here: torch takes seconds to load
     import torch
 
@@ -136,8 +140,10 @@ def held_out_predictions(model, datamodule, temperature: float | None = None, ba
         with torch.no_grad():
             for start in range(0, len(rows), batch_size):
                 batch = np.asarray(volumes[rows["row"].to_numpy()[start : start + batch_size]], dtype=np.float32)
-                logits = model(torch.from_numpy(batch).to(model.device)).float()  # (B, K)
-                probs.append((logits / (temperature or 1.0)).softmax(-1).cpu().numpy())
+                logits = model(torch.from_numpy(batch).to(model.device)).float() / (temperature or 1.0)  # (B, K)
+                if bias is not None:
+                    logits = logits + torch.tensor(bias, dtype=logits.dtype, device=logits.device)
+                probs.append(logits.softmax(-1).cpu().numpy())
     finally:
         model.train(was_training)
     probs = np.concatenate(probs) if probs else np.zeros((0, len(model.class_names)))
@@ -171,7 +177,8 @@ def card_for_refit(
     datamodule = cli.datamodule
     temperature = calibration(config).get("temperature")
     if probs is None:
-        cells = held_out_predictions(cli.model, datamodule, temperature, datamodule.hparams.batch_size)
+        size = datamodule.hparams.batch_size
+        cells = held_out_predictions(cli.model, datamodule, temperature, size, bias=class_bias(config))
     else:
         cells = held_out_table(datamodule.subset("test"), probs, list(config["classes"]))
     masks = {"train": datamodule.masks["train"], "test": datamodule.masks["test"]}
@@ -207,7 +214,8 @@ def model_summary(config: dict) -> str:
 
 
 def calibration(config: dict) -> dict:
-    """temperature, ece_before, ece_after (those present) from a model config: top level or under "calibration"."""
+    """temperature, bias, ece_before, ece_after, fitted_on (those present) from a model config: top level or
+    under "calibration"."""
     found = {**config, **(config.get("calibration") or {})}
     keys = ("temperature", "bias", "ece_before", "ece_after", "fitted_on")
     return {k: found[k] for k in keys if found.get(k) is not None}

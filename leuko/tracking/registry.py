@@ -148,10 +148,12 @@ def register(
         )
     if decisions not in DECISIONS:
         raise RegisterError(f"--decisions {decisions!r}: give one of {', '.join(DECISIONS)}")
-    if decisions == "prevalence" and not ensemble and source.cv_dir is None:  # before a refit is spent on it
+    no_oof = source.cv_dir is None or not (Path(source.cv_dir) / run_dir.OOF).is_file()
+    if decisions == "prevalence" and not ensemble and no_oof:  # before a refit is spent on it
+        where = "this config has none" if source.cv_dir is None else f"{source.cv_dir} has no {run_dir.OOF}"
         raise RegisterError(
-            "--decisions prevalence: the class biases are fitted on a CV's out-of-fold predictions, and this "
-            "config has none; pass --cv DIR (a finished `leuko cv` of the same config) or --ensemble"
+            f"--decisions prevalence: the class biases are fitted on a CV's out-of-fold predictions, and {where}; "
+            "pass --cv DIR (a finished `leuko cv` of the same config) or --ensemble"
         )
     metric = metric or source.objective
     if not ensemble:  # a refit: `--config --cv DIR` puts DIR's scores on the version and earns its epochs

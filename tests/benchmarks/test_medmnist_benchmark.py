@@ -334,6 +334,14 @@ def test_prevalence_decisions_fit_bcts_on_the_out_of_fold_validation_predictions
     assert run["label"] == f"{fitted['label']}, prevalence decisions" and run["calibration"]["fitted_on"] == 32
     cache.with_name(f"{cache.stem}-val.csv").unlink()  # made again from the checkpoints: the same numbers
     assert medmnist.main([*argv, "--decisions", "prevalence"])["runs"] == [run]
+    swapped = {"prob_class_0": "prob_class_1", "prob_class_1": "prob_class_0"}
+    val.rename(columns=swapped).to_csv(cache.with_name(f"{cache.stem}-val.csv"), index=False)
+    (reused,) = medmnist.main([*argv, "--decisions", "prevalence"])["runs"]  # a kept table is used as it is ...
+    assert reused["calibration"]["temperature"] != pytest.approx(temperature)
+    cache.unlink()  # ... until its fit is redone: then it is made again from the new checkpoints
+    (refit,) = medmnist.main([*argv, "--decisions", "prevalence"])["runs"]
+    assert refit["calibration"]["temperature"] == pytest.approx(temperature)
+    assert {m: refit[m] for m in medmnist.METRICS} == {m: run[m] for m in medmnist.METRICS}
     assert medmnist.main(argv)["runs"][0]["label"] == fitted["label"]  # balanced: the fit as it was
 
 

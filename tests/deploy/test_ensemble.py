@@ -108,7 +108,7 @@ def test_class_biases_are_added_after_the_temperature():
 
 
 def test_a_model_with_class_biases_applies_them_in_torch_and_in_its_graph(tmp_path):
-    bias = {"neutrophil": 0.0, "eosinophil": -2.0, "lymphocyte": 0.7, "monocyte": 1.2}
+    bias = {"monocyte": 1.2, "neutrophil": 0.0, "lymphocyte": 0.7, "eosinophil": -2.0}  # not the class order
     folder = ensemble_folder(tmp_path, members=2, tta="none", bias=bias)
     _, impl = load_model(str(folder), runtime="torch")
     assert impl.bias == [bias[c] for c in impl.classes]

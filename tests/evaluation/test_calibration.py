@@ -70,9 +70,12 @@ def test_bias_corrected_scaling_recovers_a_known_temperature_and_class_bias():
     assert np.allclose(scale_biased(probs, 1.7, np.zeros(3)), scale(probs, 1.7))
 
 
-def test_bias_corrected_scaling_refuses_no_cells():
+def test_bias_corrected_scaling_refuses_no_cells_and_classes_without_cells():
     with pytest.raises(ValueError, match="no cells"):
         fit_bias_corrected(np.empty((0, 3)), np.empty(0))
+    probs, labels = synthetic(300, 1.0)
+    with pytest.raises(ValueError, match=r"no cells of class index\(es\) 2 to fit their biases on"):
+        fit_bias_corrected(probs[labels != 2], labels[labels != 2])
 
 
 def test_a_calibrated_net_keeps_a_temperature_near_one():

@@ -48,6 +48,13 @@ def test_prevalence_decisions_bring_the_differential_to_the_count():
     assert found["closer_differential"] == "prevalence" and "other folds" in found["fitted_on"]
 
 
+def test_folds_whose_others_lack_a_class_are_named():
+    cells = balanced_net_cells(patients=6)
+    cells = cells[(cells["label"] != "eosinophil") | (cells["fold"] == 1)]  # eosinophils in fold 1 only
+    with pytest.raises(ValueError, match="the folds other than 1 have no cells of eosinophil to fit a bias on"):
+        compare_decisions(cells, CLASSES)
+
+
 def test_no_folds_no_comparison_and_the_flat_numbers(tmp_path):
     cells = balanced_net_cells(patients=6)
     assert compare_decisions(cells.assign(fold=0), CLASSES) == {}

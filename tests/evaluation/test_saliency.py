@@ -70,6 +70,21 @@ def test_grad_cam_and_occlusion_peak_on_the_planted_blob():
     assert occ.shape == (SIDE,) * 3 and _peak_distance(occ) <= 2.0
 
 
+def test_class_biases_enter_the_probabilities_occlusion_measures():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv3d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 8, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(8, 2),
+    )  # fmt: skip
+    net = trained(net, steps=30, lr=1e-2)
+    x = torch.from_numpy(planted(2, np.random.default_rng(2))[0][1:2])  # a class-1 cell
+    with torch.no_grad():
+        assert torch.allclose(_CamNet(net, 2.0, [0.0, -3.0])(x), net(x) / 2.0 + torch.tensor([0.0, -3.0]))
+    plain, biased = (occlusion(net, x[0].numpy(), 1, mask_size=(4, 4, 4), bias=b) for b in (None, [0.0, -3.0]))
+    assert plain.max() == biased.max() == pytest.approx(1.0)
+    assert not np.allclose(plain, biased, atol=1e-3)  # the drop of another probability: the model's, biases included
+
+
 @pytest.mark.slow
 def test_occlusion_through_a_leuko_net_peaks_on_the_planted_blob():
     torch.manual_seed(0)

@@ -202,6 +202,10 @@ def test_prevalence_decisions_without_a_cv_are_refused_before_a_refit(tmp_path, 
     with pytest.raises(RegisterError, match=r"--decisions prevalence: .* pass --cv DIR .* or --ensemble"):
         register(Source(configs=["conf/experiment/phantoms_tiny.yaml"], overrides=[]), out=out, decisions="prevalence")
     assert not out.exists() or not list(out.iterdir())
+    no_oof = Source(configs=["conf/experiment/phantoms_tiny.yaml"], overrides=[], cv_dir=str(tmp_path))
+    with pytest.raises(RegisterError, match=f"and {tmp_path} has no oof_predictions.csv; pass --cv DIR"):
+        register(no_oof, out=out, decisions="prevalence")
+    assert not out.exists() or not list(out.iterdir())
     with pytest.raises(SystemExit):
         main(["register", "--config", "x.yaml", "--decisions", "argmax"])
     assert "invalid choice: 'argmax' (choose from 'balanced', 'prevalence')" in capsys.readouterr().err
