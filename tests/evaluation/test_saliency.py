@@ -53,13 +53,18 @@ def _peak_distance(saliency: np.ndarray) -> float:
     return float(DIST[np.unravel_index(saliency.argmax(), saliency.shape)])
 
 
-def test_grad_cam_and_occlusion_peak_on_the_planted_blob():
+def blob_net() -> nn.Module:
+    """A small conv net trained to find the planted blob (seeded)."""
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Conv3d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 8, 3, padding=1), nn.ReLU(),
         nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(8, 2),
     )  # fmt: skip
-    net = trained(net, steps=30, lr=1e-2)
+    return trained(net, steps=30, lr=1e-2)
+
+
+def test_grad_cam_and_occlusion_peak_on_the_planted_blob():
+    net = blob_net()
     cell = planted(2, np.random.default_rng(2))[0][1]  # a class-1 cell
     cam, layer = grad_cam(net, cell, 1)
     assert layer == "net.2"  # the last conv
@@ -71,12 +76,7 @@ def test_grad_cam_and_occlusion_peak_on_the_planted_blob():
 
 
 def test_class_biases_enter_the_probabilities_occlusion_measures():
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Conv3d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv3d(8, 8, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(8, 2),
-    )  # fmt: skip
-    net = trained(net, steps=30, lr=1e-2)
+    net = blob_net()
     x = torch.from_numpy(planted(2, np.random.default_rng(2))[0][1:2])  # a class-1 cell
     with torch.no_grad():
         assert torch.allclose(_CamNet(net, 2.0, [0.0, -3.0])(x), net(x) / 2.0 + torch.tensor([0.0, -3.0]))
