@@ -18,13 +18,14 @@ two folds (a test set's predictions) there is nothing to fit on apart from the s
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from leuko.evaluation.agreement import bland_altman_table, differentials
+from leuko.evaluation.agreement import bland_altman_table, differentials, reference_from_counts
 from leuko.evaluation.calibration import held_out_scaled, label_indices
 from leuko.evaluation.metrics import scores
 from leuko.training.predictions import PRED, prob_columns
@@ -40,12 +41,12 @@ def compare_decisions(cells: pd.DataFrame, classes: Sequence[str], reference: pd
     probs = cells[prob_columns(classes)].to_numpy(dtype=np.float64)
     folds = cells["fold"].astype(str).to_numpy() if "fold" in cells.columns else np.zeros(len(cells))
     labels = label_indices(cells, classes)
+    if len(pd.unique(folds)) < 2:
+        return {}
     for fold in pd.unique(folds):  # each fold's biases come from the other folds, which need every class
         if absent := [c for i, c in enumerate(classes) if not (labels[folds != fold] == i).any()]:
             raise ValueError(f"the folds other than {fold} have no cells of {', '.join(absent)} to fit a bias on")
     prevalence = held_out_scaled(probs, labels, folds, bias=True)
-    if prevalence is None:
-        return {}
     out = {}
     for rule, chosen in zip(RULES, (probs, prevalence)):
         labelled = cells.assign(**{PRED: np.array(classes)[chosen.argmax(axis=1)]})
@@ -64,13 +65,22 @@ def compare_decisions(cells: pd.DataFrame, classes: Sequence[str], reference: pd
     return out
 
 
-def write_decisions(cells: pd.DataFrame, classes: Sequence[str], out_dir: Path, reference=None) -> dict[str, float]:
-    """decisions.json in out_dir (when there are folds to fit on); returns flat numbers decisions/<rule>/<metric>."""
-    found = compare_decisions(cells, classes, reference)
+def write_decisions(pred, out_dir: Path, counts: str | Path | None = None) -> dict[str, float]:
+    """decisions.json in out_dir for pred (leuko.evaluation.evaluate.Predictions: .cells, .classes) when its
+    cells have folds to fit on, and a line on stderr; returns the flat numbers decisions/<rule>/<metric>. The
+    reference: the manual counts in the counts CSV (agreement.reference_from_counts), else the labels."""
+    reference = reference_from_counts(counts, pred.classes) if counts else None
+    try:
+        found = compare_decisions(pred.cells, pred.classes, reference)
+    except ValueError as exc:  # a fold whose other folds lack a class: no bias to fit for it
+        print(f"decisions: not compared ({exc})", file=sys.stderr, flush=True)
+        return {}
     if not found:
         return {}
     (Path(out_dir) / DECISIONS_JSON).write_text(json.dumps(found, indent=2) + "\n")
-    return {f"decisions/{rule}/{k}": found[rule][k] for rule in RULES for k in found[rule] if k != "bias"}
+    numbers = {f"decisions/{rule}/{k}": found[rule][k] for rule in RULES for k in found[rule] if k != "bias"}
+    print(summary_line(numbers), file=sys.stderr, flush=True)
+    return numbers
 
 
 def summary_line(numbers: dict[str, float]) -> str:

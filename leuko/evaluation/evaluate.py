@@ -15,10 +15,7 @@ Files in the output folder (stable names: a DVC stage lists them as outputs):
     learning_curves.csv     epoch, fold_<f> ..., mean: validation balanced accuracy per epoch, from the fold
                             runs in MLflow; only the header when MLflow has no history for them
     umap_class.png, umap_patient.png, umap.csv   (unless umap=False) see leuko.evaluation.embedding
-    calibration.json, reliability.png, coverage.csv/.png, review.json   see leuko.evaluation.review
-    decisions.json          `leuko register --decisions` balanced against prevalence on these cells (with
-                            folds): accuracy, balanced accuracy, the differential's error per rule; see
-                            leuko.evaluation.decision_rules
+    calibration.json, reliability.png, coverage.csv/.png, review.json, decisions.json   see review, decision_rules
     metrics_ci.json, differentials_ci.csv   bootstrap 95% intervals (patients resampled for the pooled metrics,
                             cells within a sample for its differential): see leuko.evaluation.intervals
 
@@ -50,7 +47,7 @@ from leuko.evaluation.agreement import (
     metric_part,
     reference_from_counts,
 )
-from leuko.evaluation.decision_rules import summary_line, write_decisions
+from leuko.evaluation.decision_rules import write_decisions
 from leuko.evaluation.intervals import DIFFERENTIALS_CI, METRICS_CI, log_intervals, write_intervals
 from leuko.evaluation.metrics import confusion, per_class_table, pooled_metrics, sample_type_metrics
 from leuko.evaluation.review import CALIBRATION_OUTPUTS, calibrate_and_review
@@ -297,15 +294,7 @@ def evaluate(
         log("learning curves: no fold runs with a validation history in MLflow; learning_curves.csv has only a header")
     embedding = _embedding(pred, out_dir, umap=umap, fold=umap_fold, cells=umap_cells)
     metrics = metrics_json(pred, pooled, per_class, ba) | calibrate_and_review(pred, out_dir)
-    reference = reference_from_counts(counts, pred.classes) if counts else None
-    try:
-        decisions = write_decisions(pred.cells, pred.classes, out_dir, reference)
-    except ValueError as exc:  # a fold whose other folds lack a class: no bias to fit for it
-        decisions = {}
-        log(f"decisions: not compared ({exc})")
-    if decisions:
-        metrics |= decisions
-        log(summary_line(decisions))
+    metrics |= write_decisions(pred, out_dir, counts)  # leuko.evaluation.decision_rules: the two label rules
     (out_dir / METRICS_JSON).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     intervals, _ = write_intervals(pred.cells, pred.classes, diffs, out_dir)
 

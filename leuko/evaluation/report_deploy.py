@@ -381,8 +381,7 @@ def _export_body(dep: Deployment) -> str:
         + _table(["", "value"], rows, text_cols=2)
         + f'<p class="note">Throughput: batches of {check["batch_size"]} cells, each runtime timed for '
         f"{check.get('seconds', '?')} s on this machine (leuko.deploy.export). The sidecar <code>model.json</code> "
-        "beside the graph holds the classes, preprocessing, temperature (and class biases) and review threshold "
-        "a deployment needs; "
+        "beside the graph holds the classes, preprocessing, calibration and review threshold a deployment needs; "
         f"<code>leuko export --model {_e(dep.model.pinned)} --out model.onnx</code> writes the same pair anywhere.</p>"
     )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -55,13 +57,19 @@ def test_folds_whose_others_lack_a_class_are_named():
         compare_decisions(cells, CLASSES)
 
 
-def test_no_folds_no_comparison_and_the_flat_numbers(tmp_path):
+def test_no_folds_no_comparison_and_the_flat_numbers(tmp_path, capsys):
     cells = balanced_net_cells(patients=6)
-    assert compare_decisions(cells.assign(fold=0), CLASSES) == {}
-    assert write_decisions(cells.assign(fold=0), CLASSES, tmp_path) == {} and not list(tmp_path.iterdir())
-    numbers = write_decisions(cells, CLASSES, tmp_path)
+    one_fold = SimpleNamespace(cells=cells.assign(fold=0), classes=CLASSES)
+    assert compare_decisions(one_fold.cells, CLASSES) == {}
+    assert write_decisions(one_fold, tmp_path) == {} and not list(tmp_path.iterdir())
+    numbers = write_decisions(SimpleNamespace(cells=cells, classes=CLASSES), tmp_path)
     assert (tmp_path / "decisions.json").is_file()
     assert set(numbers) == {f"decisions/{r}/{m}" for r in ("balanced", "prevalence")
                             for m in ("accuracy", "balanced_accuracy", "differential_mae")}  # fmt: skip
-    line = summary_line(numbers)
-    assert line.startswith("decisions (`leuko register --decisions`") and "prevalence: accuracy" in line
+    assert summary_line(numbers) in capsys.readouterr().err
+    assert summary_line(numbers).startswith(
+        "decisions (`leuko register --decisions`"
+    ) and "prevalence: accuracy" in summary_line(numbers)
+    lacking = cells[(cells["label"] != "eosinophil") | (cells["fold"] == 1)]
+    assert write_decisions(SimpleNamespace(cells=lacking, classes=CLASSES), tmp_path / "x") == {}  # said, not raised
+    assert "decisions: not compared (the folds other than 1 have no cells of eosinophil" in capsys.readouterr().err
