@@ -78,6 +78,10 @@ def test_manual_counts_replace_the_labels_as_reference(tmp_path, monkeypatch):
     evaluate(load_cv(cv), tmp_path / "eval", counts=tmp_path / "counts.csv", umap=False)
     diffs = pd.read_csv(tmp_path / "eval" / "differentials.csv")
     assert (diffs["ref_neutrophil"] == 60.0).all() and (diffs["ref_eosinophil"] == 10.0).all()
+    # the decision rules are scored against the same counts: the balanced rule's bias is the Bland-Altman one
+    ba = pd.read_csv(tmp_path / "eval" / "bland_altman.csv").set_index("class")["bias"]
+    decisions = json.loads((tmp_path / "eval" / "decisions.json").read_text())
+    assert decisions["balanced"]["bias"] == pytest.approx(ba.to_dict())
 
 
 def test_logs_to_the_cv_parent_run_with_learning_curves(logged_cv, store):
