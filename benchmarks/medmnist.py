@@ -57,6 +57,7 @@ from leuko.deploy.decisions import DECISIONS, DEFAULT_DECISIONS
 from leuko.deploy.tta import TTA_MODES
 from leuko.errors import LeukoError
 from leuko.evaluation.metrics import pooled_metrics
+from leuko.training import run_dir
 from leuko.training.epoch_log import EpochLog
 from leuko.training.predictions import PRED, predictions_frame
 
@@ -183,7 +184,9 @@ def fit_recipe(recipe: list[Path], prepared: Path, *, seed: int, opts: argparse.
     splits = None if opts.folds is None else write_cv_splits(prepared, root / "splits.csv", k=opts.folds, seed=seed)
     members, fits = [], []
     for fold in range(opts.folds or 1):
-        cli = _recipe_cli(recipe, prepared, seed=seed, opts=opts, root=root / f"fold_{fold}", fold=fold, splits=splits)
+        cli = _recipe_cli(
+            recipe, prepared, seed=seed, opts=opts, root=_fit_dir(root, opts, fold), fold=fold, splits=splits
+        )
         cells, result = _fit_and_test(cli.trainer, cli.model, cli.datamodule, weights_only=None)
         members.append(cli.model.eval())  # the predict in _fit_and_test loaded the best checkpoint into it
         fits.append(result)
@@ -204,20 +207,21 @@ def fit_recipe(recipe: list[Path], prepared: Path, *, seed: int, opts: argparse.
     }
 
 
+def _fit_dir(root: Path, opts: argparse.Namespace, fold: int) -> Path:
+    """Where fit_recipe trains fold `fold` (its checkpoints/): root itself for one fit without views, else
+    root/fold_<fold>."""
+    return root if opts.folds is None and opts.tta == "none" else run_dir.fold_dir(root, fold)
+
+
 def validation_table(recipe: list[Path], prepared: Path, *, seed: int, opts: argparse.Namespace, root: Path):
     """The validation probabilities of a finished fit of the recipe (root: its run folder), from its best
     checkpoints, over the --tta views: the official val split (one fit), or with --folds K each fold model on its
     own val fold (out of fold). Columns cell_id, pred_label, prob_<class>, label, fold."""
-    import torch
-
-    from leuko.tracking.fold_ensemble import held_out_terms
-    from leuko.training.predictions import probability_table
-
     splits = None if opts.folds is None else root / "splits.csv"
     parts = []
     for fold in range(opts.folds or 1):
-        where = root if opts.folds is None and opts.tta == "none" else root / f"fold_{fold}"  # as fit_recipe
-        checkpoint = where / "checkpoints" / "best.ckpt"
+        where = _fit_dir(root, opts, fold)
+        checkpoint = where / run_dir.CHECKPOINTS / run_dir.BEST
         if not checkpoint.is_file():
             raise MedMNISTError(
                 f"{checkpoint}: no such file, so no validation predictions to calibrate on; delete the cached "
@@ -225,25 +229,22 @@ def validation_table(recipe: list[Path], prepared: Path, *, seed: int, opts: arg
             )
         cli = _recipe_cli(recipe, prepared, seed=seed, opts=opts, root=where, fold=fold, splits=splits)
         cli.datamodule.setup("fit")
-        cli.model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"])
-        rows = cli.datamodule.subset("val")
-        probs = held_out_terms([cli.model.eval()], cli.datamodule, 1.0, opts.tta, subset="val").mean(axis=(0, 1))
-        table = probability_table(probs, cli.model.class_names, cell_id=rows["cell_id"].astype(str).to_list())
-        parts.append(table.assign(label=rows["label"].to_numpy(), fold=fold))
+        cli.model.load_state_dict(run_dir.load_checkpoint(checkpoint)["state_dict"])
+        parts.append(ensemble_predictions([cli.model.eval()], cli.datamodule, opts.tta, "val").assign(fold=fold))
     return pd.concat(parts, ignore_index=True)
 
 
 def prevalence_decisions(result: dict, cells: pd.DataFrame, val: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
     """(result, test table) of the model with bias-corrected temperature scaling fitted on val (--decisions
     prevalence): the metrics of the rescaled test probabilities, the fit's own kept under "calibration"."""
-    from leuko.evaluation.calibration import fit_bias_corrected, label_indices, scale_biased
-    from leuko.training.predictions import prob_columns
+    from leuko.evaluation.calibration import fit_bias_corrected, label_indices, scale
+    from leuko.training.predictions import classes_from_columns, prob_columns
 
-    classes = [c.removeprefix("prob_") for c in cells.columns if c.startswith("prob_")]
+    classes = classes_from_columns(cells.columns)
     columns = prob_columns(classes)
     temperature, bias = fit_bias_corrected(val[columns].to_numpy(), label_indices(val, classes))
     cells = cells.copy()
-    cells[columns] = scale_biased(cells[columns].to_numpy(), temperature, bias)
+    cells[columns] = scale(cells[columns].to_numpy(), temperature, bias)
     cells[PRED] = np.array(classes)[cells[columns].to_numpy().argmax(axis=1)]
     calibration = {"temperature": temperature, "bias": dict(zip(classes, bias.tolist())), "fitted_on": len(val),
                    "uncalibrated": {m: result[m] for m in METRICS}}  # fmt: skip
@@ -267,16 +268,17 @@ def write_cv_splits(prepared: Path, path: Path, *, k: int, seed: int) -> Path:
     return write_splits(cells.assign(fold=fold), path)
 
 
-def ensemble_predictions(members: list, data, tta: str) -> pd.DataFrame:
+def ensemble_predictions(members: list, data, tta: str, subset: str = "test") -> pd.DataFrame:
     """The test table (cell_id, pred_label, prob_<class>, label) of the members' mean probability over the tta
-    views: the terms `leuko register --ensemble` scores (leuko.tracking.fold_ensemble.held_out_terms), T = 1."""
+    views: the terms `leuko register --ensemble` scores (leuko.tracking.fold_ensemble.held_out_terms), T = 1.
+    subset "val": the same for the validation cells."""
     from leuko.tracking.fold_ensemble import held_out_terms
     from leuko.training.predictions import probability_table
 
-    test = data.subset("test")
-    probs = held_out_terms(members, data, 1.0, tta).mean(axis=(0, 1))  # (N, classes)
-    cells = probability_table(probs, members[0].class_names, cell_id=test["cell_id"].astype(str).to_list())
-    cells["label"] = test["label"].to_numpy()
+    rows = data.subset(subset)
+    probs = held_out_terms(members, data, 1.0, tta, subset=subset).mean(axis=(0, 1))  # (N, classes)
+    cells = probability_table(probs, members[0].class_names, cell_id=rows["cell_id"].astype(str).to_list())
+    cells["label"] = rows["label"].to_numpy()
     return cells
 
 
@@ -502,6 +504,7 @@ def run(opts: argparse.Namespace) -> dict:
                 val = cache.with_name(f"{cache.stem}-val.csv")
                 if not val.is_file():
                     validation_table(configs, prepared, seed=seed, opts=opts, root=root).to_csv(val, index=False)
+                # read back even when just made: a fresh run and a cached one fit on the same (CSV) numbers
                 result, cells = prevalence_decisions(result, cells, pd.read_csv(val))
             runs.append(result)
             tables.setdefault(result["label"], []).append(cells)

@@ -61,9 +61,11 @@ def log_probabilities(probs: np.ndarray) -> np.ndarray:
     return np.log(np.clip(np.asarray(probs, dtype=np.float64), TINY, None))
 
 
-def scale(probs: np.ndarray, temperature: float) -> np.ndarray:
-    """(N, K) probabilities -> (N, K) softmax(log p / T): the probabilities a net with logits / T gives."""
-    return np.exp(log_softmax(log_probabilities(probs) / float(temperature), axis=1))
+def scale(probs: np.ndarray, temperature: float, bias: np.ndarray | None = None) -> np.ndarray:
+    """(N, K) probabilities -> (N, K) softmax(log p / T (+ b)): the probabilities a net with logits / T (plus
+    fit_bias_corrected's class biases b) gives."""
+    logits = log_probabilities(probs) / float(temperature)
+    return np.exp(log_softmax(logits if bias is None else logits + np.asarray(bias), axis=1))
 
 
 def nll(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -114,9 +116,9 @@ def fit_bias_corrected(probs: np.ndarray, labels: np.ndarray) -> tuple[float, np
     return float(1.0 / found.x[0]), np.concatenate([[0.0], found.x[1:]])
 
 
-def scale_biased(probs: np.ndarray, temperature: float, bias: np.ndarray) -> np.ndarray:
-    """(N, K) probabilities -> (N, K) softmax(log p / T + b) (fit_bias_corrected's T and b)."""
-    return np.exp(log_softmax(log_probabilities(probs) / float(temperature) + np.asarray(bias), axis=1))
+def fit_scaling(probs: np.ndarray, labels: np.ndarray, bias: bool = False) -> tuple[float, np.ndarray | None]:
+    """(T, b) for scale: fit_bias_corrected's with bias, else (fit_temperature's T, None)."""
+    return fit_bias_corrected(probs, labels) if bias else (fit_temperature(probs, labels), None)
 
 
 def calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS) -> float:
@@ -162,10 +164,7 @@ def held_out_scaled(probs: np.ndarray, labels: np.ndarray, folds: np.ndarray, bi
     out = np.empty_like(np.asarray(probs, dtype=np.float64))
     for fold in names:
         inside = folds == fold
-        if bias:
-            out[inside] = scale_biased(probs[inside], *fit_bias_corrected(probs[~inside], labels[~inside]))
-        else:
-            out[inside] = scale(probs[inside], fit_temperature(probs[~inside], labels[~inside]))
+        out[inside] = scale(probs[inside], *fit_scaling(probs[~inside], labels[~inside], bias))
     return out
 
 
@@ -177,17 +176,13 @@ def calibrate(
     table's class mix ("decisions": "prevalence")."""
     probs = cells[prob_columns(classes)].to_numpy(dtype=np.float64)  # (N, K)
     labels = label_indices(cells, classes)
-    if bias:
-        if absent := [c for i, c in enumerate(classes) if not (labels == i).any()]:
-            raise ValueError(
-                f"no cells of class(es) {', '.join(absent)} among the {fitted_on}: their biases cannot be fitted; "
-                "keep the balanced decisions, or give cells of every class"
-            )
-        temperature, biases = fit_bias_corrected(probs, labels)
-        scaled = scale_biased(probs, temperature, biases)
-    else:
-        temperature = fit_temperature(probs, labels)
-        scaled = scale(probs, temperature)
+    if bias and (absent := [c for i, c in enumerate(classes) if not (labels == i).any()]):
+        raise ValueError(
+            f"no cells of class(es) {', '.join(absent)} among the {fitted_on}: their biases cannot be fitted; "
+            "keep the balanced decisions, or give cells of every class"
+        )
+    temperature, biases = fit_scaling(probs, labels, bias)
+    scaled = scale(probs, temperature, biases)
     summary = {
         "temperature": temperature,
         **({"bias": dict(zip(classes, biases.tolist())), "decisions": "prevalence"} if bias else {}),

@@ -132,7 +132,10 @@ def held_out_predictions(
     # heavy import here: torch takes seconds to load
     import torch
 
+    from leuko.deploy.ensemble import Ensemble
+
     rows = datamodule.subset("test")
+    calibrated = Ensemble([model], temperature or 1.0, bias=bias).to(model.device)  # softmax(logits / T + b)
     volumes = np.load(datamodule.volumes_path, mmap_mode="r")  # (N, C, D, H, W)
     was_training, probs = model.training, []
     model.eval()
@@ -140,10 +143,7 @@ def held_out_predictions(
         with torch.no_grad():
             for start in range(0, len(rows), batch_size):
                 batch = np.asarray(volumes[rows["row"].to_numpy()[start : start + batch_size]], dtype=np.float32)
-                logits = model(torch.from_numpy(batch).to(model.device)).float() / (temperature or 1.0)  # (B, K)
-                if bias is not None:
-                    logits = logits + torch.tensor(bias, dtype=logits.dtype, device=logits.device)
-                probs.append(logits.softmax(-1).cpu().numpy())
+                probs.append(calibrated(torch.from_numpy(batch).to(model.device)).cpu().numpy())  # (B, K)
     finally:
         model.train(was_training)
     probs = np.concatenate(probs) if probs else np.zeros((0, len(model.class_names)))

@@ -195,8 +195,8 @@ def register(
             if not cli.trainer.is_global_zero:
                 return {}
             members = [cli.model.net]
-        model = {"members": members, "folds": folds, "cv_dir": cv_dir if ensemble else None, "tta": tta}
-        model["decisions"] = decisions
+        model = {"members": members, "folds": folds, "cv_dir": cv_dir if ensemble else None, "tta": tta,
+                 "decisions": decisions}  # fmt: skip
         return _log_and_register(cli, source, test, model, name=name, metric=metric)
 
 

@@ -298,7 +298,7 @@ def test_prevalence_decisions_fit_bcts_on_the_out_of_fold_validation_predictions
     import torch
 
     from leuko.data.prepared import load_prepared
-    from leuko.evaluation.calibration import fit_bias_corrected, label_indices, scale_biased
+    from leuko.evaluation.calibration import fit_bias_corrected, label_indices, scale
     from leuko.training.module import VolumeClassifier
 
     npz = _npz(tmp_path / "tinyvessel3d.npz")
@@ -326,7 +326,7 @@ def test_prevalence_decisions_fit_bcts_on_the_out_of_fold_validation_predictions
     columns = [f"prob_{c}" for c in classes]
     temperature, bias = fit_bias_corrected(val[columns].to_numpy(), label_indices(val, classes))
     cells = pd.read_csv(cache.with_suffix(".csv"))
-    cells[columns] = scale_biased(cells[columns].to_numpy(), temperature, bias)
+    cells[columns] = scale(cells[columns].to_numpy(), temperature, bias)
     cells["pred_label"] = np.array(classes)[cells[columns].to_numpy().argmax(1)]
     assert {m: run[m] for m in medmnist.METRICS} == medmnist.heldout_scores(cells, classes)
     assert run["calibration"]["temperature"] == pytest.approx(temperature)

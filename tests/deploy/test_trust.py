@@ -147,7 +147,7 @@ def test_out_of_fold_predictions_of_other_classes_are_refused_by_name(tmp_path):
 
 def test_prevalence_decisions_store_class_biases_fitted_with_the_temperature(tmp_path, capsys):
     from leuko.deploy.trust import TrustError
-    from leuko.evaluation.calibration import fit_bias_corrected, label_indices, scale_biased
+    from leuko.evaluation.calibration import fit_bias_corrected, label_indices, scale
 
     cv = fake_cv(tmp_path / "runs", error=0.1)
     config = trust_config(cv, CLASSES, ["P1"], decisions="prevalence")
@@ -161,7 +161,7 @@ def test_prevalence_decisions_store_class_biases_fitted_with_the_temperature(tmp
     assert config["review"]["fitted_on"].endswith("scaled by T and the class biases")
     assert "(class biases neutrophil +0.00, eosinophil" in capsys.readouterr().err
     assert "bias" not in trust_config(cv, CLASSES, ["P1"])["calibration"]
-    assert np.allclose(scale_biased(probs, temperature, bias).sum(1), 1.0)
+    assert np.allclose(scale(probs, temperature, bias).sum(1), 1.0)
     with pytest.raises(TrustError, match=r"--decisions prevalence: .* and this model has none; pass --cv DIR"):
         trust_config(None, CLASSES, ["P1"], decisions="prevalence")
     with pytest.raises(TrustError, match=r"missing/oof_predictions.csv is not there"):

@@ -21,7 +21,6 @@ from leuko.evaluation.calibration import (
     nll,
     reliability_bins,
     scale,
-    scale_biased,
 )
 from leuko.evaluation.evaluate import evaluate, load_cv
 
@@ -64,10 +63,10 @@ def test_bias_corrected_scaling_recovers_a_known_temperature_and_class_bias():
     probs = softmax(logits, axis=1)
     temperature, fitted = fit_bias_corrected(probs, labels)
     assert temperature == pytest.approx(2.0, rel=0.05) and np.allclose(fitted, bias, atol=0.1)
-    scaled = scale_biased(probs, temperature, fitted)
+    scaled = scale(probs, temperature, fitted)
     assert np.allclose(scaled.sum(1), 1.0) and nll(scaled, labels) < nll(scale(probs, 2.0), labels) - 0.05
     assert (scaled.argmax(1) == labels).mean() > (probs.argmax(1) == labels).mean() + 0.02
-    assert np.allclose(scale_biased(probs, 1.7, np.zeros(3)), scale(probs, 1.7))
+    assert np.allclose(scale(probs, 1.7, np.zeros(3)), scale(probs, 1.7))
 
 
 def test_bias_corrected_scaling_refuses_no_cells_and_classes_without_cells():
