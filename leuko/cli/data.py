@@ -170,7 +170,7 @@ def _add_import_medmnist(sub) -> None:
         """
         leuko import-medmnist ../shared/data/medmnist3d/vesselmnist3d.npz --out vessel
         leuko prepare --manifest vessel/manifest.csv --out vessel_prepared --shape 28 --classes vessel,aneurysm
-        python benchmarks/medmnist.py --epochs 10        # train and test each net with the MedMNIST protocol
+        python benchmarks/medmnist.py --seeds 3          # the recipe for real volumes, mean and CI over 3 seeds
         the split column makes val the single fold 0 and holds test out; MedMNIST has no subject ids, so
         every volume is its own patient. Modality generic: per-volume robust scaling, no re-centring.
         """,

@@ -94,8 +94,9 @@ def resnet3d_50(**kwargs: Any) -> ResNet3D:
 def resnet3d_50_slim(**kwargs: Any) -> ResNet3D:
     """ResNet-50 depth (3, 4, 6, 3 bottlenecks) at 1/8 width, with resnet3d_50_tiny's 3^3 stem: 0.73 M parameters.
 
-    The CPU-sized ResNet3D-50 of the default recipe. Against resnet3d_50_tiny (one bottleneck per stage) it
-    takes about twice the time per epoch and generalises better on real volumes (README, VesselMNIST3D).
+    The net of the recipe for real volumes (conf/experiment/real_volumes.yaml). Against resnet3d_50_tiny (one
+    bottleneck per stage) it takes about twice the time per epoch and generalises better on real volumes
+    (README, VesselMNIST3D).
     """
     args: dict[str, Any] = dict(layers=(3, 4, 6, 3), block_inplanes=(8, 16, 32, 64), conv1_kernel=3, conv1_stride=1)
     return ResNet3D(**(args | kwargs))

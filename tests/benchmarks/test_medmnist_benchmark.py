@@ -62,12 +62,21 @@ def test_default_recipe_two_seeds_binary(tmp_path, capsys):
     document = medmnist.main([*argv, "--results", str(results)])
     saved = json.loads(out.read_text())
     assert set(saved) == {"rows", "summary", "ensemble"} and saved["rows"] == document["rows"]
-    # the ensemble of the two seeds: their test probabilities averaged, scored once
-    tests = sorted((tmp_path / "work" / "tinyvessel3d_16" / "results").glob("*.csv"))
-    assert len(tests) == 2 and saved["ensemble"] == medmnist.ensemble_scores([pd.read_csv(t) for t in tests])
+    # by default each model is scored over the flip views with labels at the class mix (prevalence decisions)
+    runs = document["runs"]
+    assert all(r["tta"] == "flip" and r["label"].endswith("(flip TTA), prevalence decisions") for r in runs)
+    # the ensemble of the two seeds: their rescaled test probabilities averaged, scored once
+    kept = sorted((tmp_path / "work" / "tinyvessel3d_16" / "results").glob("*-s?.csv"))
+    tables = [
+        medmnist.prevalence_decisions(r, pd.read_csv(t), pd.read_csv(t.with_name(f"{t.stem}-val.csv")))[1]
+        for r, t in zip(runs, kept)
+    ]
+    assert len(tables) == 2 and saved["ensemble"] == medmnist.ensemble_scores(tables)
     assert set(saved["ensemble"]) == set(medmnist.METRICS)
     recipe_net = yaml.safe_load(medmnist.RECIPE.read_text())["model"]["net"]
-    _check_document(saved, [recipe_net], seeds=2)
+    labels = [r["label"] for r in runs]
+    assert labels == [f"{recipe_net} (flip TTA), prevalence decisions"] * 2
+    _check_document(saved, labels[:1], seeds=2)
     # the work folder is named after the file, and holds this run's data and results
     folder = tmp_path / "work" / "tinyvessel3d_16"
     assert (folder / "prepared" / "meta.json").is_file() and (folder / "results.json").is_file()
@@ -76,8 +85,8 @@ def test_default_recipe_two_seeds_binary(tmp_path, capsys):
     monitor = yaml.safe_load(medmnist.RECIPE.read_text())["monitor"]
     assert all(r["selected_on"] == monitor and r["epochs"] == 1 for r in runs)
     printed = capsys.readouterr()
-    assert f"| **{recipe_net}: mean [95% CI]** | 2 seed(s)" in printed.out
-    assert f"| {recipe_net}: ensemble of the seeds | 2 |" in printed.out
+    assert f"| **{labels[0]}: mean [95% CI]** | 2 seed(s)" in printed.out
+    assert f"| {labels[0]}: ensemble of the seeds | 2 |" in printed.out
     assert "epoch 1/1" in printed.err and "seed 1" in printed.err
     # --results rewrote only the MedMNIST section of RESULTS.md
     text = results.read_text()
@@ -107,7 +116,8 @@ def test_folds_and_tta_score_the_fold_models_as_one_model(tmp_path):
     from leuko.training.module import VolumeClassifier
 
     npz = _npz(tmp_path / "tinyvessel3d.npz")
-    document = medmnist.main(["--npz", str(npz), "--work", str(tmp_path), "--folds", "2", "--tta", "flip", *QUICK])
+    argv = ["--npz", str(npz), "--work", str(tmp_path), "--folds", "2", "--tta", "flip", "--decisions", "balanced"]
+    document = medmnist.main([*argv, *QUICK])
     (run,) = document["runs"]
     assert run["members"] == 2 and run["tta"] == "flip" and run["label"].endswith("(2 fold models, flip TTA)")
     folder = tmp_path / "tinyvessel3d"
@@ -189,6 +199,7 @@ def test_groups_score_disjoint_groups_of_seeds_as_one_model(tmp_path, capsys):
     out = tmp_path / "out.json"
     medmnist.main(
         ["--npz", str(npz), "--work", str(tmp_path), "--seeds", "4", "--groups", "2", "--json", str(out), *QUICK]
+        + ["--tta", "none", "--decisions", "balanced"]  # the tables as kept, each seed's probabilities as fitted
     )
     saved = json.loads(out.read_text())["ensemble_groups"]
     tables = [pd.read_csv(t) for t in sorted((tmp_path / "tinyvessel3d" / "results").glob("*-s[0-3].csv"))]
@@ -271,9 +282,9 @@ def test_recipe_files_are_layered_in_order(tmp_path):
     layer.write_text(yaml.safe_dump({"model": {"net": "vit3d_tiny"}}))
     npz = _npz(tmp_path / "tinyvessel3d.npz")
     argv = ["--npz", str(npz), "--work", str(tmp_path), *QUICK, "--recipe", str(medmnist.RECIPE), str(layer)]
-    document = medmnist.main(argv)
-    assert [r["net"] for r in document["runs"]] == ["vit3d_tiny"]  # the recipe's own net is resnet3d_50_tiny
-    assert document["recipe"] == f"conf/experiment/phantoms_tiny.yaml + {layer.as_posix()}"
+    document = medmnist.main([*argv, "--tta", "none", "--decisions", "balanced"])
+    assert [r["net"] for r in document["runs"]] == ["vit3d_tiny"]  # the recipe's own net is resnet3d_50_slim
+    assert document["recipe"] == f"conf/experiment/real_volumes.yaml + {layer.as_posix()}"
     assert medmnist.recipe_key(medmnist.RECIPE, layer) != medmnist.recipe_key(medmnist.RECIPE)
     cached = sorted(p.name for p in (tmp_path / "tinyvessel3d" / "results").glob("*.json"))
     assert cached == [f"recipe-{medmnist.recipe_key(medmnist.RECIPE, layer)}-e1-s0.json"]
@@ -342,13 +353,14 @@ def test_prevalence_decisions_fit_bcts_on_the_out_of_fold_validation_predictions
     (refit,) = medmnist.main([*argv, "--decisions", "prevalence"])["runs"]
     assert refit["calibration"]["temperature"] == pytest.approx(temperature)
     assert {m: refit[m] for m in medmnist.METRICS} == {m: run[m] for m in medmnist.METRICS}
-    assert medmnist.main(argv)["runs"][0]["label"] == fitted["label"]  # balanced: the fit as it was
+    balanced = medmnist.main([*argv, "--decisions", "balanced"])["runs"][0]
+    assert balanced["label"] == fitted["label"]  # balanced: the fit as it was
 
 
 def test_prevalence_decisions_name_the_missing_checkpoint(tmp_path, capsys):
     npz = _npz(tmp_path / "tinyvessel3d.npz")
-    argv = ["--npz", str(npz), "--work", str(tmp_path), *QUICK]
-    medmnist.main(argv)
+    argv = ["--npz", str(npz), "--work", str(tmp_path), *QUICK, "--tta", "none"]
+    medmnist.main([*argv, "--decisions", "balanced"])
     (checkpoint,) = (tmp_path / "tinyvessel3d" / "runs").glob("*/checkpoints/best.ckpt")
     checkpoint.unlink()
     with pytest.raises(SystemExit, match=r"best.ckpt: no such file, so no validation predictions.*delete the cached"):
