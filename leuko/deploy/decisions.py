@@ -20,6 +20,11 @@ DECISIONS = ("balanced", "prevalence")
 DEFAULT_DECISIONS = "balanced"
 
 
+def temperature(config: dict) -> float:
+    """The temperature of a model config's calibration (1: uncalibrated)."""
+    return float((config.get("calibration") or {}).get("temperature", 1.0))
+
+
 def class_bias(config: dict) -> list[float] | None:
     """The class biases of a model config's calibration (in the order of its classes), or None without them."""
     bias = (config.get("calibration") or {}).get("bias")

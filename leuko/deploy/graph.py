@@ -31,15 +31,11 @@ import torch
 from torch import nn
 
 from leuko import __version__
-from leuko.deploy.decisions import class_bias
+from leuko.deploy.decisions import class_bias, temperature
 from leuko.deploy.ensemble import Ensemble
 from leuko.deploy.onnx_model import GRAPH, INPUT, OUTPUT, PARITY, SIDECAR, OnnxModel, cache_folder, model_files
 
 OPSET = 17  # every op of the nets (3D conv, pooling, layer norm, attention) exists at 17; onnxruntime runs it
-
-
-def temperature(config: dict) -> float:
-    return float((config.get("calibration") or {}).get("temperature", 1.0))
 
 
 def probabilities(impl) -> nn.Module:

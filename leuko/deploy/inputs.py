@@ -16,7 +16,7 @@ import pandas as pd
 
 from leuko.data.io import VolumeError, read_volume
 from leuko.data.preprocess import STACK_BYTES, process_cell, process_cells
-from leuko.deploy.decisions import class_bias
+from leuko.deploy.decisions import class_bias, temperature
 from leuko.training.predictions import probability_table
 
 UNREADABLE = (VolumeError, ValueError, OSError)  # what read_cells reports for a cell instead of preparing it
@@ -146,7 +146,7 @@ class VolumeModel(ABC):
     def use_config(self, config: dict) -> None:
         self.config = config
         self.classes = list(config["classes"])
-        self.temperature = float((config.get("calibration") or {}).get("temperature", 1.0))
+        self.temperature = temperature(config)
         self.bias = class_bias(config)
 
     @property

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from leuko.deploy.decisions import DECISIONS, DEFAULT_DECISIONS, class_bias
+from leuko.deploy.decisions import DECISIONS, DEFAULT_DECISIONS, class_bias, temperature
 from leuko.deploy.tta import DEFAULT_TTA, check_tta
 from leuko.errors import LeukoError
 from leuko.tracking.champion import CHALLENGER, CHAMPION, SCORE_DECIMALS, crown, decide
@@ -268,9 +268,8 @@ def _log_and_register(cli, source: Source, test: dict | None, model: dict, *, na
             source = replace(source, cv=source.cv or run_dir.read_summary(model["cv_dir"]))
         report = {"test": test, "rows": None, "metrics": {}, "probs": None}
         if test is None:  # the model as it ships: calibrated, averaged over its members and views
-            temperature = (config.get("calibration") or {}).get("temperature", 1.0)
             terms = fold_ensemble.held_out_terms(
-                model["members"], cli.datamodule, temperature, model["tta"], bias=class_bias(config)
+                model["members"], cli.datamodule, temperature(config), model["tta"], bias=class_bias(config)
             )
             labels = cli.datamodule.subset("test")["label_index"].to_numpy()
             report = fold_ensemble.held_out_report(terms, labels, config["classes"], model["tta"])
