@@ -27,6 +27,7 @@ def _add_cv(sub) -> None:
         leuko cv --config conf/experiment/phantoms_tiny.yaml
         leuko cv --config conf/experiment/phantoms_tiny.yaml --folds 0,1 --model.net vit3d_tiny
         leuko cv --config conf/experiment/phantoms_tiny.yaml --trainer.max_epochs 20 --name long
+        leuko cv --config conf/experiment/real_volumes.yaml --data.prepared_dir mine   # a lab's own volumes
         any further --section.key value is a config override, as for `leuko fit`.
         fold f trains with seed_everything + f (fold 0 as `leuko fit --data.fold 0`), so the fold models of
         `leuko register --ensemble` start from different weights; each fold's config.yaml records its seed.
