@@ -9,8 +9,9 @@
                 their argmax maximises accuracy on data of that mix. A differential from it does not inflate the
                 rare classes; balanced accuracy drops a little.
 
-The biases live in model_config.json (calibration.bias, {class: b}); the inference code, the ONNX graph and
-the registered model's test scores all apply them. Light on purpose (no torch import), as leuko.deploy.tta:
+The biases live in model_config.json (calibration.bias, {class: b}) beside the temperature; the inference
+code, the ONNX graph and the registered model's test scores all apply both, read through temperature() and
+class_bias(). Light on purpose (no torch import), as leuko.deploy.tta:
 the CLI reads DECISIONS while building its parser.
 """
 
