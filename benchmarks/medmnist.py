@@ -181,7 +181,7 @@ def fit_recipe(recipe: list[Path], prepared: Path, *, seed: int, opts: argparse.
     K-fold CV on the official train + val volumes (class-stratified, seeded) whose K fold models form one model;
     with --tta, the model averages over those views. Tested once, as `leuko register --ensemble --tta` ships it
     (leuko.deploy.ensemble.Ensemble; uncalibrated: T = 1)."""
-    if opts.folds is None and opts.tta == "none":
+    if _one_fit(opts):
         cli = _recipe_cli(recipe, prepared, seed=seed, opts=opts, root=root)
         return _fit_and_test(cli.trainer, cli.model, cli.datamodule, weights_only=None)
     splits = None if opts.folds is None else write_cv_splits(prepared, root / "splits.csv", k=opts.folds, seed=seed)
@@ -210,10 +210,15 @@ def fit_recipe(recipe: list[Path], prepared: Path, *, seed: int, opts: argparse.
     }
 
 
+def _one_fit(opts: argparse.Namespace) -> bool:
+    """One fit, tested without views: fit_recipe trains and tests it as `leuko fit` would, in root itself."""
+    return opts.folds is None and opts.tta == "none"
+
+
 def _fit_dir(root: Path, opts: argparse.Namespace, fold: int) -> Path:
     """Where fit_recipe trains fold `fold` (its checkpoints/): root itself for one fit without views, else
     root/fold_<fold>."""
-    return root if opts.folds is None and opts.tta == "none" else run_dir.fold_dir(root, fold)
+    return root if _one_fit(opts) else run_dir.fold_dir(root, fold)
 
 
 def validation_table(recipe: list[Path], prepared: Path, *, seed: int, opts: argparse.Namespace, root: Path):

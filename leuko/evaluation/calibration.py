@@ -91,6 +91,13 @@ def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(math.exp(found.x))
 
 
+def absent_classes(labels: np.ndarray, classes: Sequence) -> list:
+    """The classes (in order) with no cell among labels ((N,) indices into classes): a bias cannot be fitted
+    for them."""
+    present = set(np.asarray(labels).tolist())
+    return [c for i, c in enumerate(classes) if i not in present]
+
+
 def fit_bias_corrected(probs: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
     """(T, b): the temperature and per-class biases (b[0] = 0) that minimise the NLL of softmax(log p / T + b).
 
@@ -101,7 +108,7 @@ def fit_bias_corrected(probs: np.ndarray, labels: np.ndarray) -> tuple[float, np
     if len(labels) == 0:
         raise ValueError("no cells to fit a temperature and biases on")
     rows, k = np.arange(len(labels)), logits.shape[1]
-    if absent := sorted(set(range(k)) - set(labels.tolist())):  # its bias would run off to minus infinity
+    if absent := absent_classes(labels, range(k)):  # its bias would run off to minus infinity
         raise ValueError(f"no cells of class index(es) {', '.join(map(str, absent))} to fit their biases on")
     onehot = np.eye(k)[labels]
 
@@ -176,7 +183,7 @@ def calibrate(
     table's class mix ("decisions": "prevalence")."""
     probs = cells[prob_columns(classes)].to_numpy(dtype=np.float64)  # (N, K)
     labels = label_indices(cells, classes)
-    if bias and (absent := [c for i, c in enumerate(classes) if not (labels == i).any()]):
+    if bias and (absent := absent_classes(labels, classes)):
         raise ValueError(
             f"no cells of class(es) {', '.join(absent)} among the {fitted_on}: their biases cannot be fitted; "
             "keep the balanced decisions, or give cells of every class"

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from leuko.evaluation.agreement import bland_altman_table, differentials, reference_from_counts
-from leuko.evaluation.calibration import held_out_scaled, label_indices
+from leuko.evaluation.calibration import absent_classes, held_out_scaled, label_indices
 from leuko.evaluation.metrics import scores
 from leuko.training.predictions import PRED, prob_columns
 
@@ -44,7 +44,7 @@ def compare_decisions(cells: pd.DataFrame, classes: Sequence[str], reference: pd
     if len(pd.unique(folds)) < 2:
         return {}
     for fold in pd.unique(folds):  # each fold's biases come from the other folds, which need every class
-        if absent := [c for i, c in enumerate(classes) if not (labels[folds != fold] == i).any()]:
+        if absent := absent_classes(labels[folds != fold], classes):
             raise ValueError(f"the folds other than {fold} have no cells of {', '.join(absent)} to fit a bias on")
     prevalence = held_out_scaled(probs, labels, folds, bias=True)
     out = {}
